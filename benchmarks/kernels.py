@@ -1,0 +1,269 @@
+"""Per-op kernel timings: each fused op on each backend against its eager sequence (`backend="reference"`),
+on the shapes of RegNetX-32's stages (FashionMNIST 1x224x224, group width 16) and ResNet-50's
+(ImageNet 3x224x224) at batch 128.
+
+For each case: median time (p20-p80), the ratio to eager, and against the measured ceilings the
+achieved GB/s (as a fraction of the device-to-device copy bandwidth) for the BN/elementwise ops and
+TFLOP/s (as a fraction of the matmul rate in that dtype) for the ops that convolve, plus the roofline
+fraction max(FLOPs/rate, bytes/bandwidth) / time. Bytes are the fewest an op must move: each input and
+weight read once and each output written once, forward; fwd+bwd (`train_step`) adds the output
+gradient read, the inputs re-read and their gradients written (3 A + 2 O + 3 W).
+
+    python -m pyfast.benchmarks.kernels [--dtype bf16 fp32] [--modes inference train_step] [--out f.json]
+"""
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import results, timing
+from .workloads import DTYPES, MODES, Config, make_step
+
+OPS = ("conv_bn_relu", "bn_add_relu", "add_relu", "bn_relu_conv")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op at one shape: x is (n, c_in, h, w); convolving ops map c_in -> c_out with a k x k kernel."""
+    net: str
+    where: str
+    op: str
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int = 0
+    kernel: int = 1
+    stride: int = 1
+    groups: int = 1
+    shortcut_bn: bool = False
+
+    @property
+    def convolves(self) -> bool:
+        return self.op in ("conv_bn_relu", "bn_relu_conv")
+
+    @property
+    def name(self) -> str:
+        if self.convolves:
+            group = f" g{self.groups}" if self.groups > 1 else ""
+            stride = f" s{self.stride}" if self.stride > 1 else ""
+            what = f"{self.kernel}x{self.kernel}{group}{stride} {self.c_in}->{self.c_out}"
+        else:
+            what = f"{self.c_in}{' proj' if self.shortcut_bn else ''}"
+        return f"{self.net}.{self.where} {self.op} {what} @{self.h}x{self.w}"
+
+    def input_shapes(self) -> List[tuple]:
+        x = (self.n, self.c_in, self.h, self.w)
+        return [x] if self.convolves else [x, x]
+
+    def output_shape(self) -> tuple:
+        if not self.convolves:
+            return (self.n, self.c_in, self.h, self.w)
+        pad = (self.kernel - 1) // 2
+        size = lambda s: (s + 2 * pad - self.kernel) // self.stride + 1  # noqa: E731
+        return (self.n, self.c_out, size(self.h), size(self.w))
+
+    def flops(self, mode: str) -> int:
+        """Convolution FLOPs (2 per multiply-add); fwd+bwd adds the input and weight gradients (3x)."""
+        if not self.convolves:
+            return 0
+        n, c, h, w = self.output_shape()
+        forward = 2 * n * c * h * w * (self.c_in // self.groups) * self.kernel ** 2
+        return forward * (3 if mode == "train_step" else 1)
+
+    def min_bytes(self, mode: str, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        numel = lambda shape: int(torch.Size(shape).numel())  # noqa: E731
+        a = sum(numel(s) for s in self.input_shapes()) * size
+        o = numel(self.output_shape()) * size
+        w = self.c_out * (self.c_in // self.groups) * self.kernel ** 2 * size if self.convolves else 0
+        return 3 * a + 2 * o + 3 * w if mode == "train_step" else a + o + w
+
+
+def regnetx_32_cases(batch: int = 128, image: int = 224) -> List[OpCase]:
+    """RegNetX-32 (stem 32, widths 32/80/128/256, group width 16, bottleneck 1): the stem and each
+    stage's stride-1 block (1x1, grouped 3x3, BN+add+ReLU), its projection shortcut, an add+ReLU."""
+    cases = [OpCase("regnetx_32", "stem", "conv_bn_relu", batch, 1, image, image, 32, 3, 2)]
+    size = image // 2
+    for stage, width in enumerate((32, 80, 128, 256), 1):
+        size = (size + 1) // 2
+        where = f"s{stage}"
+        cases += [OpCase("regnetx_32", where, "conv_bn_relu", batch, width, size, size, width, 1),
+                  OpCase("regnetx_32", where, "conv_bn_relu", batch, width, size, size, width, 3, 1, width // 16),
+                  OpCase("regnetx_32", where, "bn_add_relu", batch, width, size, size),
+                  OpCase("regnetx_32", where, "bn_add_relu", batch, width, size, size, shortcut_bn=True),
+                  OpCase("regnetx_32", where, "add_relu", batch, width, size, size)]
+    return cases
+
+
+def resnet50_cases(batch: int = 128, image: int = 224) -> List[OpCase]:
+    """ResNet-50 (bottleneck widths 64/128/256/512, x4 out): the 7x7 stem and each stage's stride-1
+    bottleneck (1x1 reduce, 3x3, BN+add+ReLU), and the pre-activation block's BN+ReLU+conv pair."""
+    cases = [OpCase("resnet50", "stem", "conv_bn_relu", batch, 3, image, image, 64, 7, 2)]
+    size = (image // 2 + 1) // 2  # stem stride 2, max-pool stride 2
+    for stage, mid in enumerate((64, 128, 256, 512), 1):
+        where, out = f"s{stage}", 4 * mid
+        cases += [OpCase("resnet50", where, "conv_bn_relu", batch, out, size, size, mid, 1),
+                  OpCase("resnet50", where, "conv_bn_relu", batch, mid, size, size, mid, 3),
+                  OpCase("resnet50", where, "bn_add_relu", batch, out, size, size),
+                  OpCase("resnet50", where, "bn_relu_conv", batch, out, size, size, mid, 1),
+                  OpCase("resnet50", where, "bn_relu_conv", batch, mid, size, size, mid, 3)]
+        size = (size + 1) // 2
+    return cases
+
+
+NETS = {"regnetx_32": regnetx_32_cases, "resnet50": resnet50_cases}
+
+
+class OpModule(nn.Module):
+    """One fused op with its own parameters, called through `pyfast.ops` with a fixed backend
+    (`reference` is the eager sequence the op replaces)."""
+
+    def __init__(self, case: OpCase, backend: str):
+        super().__init__()
+        self.case, self.backend = case, backend
+        channels = case.c_in if case.op == "bn_relu_conv" else case.c_out or case.c_in
+        self.bn = nn.BatchNorm2d(channels) if case.op != "add_relu" else None
+        self.shortcut_bn = nn.BatchNorm2d(case.c_in) if case.shortcut_bn else None
+        if case.convolves:
+            self.weight = nn.Parameter(torch.randn(case.c_out, case.c_in // case.groups, case.kernel, case.kernel)
+                                       / (case.c_in // case.groups * case.kernel ** 2) ** 0.5)
+        for bn in filter(None, (self.bn, self.shortcut_bn)):  # non-trivial affine parameters
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.5, 0.5)
+
+    def _bn_args(self, bn: nn.BatchNorm2d) -> tuple:
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, self.training
+
+    def forward(self, x, other=None):
+        from pyfast import ops
+
+        c, backend = self.case, self.backend
+        if c.op == "conv_bn_relu":
+            return ops.conv_bn_relu(x, self.weight, None, *self._bn_args(self.bn), stride=c.stride,
+                                    padding=(c.kernel - 1) // 2, groups=c.groups, backend=backend)
+        if c.op == "bn_relu_conv":
+            return ops.bn_relu_conv(x, *self._bn_args(self.bn), weight=self.weight, stride=c.stride,
+                                    padding=(c.kernel - 1) // 2, groups=c.groups, backend=backend)
+        if c.op == "add_relu":
+            return ops.add_relu(x, other, backend=backend)
+        shortcut_bn = None
+        if self.shortcut_bn is not None:
+            s = self.shortcut_bn
+            shortcut_bn = ops.BatchNormArgs(s.weight, s.bias, s.running_mean, s.running_var, s.num_batches_tracked)
+        return ops.bn_add_relu(x, *self._bn_args(self.bn), shortcut=other, shortcut_bn=shortcut_bn, backend=backend)
+
+
+def fused_backends(device) -> List[str]:
+    """The fused backends worth timing on `device` (the Triton interpreter on a CPU is not)."""
+    return ["cuda", "triton"] if torch.device(device).type == "cuda" else ["cpu"]
+
+
+def op_inputs(case: OpCase, config: Config):
+    """A maker of one input set: the op's random activations (requiring grad in training, as inside a
+    network), then a random output gradient."""
+    dtype = DTYPES[config.dtype]
+
+    def make():
+        tensors = [torch.randn(*s, device=config.device, dtype=dtype).contiguous(memory_format=config.memory_format)
+                   .requires_grad_(config.training) for s in case.input_shapes()]
+        grad = torch.randn(*case.output_shape(), device=config.device, dtype=dtype)
+        return tensors + [grad.contiguous(memory_format=config.memory_format)]
+
+    return make
+
+
+def op_module(case: OpCase, backend: str, config: Config) -> nn.Module:
+    """The op's module in the config's dtype (ops take low-precision tensors directly: no autocast;
+    BN parameters stay float32 as in a network under autocast)."""
+    module = OpModule(case, backend).to(config.device).train(config.training)
+    if case.convolves:
+        module.weight.data = module.weight.data.to(DTYPES[config.dtype]).contiguous(
+            memory_format=config.memory_format)
+    return module
+
+
+def time_case(case: OpCase, config: Config, backends: List[str], ceil: timing.Ceilings, **measure_args) -> dict:
+    """One row: every backend's Measurement (or the reason it could not run) and the derived rates."""
+    dtype = DTYPES[config.dtype]
+    op_config = Config(config.mode, "fp32", config.layout, config.device)  # tensors are already in dtype
+    sets = timing.random_input_sets(op_inputs(case, config), config.device)
+    flops, nbytes = case.flops(config.mode), case.min_bytes(config.mode, dtype)
+    rate = ceil.matmul_tflops.get(config.dtype) if ceil else None
+    row = {"case": case.name, **asdict(case), "mode": config.mode, "dtype": config.dtype, "layout": config.layout,
+           "flops": flops, "min_bytes": nbytes, "backends": {}}
+    for backend in backends:
+        try:
+            step = make_step(op_module(case, backend, op_config), op_config, optimizer=False)
+            m = timing.measure(step, sets, config.device, flush=timing.l2_flusher(config.device), **measure_args)
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            row["backends"][backend] = {"error": str(error).splitlines()[0][:200]}
+            continue
+        seconds = m.median_ms * 1e-3
+        entry = m.as_dict()
+        entry["gbps"] = nbytes / seconds / 1e9
+        entry["bandwidth_fraction"] = entry["gbps"] / ceil.copy_gbps if ceil else None
+        entry["tflops"] = flops / seconds / 1e12 if flops else None
+        entry["tflops_fraction"] = entry["tflops"] / rate if flops and rate else None
+        if ceil:
+            floor_s = max(flops / (rate * 1e12) if flops and rate else 0.0, nbytes / (ceil.copy_gbps * 1e9))
+            entry["roofline_fraction"] = floor_s / seconds
+        row["backends"][backend] = entry
+    eager = row["backends"].get("reference", {}).get("median_ms")
+    for entry in row["backends"].values():
+        if eager and "median_ms" in entry:
+            entry["speedup_vs_eager"] = eager / entry["median_ms"]
+    return row
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--modes", nargs="+", default=["inference", "train_step"], choices=MODES)
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"] if gpu else ["fp32"], choices=list(DTYPES))
+    parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=["channels_last", "nchw"])
+    parser.add_argument("--batch-size", type=int, default=128 if gpu else 2)
+    parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
+    parser.add_argument("--repeats", type=int, default=50 if gpu else 5)
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped")
+    parser.add_argument("--out", default=None, help="JSON file (default: print only)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    start = time.monotonic()
+    env, ceil = timing.environment(device), timing.ceilings(device)
+    cases = [c for net in args.nets for c in NETS[net](args.batch_size, args.image_size) if c.op in args.ops]
+    backends = ["reference"] + fused_backends(device)
+    doc = {"schema": results.KERNELS_SCHEMA, "environment": env, "ceilings": ceil.as_dict(), "rows": [],
+           "skipped": []}
+    for case in cases:
+        for dtype in args.dtype:
+            for layout in args.layout:
+                for mode in args.modes:
+                    config = Config(mode, dtype, layout, device)
+                    if args.time_limit is not None and time.monotonic() - start > args.time_limit:
+                        doc["skipped"].append(f"{case.name} {mode} {dtype} {layout}: time limit")
+                        continue
+                    row = time_case(case, config, backends, ceil, warmup=5 if device == "cuda" else 2,
+                                    repeats=args.repeats, budget_s=1.0 if device == "cuda" else 0.5)
+                    doc["rows"].append({**row, "env": results.stamp(env)})
+                    print(results.kernel_row_line(row), flush=True)
+    print(results.kernel_table(doc))
+    if args.out:
+        results.write_json(doc, args.out)
+    return doc
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    main(parser.parse_args())

@@ -1,0 +1,189 @@
+"""Benchmark results as data: the JSON documents (schema + check), the printed tables, the PNG chart.
+
+A model-report document (`python -m pyfast bench`):
+
+    {"schema": "pyfast-bench/1", "environment": {...}, "ceilings": {"copy_gbps", "matmul_tflops": {dtype: ..}},
+     "settings": {...}, "notes": [str], "skipped": [str],
+     "rows": [{"model", "mode", "dtype", "layout", "batch_size", "image_size", "in_chans", "num_classes",
+               "flops", "params", "pyfast_backend", "rel_err_vs_eager", "speedup_vs_eager",
+               "speedup_vs_compile", "compile_vs_eager", "memory_ratio", "env": {device, torch, triton, cuda, date},
+               "providers": {"eager" | "compile" | "pyfast":
+                   {"median_ms", "p20_ms", "p80_ms", "min_ms", "repeats", "peak_memory_bytes", "first_call_s",
+                    "tflops"}  or  {"error": str}  or  {"skipped": str}}}]}
+
+A kernels document (`python -m pyfast.benchmarks.kernels`) has "schema": "pyfast-kernels/1" and rows with
+"case", "mode", "dtype", "layout", "flops", "min_bytes" and "backends" (the same measurement fields plus
+"gbps", "bandwidth_fraction", "tflops", "tflops_fraction", "roofline_fraction", "speedup_vs_eager").
+"""
+import json
+import os
+from typing import Iterable, List, Optional
+
+BENCH_SCHEMA = "pyfast-bench/1"
+KERNELS_SCHEMA = "pyfast-kernels/1"
+STAMP_KEYS = ("device", "torch", "triton", "cuda", "date")
+ROW_KEYS = ("model", "mode", "dtype", "layout", "batch_size", "image_size", "in_chans", "providers", "env",
+            "speedup_vs_eager", "speedup_vs_compile", "memory_ratio")
+MEASUREMENT_KEYS = ("median_ms", "p20_ms", "p80_ms", "repeats", "peak_memory_bytes")
+
+
+def stamp(env: dict) -> dict:
+    """The part of the environment every row carries."""
+    return {key: env.get(key) for key in STAMP_KEYS}
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return numerator / denominator if numerator and denominator else None
+
+
+def summarize_row(row: dict) -> dict:
+    """Adds the speedups and the memory ratio derived from the providers' measurements."""
+    median = {name: p.get("median_ms") for name, p in row["providers"].items()}
+    memory = {name: p.get("peak_memory_bytes") for name, p in row["providers"].items()}
+    row["speedup_vs_eager"] = ratio(median.get("eager"), median.get("pyfast"))
+    row["speedup_vs_compile"] = ratio(median.get("compile"), median.get("pyfast"))
+    row["compile_vs_eager"] = ratio(median.get("eager"), median.get("compile"))
+    row["memory_ratio"] = ratio(memory.get("pyfast"), memory.get("eager"))
+    return row
+
+
+def validate(doc: dict) -> None:
+    """Raises ValueError naming every way `doc` departs from the model-report schema."""
+    problems = []
+    if doc.get("schema") != BENCH_SCHEMA:
+        problems.append(f"schema is {doc.get('schema')!r}, not {BENCH_SCHEMA!r}")
+    for key in ("environment", "ceilings", "settings", "rows", "notes", "skipped"):
+        if key not in doc:
+            problems.append(f"missing {key!r}")
+    for i, row in enumerate(doc.get("rows", [])):
+        problems += [f"rows[{i}] lacks {key!r}" for key in ROW_KEYS if key not in row]
+        problems += [f"rows[{i}].env lacks {key!r}" for key in STAMP_KEYS if key not in row.get("env", {})]
+        for name, entry in row.get("providers", {}).items():
+            if "error" in entry or "skipped" in entry:
+                continue
+            problems += [f"rows[{i}].providers.{name} lacks {key!r}" for key in MEASUREMENT_KEYS if key not in entry]
+            if not entry.get("p20_ms", 0) <= entry.get("median_ms", 0) <= entry.get("p80_ms", 0):
+                problems.append(f"rows[{i}].providers.{name}: percentiles out of order")
+    if problems:
+        raise ValueError("invalid benchmark document: " + "; ".join(problems))
+
+
+def write_json(doc: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)  # a reader never sees half a file, even if the run is killed mid-write
+    return path
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(headers: List[str], rows: Iterable[List[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _ms(entry: Optional[dict]) -> str:
+    if not entry:
+        return "-"
+    if "median_ms" in entry:
+        return f"{entry['median_ms']:.2f}"
+    return "skip" if "skipped" in entry else "error"
+
+
+MODEL_HEADERS = ["model", "mode", "dtype", "layout", "eager ms", "compile ms", "pyfast ms", "x eager",
+                 "x compile", "mem pyfast/eager", "pyfast TFLOP/s"]
+
+
+def model_table(doc: dict) -> str:
+    rows = []
+    for r in doc["rows"]:
+        p = r["providers"]
+        rows.append([r["model"], r["mode"], r["dtype"], r["layout"], _ms(p.get("eager")), _ms(p.get("compile")),
+                     _ms(p.get("pyfast")), _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
+                     _fmt(r["memory_ratio"], ".2f"), _fmt((p.get("pyfast") or {}).get("tflops"), ".3g")])
+    return format_table(MODEL_HEADERS, rows)
+
+
+def header_lines(doc: dict) -> str:
+    env, ceil = doc["environment"], doc.get("ceilings") or {}
+    rates = ", ".join(f"{k} {v:.3g}" for k, v in (ceil.get("matmul_tflops") or {}).items())
+    lines = [f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+             f"{env['date']}"]
+    if ceil:
+        lines.append(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s (read+write), matmul TFLOP/s: {rates}")
+    return "\n".join(lines)
+
+
+def kernel_row_line(row: dict) -> str:
+    parts = []
+    for name, e in row["backends"].items():
+        if "median_ms" not in e:
+            parts.append(f"{name} n/a")
+            continue
+        rate = f"{e['tflops']:.1f} TF/s" if e.get("tflops") else f"{e['gbps']:.0f} GB/s"
+        parts.append(f"{name} {e['median_ms']:.3f} ms x{_fmt(e.get('speedup_vs_eager'), '.2f')} {rate}")
+    return f"{row['case']} [{row['mode']} {row['dtype']} {row['layout']}]: " + "; ".join(parts)
+
+
+def kernel_table(doc: dict) -> str:
+    """One line per (case, mode, dtype, layout, backend): time, ratio vs eager, achieved rate and its
+    fraction of the measured ceiling."""
+    headers = ["case", "mode", "dtype", "layout", "backend", "ms (p20-p80)", "x eager", "GB/s", "%copy",
+               "TFLOP/s", "%mm", "%roofline"]
+    rows = []
+    for r in doc["rows"]:
+        for name, e in r["backends"].items():
+            if "median_ms" not in e:
+                rows.append([r["case"], r["mode"], r["dtype"], r["layout"], name, "n/a: " + e["error"][:40]]
+                            + ["-"] * 6)
+                continue
+            pct = lambda v: _fmt(v and 100 * v, ".0f")  # noqa: E731
+            rows.append([r["case"], r["mode"], r["dtype"], r["layout"], name,
+                         f"{e['median_ms']:.3f} ({e['p20_ms']:.3f}-{e['p80_ms']:.3f})",
+                         _fmt(e.get("speedup_vs_eager"), ".2f"), _fmt(e.get("gbps"), ".0f"),
+                         pct(e.get("bandwidth_fraction")), _fmt(e.get("tflops"), ".1f"),
+                         pct(e.get("tflops_fraction")), pct(e.get("roofline_fraction"))])
+    return header_lines(doc) + "\n" + format_table(headers, rows)
+
+
+# -- chart ----------------------------------------------------------------------------------------
+def plot_speedups(doc: dict, path: str) -> Optional[str]:
+    """A horizontal bar chart of pyfast's speedup over eager and over torch.compile per row (PNG,
+    matplotlib's Agg backend); None when there is nothing to plot or matplotlib is missing."""
+    rows = [r for r in doc["rows"] if r.get("speedup_vs_eager") or r.get("speedup_vs_compile")]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [f"{r['model']} {r['mode']} {r['dtype']} {r['layout']}" for r in rows]
+    series = [("vs eager", "speedup_vs_eager", "tab:blue"), ("vs torch.compile", "speedup_vs_compile", "tab:orange")]
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * len(rows)))
+    for k, (label, key, color) in enumerate(series):
+        ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(rows))]
+        ax.barh(ys, [r.get(key) or 0 for r in rows], height=height, label=f"pyfast {label}", color=color)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup (x, higher is better)")
+    env = doc["environment"]
+    ax.set_title(f"pyfast speedups on {env['device']}\ntorch {env['torch']}, {env['date']}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

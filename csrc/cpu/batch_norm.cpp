@@ -1,0 +1,538 @@
+// CPU kernels of the four BN primitives; their semantics are docs/ARCHITECTURE.md, section 1.
+//
+// Memory is walked as [outer][C][inner] (Layout): NCHW as planes holding one channel each,
+// channels_last as rows holding every channel. Both walks give the per-vector math of an op a
+// `param(v)` accessor that yields the per-channel vector v[c] in the vector's lanes: a broadcast
+// scalar inside a plane, a vector load across a row. So each op's math is written once.
+// Reductions fold vectors into per-lane accumulators in the accumulation type, then combine lanes and
+// blocks in double in a fixed order: results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ceil_div.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pyfast {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+using at::vec::VectorizedN;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task, ATen's own grain size
+constexpr int64_t kRowBlock = 65536;  // elements per block of rows in a channels_last reduction
+
+// ---------------------------------------------------------------------------------------------
+// Memory walk
+
+// The input's memory as [outer][channels][inner]. NCHW-contiguous is (N, C, H*W): planes of one
+// channel. channels_last, and any input with H*W == 1, is (N*H*W, C, 1): rows of all channels.
+struct Layout {
+  int64_t outer, channels, inner;
+  bool planes() const { return inner > 1; }
+};
+
+bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+
+Layout layout_of(const Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t inner = c10::multiply_integers(x.sizes().slice(2));
+  // A C == 1 tensor is both contiguous and channels-innermost: planes use the vector lanes better.
+  const bool rows = inner == 1 || (channels_innermost(x) && !x.is_contiguous());
+  return rows ? Layout{n * inner, c, 1} : Layout{n, c, inner};
+}
+
+// t (shaped like x) in the memory order the layout walks; a copy only when t's strides differ,
+// i.e. for non-standard strides or a grad_out/residual in the other memory format than x.
+Tensor in_layout(const Tensor& t, const Layout& lay) {
+  if (lay.planes()) return t.contiguous();
+  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+// One vector of scalar_t lanes, computed on in the accumulation type: 8 floats or 4 doubles, or 16
+// bf16/fp16 values widened into two float vectors (widths for AVX2).
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kParts = Vectorized<scalar_t>::size() / Vectorized<acc_t>::size();
+  static constexpr int64_t kSize = Vectorized<scalar_t>::size();
+  using Vec = VectorizedN<acc_t, kParts>;
+
+  static Vec load(const scalar_t* p, int64_t n) {
+    const auto v = Vectorized<scalar_t>::loadu(p, static_cast<int>(n));
+    return at::vec::convert<acc_t, kParts, scalar_t, 1>(VectorizedN<scalar_t, 1>(v));
+  }
+  static void store(scalar_t* p, const Vec& v, int64_t n) {
+    at::vec::convert<scalar_t, 1, acc_t, kParts>(v).store(p, static_cast<int>(n));
+  }
+};
+
+// Calls fn(offset, n, param) for each vector of plane p of a planes layout. The plane holds one
+// channel c, so param(v) broadcasts v[c].
+template <typename scalar_t, typename Fn>
+void visit_plane(const Layout& lay, int64_t p, const Fn& fn) {
+  using L = Lanes<scalar_t>;
+  const int64_t c = p % lay.channels;
+  const auto param = [c](const typename L::acc_t* v) { return typename L::Vec(v[c]); };
+  for (int64_t i = 0; i < lay.inner; i += L::kSize) {
+    fn(p * lay.inner + i, std::min(L::kSize, lay.inner - i), param);
+  }
+}
+
+// Calls fn(offset, n, param) for each vector of row r of a rows layout. Lane j holds channel c + j,
+// so param(v) loads v[c, c + n).
+template <typename scalar_t, typename Fn>
+void visit_row(const Layout& lay, int64_t r, const Fn& fn) {
+  using L = Lanes<scalar_t>;
+  for (int64_t c = 0; c < lay.channels; c += L::kSize) {
+    const int64_t n = std::min(L::kSize, lay.channels - c);
+    fn(r * lay.channels + c, n, [c, n](const typename L::acc_t* v) { return L::Vec::loadu(v + c, n); });
+  }
+}
+
+// Runs fn(offset, n, param) on every vector of the layout, in parallel.
+template <typename scalar_t, typename Fn>
+void for_each_vector(const Layout& lay, const Fn& fn) {
+  const int64_t units = lay.planes() ? lay.outer * lay.channels : lay.outer;
+  const int64_t unit_size = lay.planes() ? lay.inner : lay.channels;
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrain / std::max<int64_t>(unit_size, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      if (lay.planes()) {
+        visit_plane<scalar_t>(lay, u, fn);
+      } else {
+        visit_row<scalar_t>(lay, u, fn);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel reductions
+
+// K per-lane accumulators (Welford's mean and M2, or sums).
+template <typename scalar_t, int K>
+using State = std::array<typename Lanes<scalar_t>::Vec, K>;
+
+// A reduction result over n elements of one channel.
+template <int K>
+struct Partial {
+  double n = 0;
+  std::array<double, K> v{};
+};
+
+// Independent accumulators that a plane's vectors take in turn: each update waits on the previous
+// one of its accumulator, so a single one would be bound by that latency instead of by memory.
+constexpr int kChains = 4;
+
+template <typename scalar_t, int K>
+State<scalar_t, K> zero_state() {
+  State<scalar_t, K> s;
+  s.fill(typename Lanes<scalar_t>::Vec(0));
+  return s;
+}
+
+// Lane j of s as a Partial over n elements, at out[j].
+template <typename scalar_t, int K>
+void store_lanes(const State<scalar_t, K>& s, Partial<K>* out, int64_t lanes, const int64_t* n) {
+  using L = Lanes<scalar_t>;
+  std::array<std::array<typename L::acc_t, L::kSize>, K> values;
+  for (int k = 0; k < K; ++k) s[k].store(values[k].data());
+  for (int64_t j = 0; j < lanes; ++j) {
+    out[j].n = static_cast<double>(n[j]);
+    for (int k = 0; k < K; ++k) out[j].v[k] = values[k][j];
+  }
+}
+
+// Folds plane p into one Partial: its vectors into the lanes of kChains States, then the lanes.
+// Whole groups of kChains vectors first, then chain u takes vector u of the rest; the last vector
+// may be partial and updates its first n lanes only.
+template <typename scalar_t, int K, typename Step, typename Combine>
+Partial<K> reduce_plane(const Layout& lay, int64_t p, const Step& step, const Combine& combine) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  constexpr int64_t kLanes = kChains * L::kSize;
+  const int64_t c = p % lay.channels, len = lay.inner, base = p * len, groups = len / kLanes;
+  const auto param = [c](const acc_t* v) { return typename L::Vec(v[c]); };
+  std::array<State<scalar_t, K>, kChains> s;
+  s.fill(zero_state<scalar_t, K>());
+  for (int64_t g = 0; g < groups; ++g) {
+    const acc_t inv_n = acc_t(1) / acc_t(g + 1);
+    for (int u = 0; u < kChains; ++u) s[u] = step(s[u], inv_n, base + (g * kChains + u) * L::kSize, L::kSize, param);
+  }
+  std::array<int64_t, kLanes> counts;  // per lane, chain-major
+  counts.fill(groups);
+  for (int64_t u = 0, i = groups * kLanes; i < len; ++u, i += L::kSize) {
+    const int64_t n = std::min(L::kSize, len - i);
+    const auto next = step(s[u], acc_t(1) / acc_t(groups + 1), base + i, n, param);
+    for (int k = 0; k < K; ++k) s[u][k] = L::Vec::set(s[u][k], next[k], n);
+    std::fill_n(&counts[u * L::kSize], n, groups + 1);
+  }
+  std::array<Partial<K>, kLanes> lanes;
+  for (int u = 0; u < kChains; ++u) {
+    store_lanes<scalar_t, K>(s[u], &lanes[u * L::kSize], L::kSize, &counts[u * L::kSize]);
+  }
+  return combine(lanes.data(), kLanes, 1);
+}
+
+// Folds rows [r0, r1) of a rows layout into out[0, C): per-thread channel accumulators, lane j of
+// states[i] being channel i * kSize + j. Consecutive vectors of a row update different states,
+// so no chains are needed here.
+template <typename scalar_t, int K, typename Step>
+void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Step& step, Partial<K>* out) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  std::vector<State<scalar_t, K>> states(at::ceil_div(lay.channels, L::kSize), zero_state<scalar_t, K>());
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t inv_n = acc_t(1) / acc_t(r - r0 + 1);
+    auto* s = states.data();
+    visit_row<scalar_t>(lay, r, [&](int64_t offset, int64_t n, const auto& param) {
+      *s = step(*s, inv_n, offset, n, param);
+      ++s;
+    });
+  }
+  std::array<int64_t, L::kSize> counts;
+  counts.fill(r1 - r0);
+  for (size_t i = 0; i < states.size(); ++i) {
+    const int64_t c0 = static_cast<int64_t>(i) * L::kSize;
+    store_lanes<scalar_t, K>(states[i], out + c0, std::min(L::kSize, lay.channels - c0), counts.data());
+  }
+}
+
+// One Partial per channel. step(state, inv_n, offset, n, param) folds one vector into per-lane
+// accumulators (inv_n = 1 / the lanes' count after this step, for Welford); combine(parts, count,
+// stride) folds Partials into one. Blocks (planes, or blocks of rows) are reduced in parallel into
+// a [block][channel] table whose columns are then combined, in a fixed order.
+template <typename scalar_t, int K, typename Step, typename Combine>
+std::vector<Partial<K>> reduce_channels(const Layout& lay, const Step& step, const Combine& combine) {
+  const int64_t C = lay.channels;
+  std::vector<Partial<K>> blocks;
+  if (lay.planes()) {
+    blocks.resize(lay.outer * C);
+    at::parallel_for(0, lay.outer * C, std::max<int64_t>(1, kGrain / lay.inner), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) blocks[p] = reduce_plane<scalar_t, K>(lay, p, step, combine);
+    });
+  } else {
+    const int64_t rows_per_block = at::ceil_div(kRowBlock, std::max<int64_t>(C, 1));
+    blocks.resize(at::ceil_div(lay.outer, rows_per_block) * C);
+    at::parallel_for(0, at::ceil_div(lay.outer, rows_per_block), 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t r0 = k * rows_per_block, r1 = std::min(r0 + rows_per_block, lay.outer);
+        reduce_rows<scalar_t, K>(lay, r0, r1, step, &blocks[k * C]);
+      }
+    });
+  }
+  std::vector<Partial<K>> result(C);
+  const int64_t n_blocks = C > 0 ? static_cast<int64_t>(blocks.size()) / C : 0;
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrain / 8 / std::max<int64_t>(n_blocks, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) result[c] = combine(&blocks[c], n_blocks, C);
+  });
+  return result;
+}
+
+// Chan et al.'s combination of (count, mean, M2) partials, in its k-way form:
+//   n = sum n_i,  mean = sum n_i mean_i / n,  M2 = sum M2_i + sum n_i (mean_i - mean)^2.
+// No parts, or parts of no elements, give NaN mean and variance.
+Partial<2> chan_combine(const Partial<2>* parts, int64_t count, int64_t stride) {
+  Partial<2> total;
+  for (int64_t i = 0; i < count; ++i) {
+    total.n += parts[i * stride].n;
+    total.v[0] += parts[i * stride].n * parts[i * stride].v[0];
+  }
+  total.v[0] /= total.n;
+  for (int64_t i = 0; i < count; ++i) {
+    const Partial<2>& p = parts[i * stride];
+    const double delta = p.v[0] - total.v[0];
+    total.v[1] += p.v[1] + p.n * delta * delta;
+  }
+  return total;
+}
+
+Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
+  Partial<3> total;
+  for (int64_t i = 0; i < count; ++i) {
+    total.n += parts[i * stride].n;
+    for (int k = 0; k < 3; ++k) total.v[k] += parts[i * stride].v[k];
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_input(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+              "x must be float32, float64, bfloat16 or float16, got ", t);
+}
+
+void check_like(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+}
+
+// A per-channel vector: 1-D, length C, acc dtype, on x's device (made contiguous if it is not).
+Tensor channel_vector(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must be 1-D of length C = ", x.size(1), ", got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_type(x), name, " must be ", acc_type(x), " for ", x.scalar_type(),
+              " input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
+  return t.contiguous();
+}
+
+Tensor channel_vector_or(const OptTensor& t, const char* name, const Tensor& x, double fill) {
+  return t ? channel_vector(*t, name, x) : at::full({x.size(1)}, fill, x.options().dtype(acc_type(x)));
+}
+
+Tensor required_channel_vector(const OptTensor& t, const char* name, const char* when, const Tensor& x) {
+  TORCH_CHECK(t.has_value(), name, " is required when ", when);
+  return channel_vector(*t, name, x);
+}
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// The pre-activation z = x*scale + shift [+ residual*res_scale + res_shift] as raw pointers;
+// scale/shift/res_scale/res_shift are never null (None was filled with ones/zeros).
+template <typename scalar_t>
+struct PreAct {
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  using acc_t = typename L::acc_t;
+  const scalar_t* x;
+  const scalar_t* residual;  // null when None
+  const acc_t *scale, *shift, *res_scale, *res_shift;
+  bool relu;
+
+  Vec load_x(int64_t offset, int64_t n) const { return L::load(x + offset, n); }
+  Vec load_residual(int64_t offset, int64_t n) const { return residual ? L::load(residual + offset, n) : Vec(0); }
+
+  template <typename Param>
+  Vec z(const Vec& xv, const Vec& rv, const Param& param) const {
+    const Vec z = at::vec::fmadd(xv, param(scale), param(shift));
+    return residual ? z + at::vec::fmadd(rv, param(res_scale), param(res_shift)) : z;
+  }
+  // Under the ReLU, grad_out where z > 0: false for NaN z, as in torch.relu's backward.
+  template <typename Param>
+  Vec dz(const Vec& g, const Vec& xv, const Vec& rv, const Param& param) const {
+    return relu ? g & (z(xv, rv, param) > Vec(0)) : g;
+  }
+};
+
+// The tensors that define z: checked against x, in x's layout, None scale/shift filled in.
+struct PreActInputs {
+  Tensor x, residual, scale, shift, res_scale, res_shift;
+
+  template <typename scalar_t>
+  PreAct<scalar_t> pointers(bool relu) const {
+    using acc_t = typename Lanes<scalar_t>::acc_t;
+    return {x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual), scale.const_data_ptr<acc_t>(),
+            shift.const_data_ptr<acc_t>(), res_scale.const_data_ptr<acc_t>(), res_shift.const_data_ptr<acc_t>(),
+            relu};
+  }
+};
+
+PreActInputs pre_act_inputs(const Tensor& x, const Layout& lay, const OptTensor& scale, const OptTensor& shift,
+                            const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift) {
+  PreActInputs in;
+  in.x = in_layout(x, lay);
+  if (residual) {
+    check_like(*residual, x, "residual");
+    in.residual = in_layout(*residual, lay);
+  }
+  TORCH_CHECK(residual || (!res_scale && !res_shift), "res_scale/res_shift given without residual");
+  in.scale = channel_vector_or(scale, "scale", x, 1.0);
+  in.shift = channel_vector_or(shift, "shift", x, 0.0);
+  in.res_scale = channel_vector_or(res_scale, "res_scale", x, 1.0);
+  in.res_shift = channel_vector_or(res_shift, "res_shift", x, 0.0);
+  return in;
+}
+
+// The gradient through one BN input v (x or the residual):
+//   scale * (dz - mean_dz - (v - mean) * invstd * mean_dz_vhat)   with batch statistics,
+//   scale * dz                                                     without (mean_dz_vhat null).
+template <typename acc_t>
+struct BnGrad {
+  const acc_t *scale, *mean, *invstd, *mean_dz, *mean_dz_vhat;
+
+  template <typename Vec, typename Param>
+  Vec operator()(Vec dz, const Vec& v, const Param& param) const {
+    if (mean_dz_vhat) dz = dz - param(mean_dz) - (v - param(mean)) * param(invstd) * param(mean_dz_vhat);
+    return dz * param(scale);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The primitives
+
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_input(x_in);
+  const Layout lay = layout_of(x_in);
+  const Tensor x = in_layout(x_in, lay);
+  Tensor mean = at::empty({lay.channels}, x.options().dtype(acc_type(x)));
+  Tensor var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_stats", [&] {
+    using L = Lanes<scalar_t>;
+    using acc_t = typename L::acc_t;
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
+    const auto welford = [data](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, int64_t n, const auto&) {
+      const auto v = L::load(data + offset, n);
+      const auto delta = v - s[0];
+      const auto m = at::vec::fmadd(delta, typename L::Vec(inv_n), s[0]);
+      return State<scalar_t, 2>{m, at::vec::fmadd(delta, v - m, s[1])};
+    };
+    const auto stats = reduce_channels<scalar_t, 2>(lay, welford, chan_combine);
+    auto* m = mean.mutable_data_ptr<acc_t>();
+    auto* v = var.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < lay.channels; ++c) {
+      const auto& p = stats[c];
+      m[c] = p.v[0];  // NaN for no elements, as torch.var_mean
+      v[c] = p.v[1] / p.n;
+    }
+  });
+  return {mean, var};
+}
+
+Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                      const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
+  check_input(x);
+  const Layout lay = layout_of(x);
+  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
+  Tensor out = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward", [&] {
+    using L = Lanes<scalar_t>;
+    const auto pre = in.pointers<scalar_t>(relu);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for_each_vector<scalar_t>(lay, [&](int64_t offset, int64_t n, const auto& param) {
+      const auto z = pre.z(pre.load_x(offset, n), pre.load_residual(offset, n), param);
+      // maximum() propagates NaN, as torch.relu does
+      L::store(o + offset, relu ? at::vec::maximum(z, typename L::Vec(0)) : z, n);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
+    const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
+    const OptTensor& res_mean, const OptTensor& res_invstd, bool relu) {
+  check_input(x);
+  check_like(grad_out, x, "grad_out");
+  const Layout lay = layout_of(x);
+  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
+  const Tensor g = in_layout(grad_out, lay);
+  const Tensor mean_c = channel_vector(mean, "mean", x), invstd_c = channel_vector(invstd, "invstd", x);
+  Tensor res_mean_c, res_invstd_c;
+  if (res_mean) {
+    TORCH_CHECK(residual, "res_mean given without residual");
+    res_mean_c = channel_vector(*res_mean, "res_mean", x);
+    res_invstd_c = required_channel_vector(res_invstd, "res_invstd", "res_mean is given", x);
+  }
+  const auto acc = x.options().dtype(acc_type(x));
+  Tensor sum_dz = at::empty({lay.channels}, acc), sum_dz_xhat = at::empty({lay.channels}, acc);
+  Tensor sum_dz_rhat = at::empty({res_mean ? lay.channels : 0}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_reduce", [&] {
+    using acc_t = typename Lanes<scalar_t>::acc_t;
+    const auto pre = in.pointers<scalar_t>(relu);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+    const acc_t* rmp = ptr_or_null<acc_t>(res_mean_c);
+    // Sums dz, dz*(x - mean) and dz*(r - res_mean); invstd is applied once per channel below.
+    const auto sums = [&](const State<scalar_t, 3>& s, acc_t, int64_t offset, int64_t n, const auto& param) {
+      const auto xv = pre.load_x(offset, n), rv = pre.load_residual(offset, n);
+      const auto dz = pre.dz(Lanes<scalar_t>::load(gp + offset, n), xv, rv, param);
+      return State<scalar_t, 3>{s[0] + dz, at::vec::fmadd(dz, xv - param(mp), s[1]),
+                                rmp ? at::vec::fmadd(dz, rv - param(rmp), s[2]) : s[2]};
+    };
+    const auto total = reduce_channels<scalar_t, 3>(lay, sums, sum_combine);
+    const acc_t* istd = invstd_c.const_data_ptr<acc_t>();
+    const acc_t* ristd = ptr_or_null<acc_t>(res_invstd_c);
+    auto *s0 = sum_dz.mutable_data_ptr<acc_t>(), *s1 = sum_dz_xhat.mutable_data_ptr<acc_t>();
+    auto* s2 = sum_dz_rhat.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < lay.channels; ++c) {
+      s0[c] = total[c].v[0];
+      s1[c] = total[c].v[1] * istd[c];
+      if (rmp) s2[c] = total[c].v[2] * ristd[c];
+    }
+  });
+  return {sum_dz, sum_dz_xhat, sum_dz_rhat};
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_elemt(
+    const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& mean,
+    const OptTensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
+    const OptTensor& res_mean, const OptTensor& res_invstd, bool relu, const OptTensor& mean_dz,
+    const OptTensor& mean_dz_xhat, const OptTensor& mean_dz_rhat) {
+  check_input(x);
+  check_like(grad_out, x, "grad_out");
+  const Layout lay = layout_of(x);
+  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
+  const Tensor g = in_layout(grad_out, lay);
+  // Batch statistics for x when mean_dz is given; for the residual when mean_dz_rhat is too.
+  Tensor mdz, x_stats[3], r_stats[3];  // {mean, invstd, mean_dz_vhat}
+  TORCH_CHECK(mean_dz || (!mean_dz_xhat && !mean_dz_rhat), "mean_dz_xhat/mean_dz_rhat given without mean_dz");
+  if (mean_dz) {
+    mdz = channel_vector(*mean_dz, "mean_dz", x);
+    const char* when = "mean_dz is given";
+    x_stats[0] = required_channel_vector(mean, "mean", when, x);
+    x_stats[1] = required_channel_vector(invstd, "invstd", when, x);
+    x_stats[2] = required_channel_vector(mean_dz_xhat, "mean_dz_xhat", when, x);
+  }
+  if (mean_dz_rhat) {
+    TORCH_CHECK(residual, "mean_dz_rhat given without residual");
+    const char* when = "mean_dz_rhat is given";
+    r_stats[0] = required_channel_vector(res_mean, "res_mean", when, x);
+    r_stats[1] = required_channel_vector(res_invstd, "res_invstd", when, x);
+    r_stats[2] = channel_vector(*mean_dz_rhat, "mean_dz_rhat", x);
+  }
+  Tensor grad_x = at::empty_like(in.x);
+  Tensor grad_residual = residual ? at::empty_like(in.x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_elemt", [&] {
+    using L = Lanes<scalar_t>;
+    using acc_t = typename L::acc_t;
+    const auto pre = in.pointers<scalar_t>(relu);
+    const auto grad = [&](const acc_t* bn_scale, const Tensor (&stats)[3]) {
+      return BnGrad<acc_t>{bn_scale, ptr_or_null<acc_t>(stats[0]), ptr_or_null<acc_t>(stats[1]),
+                           ptr_or_null<acc_t>(mdz), ptr_or_null<acc_t>(stats[2])};
+    };
+    const auto x_grad = grad(pre.scale, x_stats), r_grad = grad(pre.res_scale, r_stats);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* gr = pre.residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+    for_each_vector<scalar_t>(lay, [&](int64_t offset, int64_t n, const auto& param) {
+      const auto xv = pre.load_x(offset, n), rv = pre.load_residual(offset, n);
+      const auto dz = pre.dz(L::load(gp + offset, n), xv, rv, param);
+      L::store(gx + offset, x_grad(dz, xv, param), n);
+      if (gr) L::store(gr + offset, r_grad(dz, rv, param), n);
+    });
+  });
+  return {grad_x, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
+  m.impl("bn_act_backward_elemt", &bn_act_backward_elemt);
+}
+
+}  // namespace pyfast

@@ -1,0 +1,317 @@
+// CUDA implementations of the BN primitives (schemas in csrc/ops.cpp, semantics in docs/ARCHITECTURE.md
+// section 1): argument checks, layout and allocation, dtype dispatch, and the calls into the ATen-free
+// launchers of batch_norm_kernels.cu on the current CUDA stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "batch_norm_kernels.cuh"
+
+namespace pyfast {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+namespace kern = pyfast::cuda;
+
+// ATen's element types -> the CUDA types the launchers are instantiated for (same bits).
+template <typename S>
+struct CudaScalar {
+  using type = S;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// What one call needs to know about x: the memory format every tensor of the call is made dense in, the
+// matching kernel layout, and the sizes.
+struct Geometry {
+  at::MemoryFormat format;
+  kern::Layout layout;
+  int64_t N, C, HW;
+  at::ScalarType acc;  // dtype of the per-channel vectors
+};
+
+Geometry geometry_of(const char* op, const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+                    ": x must be float32, float64, float16 or bfloat16, got ", st);
+  Geometry g;
+  g.format = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                          : at::MemoryFormat::Contiguous;
+  g.layout = g.format == at::MemoryFormat::ChannelsLast ? kern::Layout::kNHWC : kern::Layout::kNCHW;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.HW = x.size(2) * x.size(3);
+  g.acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  return g;
+}
+
+// A tensor shaped like x (grad_out, residual): checked, and dense in x's memory format.
+Tensor like_x(const char* op, const char* name, const Tensor& t, const Tensor& x, const Geometry& g) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (",
+                    x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
+              t.device());
+  return t.contiguous(g.format);
+}
+
+Tensor like_x(const char* op, const char* name, const OptTensor& t, const Tensor& x, const Geometry& g) {
+  return t.has_value() && t->defined() ? like_x(op, name, *t, x, g) : Tensor();
+}
+
+// A per-channel vector: 1-D, length C, the accumulation dtype, on x's device; made contiguous.
+// Returns an undefined tensor for None.
+Tensor channel_vector(const char* op, const char* name, const OptTensor& t, const Geometry& g,
+                      const Tensor& x) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == g.C, op, ": ", name, " must be a 1-D tensor of length C=",
+                    g.C, ", got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == g.acc, op, ": ", name, " must have dtype ", g.acc, " (the accumulation",
+                    " dtype of a ", x.scalar_type(), " input), got ", t->scalar_type());
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
+              "), got ", t->device());
+  return t->contiguous();
+}
+
+Tensor required_channel_vector(const char* op, const char* name, const OptTensor& t, const Geometry& g,
+                               const Tensor& x, const char* because) {
+  TORCH_CHECK_VALUE(t.has_value() && t->defined(), op, ": ", name, " is required ", because);
+  return channel_vector(op, name, t, g, x);
+}
+
+template <typename A>
+const A* ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+template <typename T>
+const T* elem_ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* mutable_elem_ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+Tensor empty_like_x(const Tensor& x, const Geometry& g) {
+  return at::empty(x.sizes(), x.options().memory_format(g.format));
+}
+
+Tensor empty_channels(const Tensor& x, const Geometry& g, int64_t length) {
+  return at::empty({length}, x.options().dtype(g.acc));
+}
+
+Tensor workspace(const Tensor& x, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+}
+
+void* workspace_ptr(const Tensor& ws) { return ws.numel() > 0 ? ws.mutable_data_ptr() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
+  constexpr const char* op = "pyfast.bn_stats";
+  const Geometry g = geometry_of(op, x_in);
+  const Tensor x = x_in.contiguous(g.format);
+  Tensor mean = empty_channels(x, g, g.C);
+  Tensor var = empty_channels(x, g, g.C);
+  if (g.C == 0) return {mean, var};
+  if (g.N * g.HW == 0) {  // statistics of nothing, as torch.var_mean
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_stats", [&] {
+    using T = typename CudaScalar<scalar_t>::type;
+    using A = kern::acc_t<T>;
+    const kern::BnStatsArgs<T> args{elem_ptr<T>(x), mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>()};
+    size_t bytes = 0;
+    C10_CUDA_CHECK(kern::bn_stats_workspace_bytes<T>(args, g.N, g.C, g.HW, g.layout, &bytes));
+    const Tensor ws = workspace(x, bytes);
+    C10_CUDA_CHECK(kern::bn_stats<T>(args, g.N, g.C, g.HW, g.layout, workspace_ptr(ws), bytes, stream));
+  });
+  return {mean, var};
+}
+
+Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
+                           const OptTensor& residual_in, const OptTensor& res_scale_in,
+                           const OptTensor& res_shift_in, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_forward";
+  const Geometry g = geometry_of(op, x_in);
+  const Tensor x = x_in.contiguous(g.format);
+  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
+  const Tensor residual = like_x(op, "residual", residual_in, x, g);
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
+  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
+                    ": res_scale/res_shift given without a residual");
+  Tensor out = empty_like_x(x, g);
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_act_forward", [&] {
+    using T = typename CudaScalar<scalar_t>::type;
+    using A = kern::acc_t<T>;
+    const kern::BnActForwardArgs<T> args{elem_ptr<T>(x),         ptr<A>(scale),     ptr<A>(shift),
+                                         elem_ptr<T>(residual),  ptr<A>(res_scale), ptr<A>(res_shift),
+                                         relu,                   mutable_elem_ptr<T>(out)};
+    C10_CUDA_CHECK(kern::bn_act_forward<T>(args, g.N, g.C, g.HW, g.layout, stream));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
+    const Tensor& mean_in, const Tensor& invstd_in, const OptTensor& residual_in, const OptTensor& res_scale_in,
+    const OptTensor& res_shift_in, const OptTensor& res_mean_in, const OptTensor& res_invstd_in, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_backward_reduce";
+  const Geometry g = geometry_of(op, x_in);
+  const Tensor x = x_in.contiguous(g.format);
+  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
+  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
+  const Tensor mean = channel_vector(op, "mean", mean_in, g, x);
+  const Tensor invstd = channel_vector(op, "invstd", invstd_in, g, x);
+  const Tensor residual = like_x(op, "residual", residual_in, x, g);
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
+  const Tensor res_mean = channel_vector(op, "res_mean", res_mean_in, g, x);
+  const Tensor res_invstd = channel_vector(op, "res_invstd", res_invstd_in, g, x);
+  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined() && !res_mean.defined()),
+                    op, ": res_scale/res_shift/res_mean given without a residual");
+  TORCH_CHECK_VALUE(res_mean.defined() == res_invstd.defined(), op,
+                    ": res_mean and res_invstd must be given together");
+  Tensor sum_dz = empty_channels(x, g, g.C);
+  Tensor sum_dz_xhat = empty_channels(x, g, g.C);
+  Tensor sum_dz_rhat = empty_channels(x, g, res_mean.defined() ? g.C : 0);
+  if (g.C == 0) return {sum_dz, sum_dz_xhat, sum_dz_rhat};
+  if (g.N * g.HW == 0) {  // empty sums
+    sum_dz.zero_();
+    sum_dz_xhat.zero_();
+    sum_dz_rhat.zero_();
+    return {sum_dz, sum_dz_xhat, sum_dz_rhat};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_act_backward_reduce", [&] {
+    using T = typename CudaScalar<scalar_t>::type;
+    using A = kern::acc_t<T>;
+    kern::BnActBackwardReduceArgs<T> args{};
+    args.grad_out = elem_ptr<T>(grad_out);
+    args.x = elem_ptr<T>(x);
+    args.scale = ptr<A>(scale);
+    args.shift = ptr<A>(shift);
+    args.mean = ptr<A>(mean);
+    args.invstd = ptr<A>(invstd);
+    args.residual = elem_ptr<T>(residual);
+    args.res_scale = ptr<A>(res_scale);
+    args.res_shift = ptr<A>(res_shift);
+    args.res_mean = ptr<A>(res_mean);
+    args.res_invstd = ptr<A>(res_invstd);
+    args.relu = relu;
+    args.sum_dz = sum_dz.mutable_data_ptr<A>();
+    args.sum_dz_xhat = sum_dz_xhat.mutable_data_ptr<A>();
+    args.sum_dz_rhat = res_mean.defined() ? sum_dz_rhat.mutable_data_ptr<A>() : nullptr;
+    size_t bytes = 0;
+    C10_CUDA_CHECK(kern::bn_act_backward_reduce_workspace_bytes<T>(args, g.N, g.C, g.HW, g.layout, &bytes));
+    const Tensor ws = workspace(x, bytes);
+    C10_CUDA_CHECK(
+        kern::bn_act_backward_reduce<T>(args, g.N, g.C, g.HW, g.layout, workspace_ptr(ws), bytes, stream));
+  });
+  return {sum_dz, sum_dz_xhat, sum_dz_rhat};
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
+    const OptTensor& mean_in, const OptTensor& invstd_in, const OptTensor& residual_in,
+    const OptTensor& res_scale_in, const OptTensor& res_shift_in, const OptTensor& res_mean_in,
+    const OptTensor& res_invstd_in, bool relu, const OptTensor& mean_dz_in, const OptTensor& mean_dz_xhat_in,
+    const OptTensor& mean_dz_rhat_in) {
+  constexpr const char* op = "pyfast.bn_act_backward_elemt";
+  const Geometry g = geometry_of(op, x_in);
+  const Tensor x = x_in.contiguous(g.format);
+  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
+  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
+  const Tensor residual = like_x(op, "residual", residual_in, x, g);
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
+  const Tensor mean_dz = channel_vector(op, "mean_dz", mean_dz_in, g, x);
+  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
+                    ": res_scale/res_shift given without a residual");
+  // The statistics enter only with batch statistics (mean_dz given); otherwise they are ignored.
+  Tensor mean, invstd, mean_dz_xhat, res_mean, res_invstd, mean_dz_rhat;
+  if (mean_dz.defined()) {
+    constexpr const char* because = "when mean_dz is given";
+    mean = required_channel_vector(op, "mean", mean_in, g, x, because);
+    invstd = required_channel_vector(op, "invstd", invstd_in, g, x, because);
+    mean_dz_xhat = required_channel_vector(op, "mean_dz_xhat", mean_dz_xhat_in, g, x, because);
+    if (residual.defined() && res_mean_in.has_value() && res_mean_in->defined()) {
+      constexpr const char* res_because = "when mean_dz and res_mean are given";
+      res_mean = channel_vector(op, "res_mean", res_mean_in, g, x);
+      res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, g, x, res_because);
+      mean_dz_rhat = required_channel_vector(op, "mean_dz_rhat", mean_dz_rhat_in, g, x, res_because);
+    }
+  }
+  Tensor grad_x = empty_like_x(x, g);
+  Tensor grad_residual = residual.defined() ? empty_like_x(x, g) : at::empty({0}, x.options());
+  if (grad_x.numel() == 0) return {grad_x, grad_residual};
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_act_backward_elemt", [&] {
+    using T = typename CudaScalar<scalar_t>::type;
+    using A = kern::acc_t<T>;
+    kern::BnActBackwardElemtArgs<T> args{};
+    args.grad_out = elem_ptr<T>(grad_out);
+    args.x = elem_ptr<T>(x);
+    args.scale = ptr<A>(scale);
+    args.shift = ptr<A>(shift);
+    args.mean = ptr<A>(mean);
+    args.invstd = ptr<A>(invstd);
+    args.residual = elem_ptr<T>(residual);
+    args.res_scale = ptr<A>(res_scale);
+    args.res_shift = ptr<A>(res_shift);
+    args.res_mean = ptr<A>(res_mean);
+    args.res_invstd = ptr<A>(res_invstd);
+    args.relu = relu;
+    args.mean_dz = ptr<A>(mean_dz);
+    args.mean_dz_xhat = ptr<A>(mean_dz_xhat);
+    args.mean_dz_rhat = ptr<A>(mean_dz_rhat);
+    args.grad_x = mutable_elem_ptr<T>(grad_x);
+    args.grad_residual = residual.defined() ? mutable_elem_ptr<T>(grad_residual) : nullptr;
+    C10_CUDA_CHECK(kern::bn_act_backward_elemt<T>(args, g.N, g.C, g.HW, g.layout, stream));
+  });
+  return {grad_x, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfast, CUDA, m) {
+  m.impl("bn_stats", TORCH_FN(bn_stats_cuda));
+  m.impl("bn_act_forward", TORCH_FN(bn_act_forward_cuda));
+  m.impl("bn_act_backward_reduce", TORCH_FN(bn_act_backward_reduce_cuda));
+  m.impl("bn_act_backward_elemt", TORCH_FN(bn_act_backward_elemt_cuda));
+}
+
+}  // namespace pyfast

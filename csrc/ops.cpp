@@ -1,0 +1,20 @@
+// The schemas of pyfast's C++/CUDA primitives, declared once. Implementations register per device:
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA). The semantics are documented in
+// docs/ARCHITECTURE.md, section 1.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyfast, m) {
+  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_act_forward(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale, "
+      "Tensor? res_shift, bool relu) -> Tensor");
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor? scale, Tensor? shift, Tensor mean, "
+      "Tensor invstd, Tensor? residual, Tensor? res_scale, Tensor? res_shift, Tensor? res_mean, "
+      "Tensor? res_invstd, bool relu) -> (Tensor sum_dz, Tensor sum_dz_xhat, Tensor sum_dz_rhat)");
+  m.def(
+      "bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor? scale, Tensor? shift, Tensor? mean, "
+      "Tensor? invstd, Tensor? residual, Tensor? res_scale, Tensor? res_shift, Tensor? res_mean, "
+      "Tensor? res_invstd, bool relu, Tensor? mean_dz, Tensor? mean_dz_xhat, Tensor? mean_dz_rhat) "
+      "-> (Tensor grad_x, Tensor grad_residual)");
+}

@@ -1,0 +1,602 @@
+"""Triton kernels for the four batch-norm primitives of docs/ARCHITECTURE.md, section 1.
+
+Every pass walks a 4-D tensor (N, C, H, W) as a [G, C, L] view in tiles of [BLOCK_C, BLOCK_L]:
+
+* NCHW-contiguous: G = N, L = H*W, offset = (g*C + c)*L + l; the tile is contiguous along l.
+* channels_last:   G = 1, L = N*H*W, offset = l*C + c;      the tile is contiguous along c.
+
+Both layouts are read in place (no copies); outputs get the input's dtype and memory format. Math runs
+in `acc` = float64 for float64 input, float32 otherwise. Optional per-channel tensors become constexpr
+flags of one kernel per pass. Reductions are two-stage and deterministic: every program writes its
+per-channel partials (count, mean, M2 or sums) to a small [k, S, C] buffer that a second step combines;
+no floating-point atomics. Offsets switch to int64 when a tensor has 2**31 elements or more.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_INT32 = 2**31 - 1
+
+
+def _configs(tiles):
+    """Autotune configs from (BLOCK_C, BLOCK_L, num_warps); one small tile under the interpreter."""
+    if _INTERPRET:  # the interpreter neither benchmarks nor needs big tiles: one config, few programs
+        tiles = [(16, 32, 1)]
+    return [triton.Config({"BLOCK_C": c, "BLOCK_L": l}, num_warps=w) for c, l, w in tiles]
+
+
+# Elementwise tiles: 4K-8K elements; the autotuner finds the orientation that is wide along the
+# contiguous dimension (c for channels_last, l for NCHW).
+_ELEMENTWISE_CONFIGS = _configs([
+    (4, 1024, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4),
+    (8, 1024, 8), (16, 512, 8), (64, 128, 8), (128, 64, 8), (256, 32, 8),
+])
+# Reduction tiles keep per-lane accumulators in registers. BLOCK_L must divide _SPLIT_ALIGN so that
+# only the last chunk of a row of the [G, C, L] view has a partial tile.
+_REDUCTION_CONFIGS = _configs([
+    (4, 256, 4), (8, 256, 4), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 16, 4),
+    (16, 256, 8), (64, 64, 8), (128, 32, 8),
+])
+# A reduction program covers one chunk of _SPLIT_ALIGN-multiple positions along L holding about
+# _SPLIT_WORK elements of its channel block: enough work per program, and the partials stay ~1% of x.
+_SPLIT_ALIGN = 32 if _INTERPRET else 256
+_SPLIT_WORK = 512 if _INTERPRET else 32768
+_COMBINE_BLOCK_C, _COMBINE_BLOCK_S = (16, 8) if _INTERPRET else (64, 64)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles >= 64 wide along the contiguous dim (when it is that long) that fill nearly as well
+    as the best one, so that a small tensor is not benchmarked with mostly-masked tiles."""
+    args = {**named_args, **kwargs}
+    sizes = {"BLOCK_C": args["C"], "BLOCK_L": args["L"]}
+    contiguous = "BLOCK_C" if args["CHANNELS_LAST"] else "BLOCK_L"
+
+    def filled(cfg):
+        return math.prod(n / (triton.cdiv(n, cfg.kwargs[b]) * cfg.kwargs[b]) for b, n in sizes.items())
+
+    wide = [cfg for cfg in configs if cfg.kwargs[contiguous] >= min(64, sizes[contiguous])] or configs
+    best = max(map(filled, wide))
+    return [cfg for cfg in wide if filled(cfg) >= 0.75 * best]
+
+
+_AUTOTUNE = dict(key=["G", "C", "L", "CHANNELS_LAST"], prune_configs_by={"early_config_prune": _prune})
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _aligned_sizes(C, L, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """C and L, the row length of the contiguous dim written as a multiple of ALIGN (the launcher's
+    gcd(16, row length)): then the compiler can prove row starts and masks aligned and vectorize
+    loads even where the value itself is not specialized (e.g. C = 24, 56, 152 in RegNets)."""
+    if CHANNELS_LAST:
+        C = (C // ALIGN) * ALIGN
+    else:
+        L = (L // ALIGN) * ALIGN
+    return C, L
+
+
+@triton.jit
+def _offsets(g, c, l, C, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr):
+    """Element offsets of the [BLOCK_C, BLOCK_L] tile of channels `c`, positions `l` in row `g`."""
+    if INT64:  # past 2**31 elements, int32 products overflow
+        g = g.to(tl.int64)
+        c = c.to(tl.int64)
+        l = l.to(tl.int64)
+    if CHANNELS_LAST:
+        offs = l[None, :] * C + c[:, None]
+    else:
+        offs = (g * C + c[:, None]) * L + l[None, :]
+    return offs
+
+
+@triton.jit
+def _per_channel(ptr, c, cmask, PRESENT: tl.constexpr = True, DEFAULT: tl.constexpr = 0.0):
+    """A per-channel vector's values for channels c as a [BLOCK_C, 1] column; DEFAULT when it is absent."""
+    if PRESENT:
+        v = tl.load(ptr + c, mask=cmask, other=0.0)[:, None]
+    else:
+        v = DEFAULT
+    return v
+
+
+@triton.jit
+def _load_affine(c, cmask, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr, HAS_SCALE: tl.constexpr,
+                 HAS_SHIFT: tl.constexpr, HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr):
+    """scale, shift, res_scale, res_shift of channels c; 1 and 0 stand in for absent ones."""
+    return (_per_channel(scale_ptr, c, cmask, HAS_SCALE, 0.5), _per_channel(shift_ptr, c, cmask, HAS_SHIFT, 0.0),
+            _per_channel(res_scale_ptr, c, cmask, HAS_RES_SCALE, 1.0),
+            _per_channel(res_shift_ptr, c, cmask, HAS_RES_SHIFT, 0.0))
+
+
+@triton.jit
+def _pre_activation(x, r, scale, shift, res_scale, res_shift, HAS_RES: tl.constexpr):
+    """z = x*scale + shift (+ r*res_scale + res_shift): the input of the ReLU."""
+    z = x * scale + shift
+    if HAS_RES:
+        z += r * res_scale + res_shift
+    return z
+
+
+@triton.jit
+def _relu(z):
+    """max(z, 0) that keeps NaN like torch.relu (NaN <= 0 is false, so NaN passes)."""
+    return tl.where(z <= 0, 0.0, z)
+
+
+@triton.jit
+def _relu_grad(dy, z):
+    """dy where the ReLU passed z, else 0; like torch's threshold_backward a NaN z passes dy."""
+    return tl.where(z <= 0, 0.0, dy)
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.: (count, mean, M2) of the union of two disjoint sets, stable for any mean."""
+    n = n_a + n_b
+    w_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+@triton.jit
+def _chunk(splits_per_g, chunk, L):
+    """Row g and range [l_start, l_end) of the chunk that reduction program `program_id(0)` covers."""
+    pid = tl.program_id(0)
+    l_start = (pid % splits_per_g) * chunk
+    return pid // splits_per_g, l_start, tl.minimum(l_start + chunk, L)
+
+
+@dataclass(frozen=True)
+class _View:
+    """The [G, C, L] view of a 4-D tensor that the kernels walk (see the module docstring)."""
+
+    memory_format: torch.memory_format
+    G: int
+    C: int
+    L: int
+    int64: bool
+
+    @property
+    def channels_last(self):
+        return self.memory_format == torch.channels_last
+
+    def args(self):
+        """Sizes (positional) and layout flags (keywords) that every kernel takes."""
+        row = self.C if self.channels_last else self.L  # elements per row of the contiguous dim
+        return (self.G, self.C, self.L), {"CHANNELS_LAST": self.channels_last, "INT64": self.int64,
+                                          "ALIGN": math.gcd(16, row)}
+
+    def splits(self):
+        """(splits_per_g, chunk): each row of L positions split into chunks for the reductions."""
+        chunk = triton.cdiv(max(_SPLIT_WORK // self.C, 1), _SPLIT_ALIGN) * _SPLIT_ALIGN
+        chunk = min(chunk, triton.cdiv(self.L, _SPLIT_ALIGN) * _SPLIT_ALIGN)
+        return triton.cdiv(self.L, chunk), chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: per-chunk (count, mean, M2), then a Chan combine
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr,  # input, a [G, C, L] view
+    partial_ptr,  # out: [3, S, C] acc dtype, per-program count, mean and M2 of each channel
+    G, C, L,  # sizes of the view (G is also part of the autotune key)
+    splits_per_g, chunk,  # program s covers positions [(s % splits_per_g)*chunk, +chunk) of row s // splits_per_g
+    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,  # layout, 64-bit offsets, alignment
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
+):
+    """Per-channel count, mean and M2 = sum (x - mean)^2 over one chunk.
+
+    Full tiles run Welford's update per lane, with one count for all lanes:
+        n += 1;  d = x - m;  m += d / n;  M2 += d * (x - m)
+    then the lanes and the last, partial tile are merged with Chan's formula. No E[x^2] - E[x]^2 anywhere.
+    """
+    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
+    g, l_start, l_end = _chunk(splits_per_g, chunk, L)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    m = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    m2 = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    n_full = (l_end - l_start) // BLOCK_L
+    for i in range(0, n_full):
+        offs = _offsets(g, c, l_start + i * BLOCK_L + tl.arange(0, BLOCK_L), C, L, CHANNELS_LAST, INT64)
+        x = tl.load(x_ptr + offs, mask=cmask[:, None], other=0.0).to(ACC)
+        delta = x - m
+        m += delta * (1.0 / tl.cast(i + 1, ACC))
+        m2 += delta * (x - m)
+    # The lanes: BLOCK_L sets of n_full values each.
+    count = (n_full * BLOCK_L).to(ACC)
+    mean = tl.sum(m, 1) / BLOCK_L
+    spread = m - mean[:, None]
+    m2_c = tl.sum(m2, 1) + n_full.to(ACC) * tl.sum(spread * spread, 1)
+    # The partial tile at the end of the row, two-pass in registers.
+    l = l_start + n_full * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = cmask[:, None] & (l < l_end)[None, :]
+    x = tl.load(x_ptr + _offsets(g, c, l, C, L, CHANNELS_LAST, INT64), mask=mask, other=0.0).to(ACC)
+    n_t = (l_end - l_start - n_full * BLOCK_L).to(ACC)
+    mean_t = tl.sum(x, 1) / tl.maximum(n_t, 1.0)
+    dev = tl.where(mask, x - mean_t[:, None], 0.0)
+    count, mean, m2_c = _chan_merge(count, mean, m2_c, n_t, mean_t, tl.sum(dev * dev, 1))
+    out = partial_ptr + tl.program_id(0) * C + c
+    stride_k = tl.num_programs(0) * C
+    tl.store(out, count + tl.zeros_like(mean), mask=cmask)
+    tl.store(out + stride_k, mean, mask=cmask)
+    tl.store(out + 2 * stride_k, m2_c, mask=cmask)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(
+    partial_ptr,  # [3, S, C]: count, mean, M2 per program and channel
+    mean_ptr, var_ptr,  # out: [C] mean and biased variance
+    C, S,  # channels, partials per channel
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile of the partials
+):
+    """Chan's combine of S partials per channel; var = M2 / count (biased).
+
+    Per block of partials: n = sum n_s, mean = sum n_s mean_s / n, M2 = sum M2_s + n_s (mean_s - mean)^2,
+    then merged into the running result with _chan_merge.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc_ty = partial_ptr.dtype.element_ty
+    n = tl.zeros([BLOCK_C], acc_ty)
+    mean = tl.zeros([BLOCK_C], acc_ty)
+    m2 = tl.zeros([BLOCK_C], acc_ty)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        ptrs = partial_ptr + s[:, None] * C + c[None, :]
+        n_s = tl.load(ptrs, mask=mask, other=0.0)
+        mean_s = tl.load(ptrs + S * C, mask=mask, other=0.0)
+        m2_s = tl.load(ptrs + 2 * S * C, mask=mask, other=0.0)
+        n_b = tl.sum(n_s, 0)
+        mean_b = tl.sum(n_s * mean_s, 0) / tl.maximum(n_b, 1.0)
+        dev = mean_s - mean_b[None, :]
+        n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, tl.sum(m2_s + n_s * dev * dev, 0))
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(var_ptr + c, m2 / tl.maximum(n, 1.0), mask=cmask)  # n > 0 for every real channel
+
+
+def bn_stats(x):
+    """Per-channel mean and biased variance of a 4-D tensor over N*H*W, in the acc dtype."""
+    x, view = _prepare_input(x)
+    acc = _acc_dtype(x)
+    mean = torch.empty(view.C, dtype=acc, device=x.device)
+    var = torch.empty_like(mean)
+    if view.G * view.L == 0:  # like torch.var_mean over no elements
+        return mean.fill_(float("nan")), var.fill_(float("nan"))
+    splits_per_g, chunk = view.splits()
+    num_splits = view.G * splits_per_g
+    partial = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
+    sizes, layout = view.args()
+    _bn_stats_partial_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+        x, partial, *sizes, splits_per_g, chunk, **layout, ACC=_tl_dtype(acc))
+    _bn_stats_combine_kernel[(triton.cdiv(view.C, _COMBINE_BLOCK_C),)](
+        partial, mean, var, view.C, num_splits, BLOCK_C=_COMBINE_BLOCK_C, BLOCK_S=_COMBINE_BLOCK_S)
+    return mean, var
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: scale/shift (+ residual with its own scale/shift) + ReLU, one pass
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _elementwise_tile(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Row g, channels c, positions l and masks of elementwise program (program_id(0), program_id(1))."""
+    pid = tl.program_id(0)
+    tiles_l = tl.cdiv(L, BLOCK_L)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = (pid % tiles_l) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cmask = c < C
+    return pid // tiles_l, c, l, cmask, cmask[:, None] & (l < L)[None, :]
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _bn_act_forward_kernel(
+    x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout; res_ptr read when HAS_RES
+    out_ptr,  # output, same layout
+    scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # [C] acc dtype, read when the flag says so
+    G, C, L,  # sizes of the view (G is also part of the autotune key)
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,  # which optional
+    HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,  # inputs exist
+    RELU: tl.constexpr,  # apply the ReLU
+    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,  # layout, 64-bit offsets, alignment
+    ACC: tl.constexpr,  # compute dtype
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
+):
+    """out = relu?(x*scale[c] + shift[c] + residual*res_scale[c] + res_shift[c]), one read per input."""
+    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
+    g, c, l, cmask, mask = _elementwise_tile(C, L, BLOCK_C, BLOCK_L)
+    offs = _offsets(g, c, l, C, L, CHANNELS_LAST, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    r = x  # placeholder, read only when HAS_RES
+    if HAS_RES:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    scale, shift, res_scale, res_shift = _load_affine(c, cmask, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+                                                      HAS_SCALE, HAS_SHIFT, HAS_RES_SCALE, HAS_RES_SHIFT)
+    z = _pre_activation(x, r, scale, shift, res_scale, res_shift, HAS_RES)
+    if RELU:
+        z = _relu(z)
+    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu):
+    """relu?(x*scale[c] + shift[c] + residual*res_scale[c] + res_shift[c]); None drops a term."""
+    x, view = _prepare_input(x)
+    args = _Args(x, view)
+    flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
+    residual = args.like("residual", residual)
+    out = torch.empty_like(x)
+    if x.numel():
+        sizes, layout = view.args()
+        _bn_act_forward_kernel[_elementwise_grid(view)](
+            x, residual, out, *args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift),
+            *sizes, **flags, RELU=relu, **layout, ACC=args.acc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: per-channel sums of dz, dz*xhat, dz*rhat, then the elementwise input gradients
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _bn_act_backward_reduce_kernel(
+    grad_ptr, x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout; res_ptr read when HAS_RES
+    scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # [C] acc dtype, optional as in the forward
+    mean_ptr, invstd_ptr,  # [C] statistics that normalize x
+    res_mean_ptr, res_invstd_ptr,  # [C] statistics that normalize the residual, read when HAS_RHAT
+    partial_ptr,  # out: [2 or 3, S, C] acc dtype, per-program sums of dz, dz*xhat (, dz*rhat)
+    G, C, L,  # sizes of the view (G is also part of the autotune key)
+    splits_per_g, chunk,  # program s covers positions [(s % splits_per_g)*chunk, +chunk) of row s // splits_per_g
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,  # which optional
+    HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,  # inputs exist
+    HAS_RHAT: tl.constexpr,  # also sum dz*rhat
+    RELU: tl.constexpr,  # the forward applied a ReLU: recompute its mask from x (and residual)
+    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,  # layout, 64-bit offsets, alignment
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
+):
+    """Per-channel partial sums over one chunk, accumulated per lane and reduced once at the end.
+
+        dz = grad_out * (z > 0) (relu) or grad_out;  sum dz;  sum dz*xhat = invstd * sum dz*(x - mean);
+        sum dz*rhat = res_invstd * sum dz*(residual - res_mean)
+    """
+    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
+    g, l_start, l_end = _chunk(splits_per_g, chunk, L)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    scale, shift, res_scale, res_shift = _load_affine(c, cmask, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+                                                      HAS_SCALE, HAS_SHIFT, HAS_RES_SCALE, HAS_RES_SHIFT)
+    mean = _per_channel(mean_ptr, c, cmask)
+    res_mean = _per_channel(res_mean_ptr, c, cmask, HAS_RHAT)
+    sum_dz = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    sum_dz_x = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    sum_dz_r = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (l < l_end)[None, :]
+        offs = _offsets(g, c, l, C, L, CHANNELS_LAST, INT64)
+        dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        r = x  # placeholder, read only when the residual was loaded
+        if HAS_RES and (RELU or HAS_RHAT):
+            r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            dz = _relu_grad(dz, _pre_activation(x, r, scale, shift, res_scale, res_shift, HAS_RES))
+        sum_dz += dz
+        sum_dz_x += dz * (x - mean)  # centred before the sum: no cancellation for a large mean
+        if HAS_RHAT:
+            sum_dz_r += dz * (r - res_mean)
+    out = partial_ptr + tl.program_id(0) * C + c
+    stride_k = tl.num_programs(0) * C
+    tl.store(out, tl.sum(sum_dz, 1), mask=cmask)
+    tl.store(out + stride_k, tl.sum(sum_dz_x, 1) * tl.load(invstd_ptr + c, mask=cmask), mask=cmask)
+    if HAS_RHAT:
+        tl.store(out + 2 * stride_k, tl.sum(sum_dz_r, 1) * tl.load(res_invstd_ptr + c, mask=cmask), mask=cmask)
+
+
+def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
+                           res_invstd, relu):
+    """(sum dz, sum dz*xhat, sum dz*rhat) per channel; the last is empty when res_mean is None."""
+    x, view = _prepare_input(x)
+    args = _Args(x, view)
+    flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
+    _require(mean is not None and invstd is not None, "mean and invstd are required")
+    has_rhat = res_mean is not None
+    _require(not has_rhat or (residual is not None and res_invstd is not None),
+             "res_mean needs residual and res_invstd")
+    grad_out, residual = args.like("grad_out", grad_out), args.like("residual", residual)
+    channels = args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift, mean=mean,
+                             invstd=invstd, res_mean=res_mean, res_invstd=res_invstd)
+    sums = torch.zeros((3 if has_rhat else 2, view.C), dtype=_acc_dtype(x), device=x.device)
+    if view.G * view.L:
+        splits_per_g, chunk = view.splits()
+        num_splits = view.G * splits_per_g
+        partial = sums.new_empty((sums.shape[0], num_splits, view.C))
+        sizes, layout = view.args()
+        _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+            grad_out, x, residual, *channels, partial, *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat,
+            RELU=relu, **layout, ACC=args.acc)
+        torch.sum(partial, dim=1, out=sums)  # a fixed-order reduction over S: deterministic
+    return sums[0], sums[1], sums[2] if has_rhat else sums.new_empty(0)
+
+
+@triton.jit
+def _bn_input_grad(dz, v, scale, c, cmask, mean_ptr, invstd_ptr, mean_dz_ptr, mean_dz_vhat_ptr, TRAIN: tl.constexpr):
+    """Gradient through z = scale*(v - mean)*invstd + ...: scale*(dz - mean_dz - vhat*mean_dz_vhat) with
+    batch statistics (TRAIN), scale*dz with fixed ones."""
+    grad = dz
+    if TRAIN:
+        vhat = (v - _per_channel(mean_ptr, c, cmask)) * _per_channel(invstd_ptr, c, cmask)
+        grad = dz - _per_channel(mean_dz_ptr, c, cmask) - vhat * _per_channel(mean_dz_vhat_ptr, c, cmask)
+    return grad * scale
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _bn_act_backward_elemt_kernel(
+    grad_ptr, x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout
+    grad_x_ptr, grad_res_ptr,  # outputs, same layout; grad_res_ptr written when HAS_RES
+    scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # [C] acc dtype, optional as in the forward
+    mean_ptr, invstd_ptr, res_mean_ptr, res_invstd_ptr,  # [C] statistics, read in training
+    mean_dz_ptr, mean_dz_xhat_ptr, mean_dz_rhat_ptr,  # [C] reduced sums / count, read in training
+    G, C, L,  # sizes of the view (G is also part of the autotune key)
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,  # which optional
+    HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,  # inputs exist
+    X_TRAIN: tl.constexpr, RES_TRAIN: tl.constexpr,  # x / residual were normalized with batch statistics
+    RELU: tl.constexpr,  # the forward applied a ReLU: recompute its mask from x (and residual)
+    CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,  # layout, 64-bit offsets, alignment
+    ACC: tl.constexpr,  # compute dtype
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
+):
+    """grad_x and grad_residual from dz (see _bn_input_grad); x and residual are read only when needed."""
+    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
+    g, c, l, cmask, mask = _elementwise_tile(C, L, BLOCK_C, BLOCK_L)
+    offs = _offsets(g, c, l, C, L, CHANNELS_LAST, INT64)
+    dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = dz  # placeholders, read only when loaded below
+    r = dz
+    if RELU or X_TRAIN:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_RES and (RELU or RES_TRAIN):
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    scale, shift, res_scale, res_shift = _load_affine(c, cmask, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+                                                      HAS_SCALE, HAS_SHIFT, HAS_RES_SCALE, HAS_RES_SHIFT)
+    if RELU:
+        dz = _relu_grad(dz, _pre_activation(x, r, scale, shift, res_scale, res_shift, HAS_RES))
+    grad_x = _bn_input_grad(dz, x, scale, c, cmask, mean_ptr, invstd_ptr, mean_dz_ptr, mean_dz_xhat_ptr, X_TRAIN)
+    tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        grad_r = _bn_input_grad(dz, r, res_scale, c, cmask, res_mean_ptr, res_invstd_ptr, mean_dz_ptr,
+                                mean_dz_rhat_ptr, RES_TRAIN)
+        tl.store(grad_res_ptr + offs, grad_r.to(grad_res_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_act_backward_elemt(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
+                          res_invstd, relu, mean_dz, mean_dz_xhat, mean_dz_rhat):
+    """(grad_x, grad_residual); training formulas where mean_dz / mean_dz_rhat are given, eval otherwise."""
+    x, view = _prepare_input(x)
+    args = _Args(x, view)
+    flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
+    x_train, res_train = mean_dz is not None, mean_dz_rhat is not None
+    _require(not x_train or None not in (mean, invstd, mean_dz_xhat), "mean_dz needs mean, invstd and mean_dz_xhat")
+    _require(not res_train or None not in (residual, res_mean, res_invstd, mean_dz),
+             "mean_dz_rhat needs residual, res_mean, res_invstd and mean_dz")
+    grad_out, residual = args.like("grad_out", grad_out), args.like("residual", residual)
+    channels = args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift, mean=mean,
+                             invstd=invstd, res_mean=res_mean, res_invstd=res_invstd, mean_dz=mean_dz,
+                             mean_dz_xhat=mean_dz_xhat, mean_dz_rhat=mean_dz_rhat)
+    grad_x = torch.empty_like(x)
+    grad_res = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    if x.numel():
+        sizes, layout = view.args()
+        _bn_act_backward_elemt_kernel[_elementwise_grid(view)](
+            grad_out, x, residual, grad_x, grad_res if residual is not None else None, *channels, *sizes,
+            **flags, X_TRAIN=x_train, RES_TRAIN=res_train, RELU=relu, **layout, ACC=args.acc)
+    return grad_x, grad_res
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and layout
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _elementwise_grid(view):
+    return lambda meta: (view.G * triton.cdiv(view.L, meta["BLOCK_L"]), triton.cdiv(view.C, meta["BLOCK_C"]))
+
+
+def _memory_format(x):
+    """NCHW when x is contiguous, channels_last when it is that, None when it is neither."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _prepare_input(x):
+    """Check x and return it (copied to NCHW only when it is neither layout) with its [G, C, L] view."""
+    _require(isinstance(x, torch.Tensor), f"x must be a Tensor, got {type(x).__name__}")
+    _require(x.dim() == 4, f"x must be 4-D (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}")
+    _require(x.dtype in _DTYPES, f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    _require(_INTERPRET or x.is_cuda, f"x must be a CUDA tensor (or set TRITON_INTERPRET=1), got {x.device}")
+    fmt = _memory_format(x)
+    if fmt is None:
+        x, fmt = x.contiguous(), torch.contiguous_format
+    n, c, h, w = x.shape
+    if fmt == torch.channels_last:
+        return x, _View(fmt, 1, c, n * h * w, x.numel() > _MAX_INT32)
+    return x, _View(fmt, n, c, h * w, x.numel() > _MAX_INT32)
+
+
+class _Args:
+    """Checks of the arguments that travel with x, and the constexpr flags they imply."""
+
+    def __init__(self, x, view):
+        self.x, self.view = x, view
+        self.acc = _tl_dtype(_acc_dtype(x))
+
+    def like(self, name, t):
+        """A tensor shaped like x (grad_out, residual), in x's dtype, device and memory format."""
+        if t is None:
+            return None
+        _require(isinstance(t, torch.Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
+        _require(t.shape == self.x.shape, f"{name} must have x's shape {tuple(self.x.shape)}, got {tuple(t.shape)}")
+        _require(t.dtype == self.x.dtype, f"{name} must have x's dtype {self.x.dtype}, got {t.dtype}")
+        _require(t.device == self.x.device, f"{name} must be on x's device {self.x.device}, got {t.device}")
+        return t.contiguous(memory_format=self.view.memory_format)  # a copy only when layouts differ
+
+    def channels(self, **vectors):
+        """Per-channel vectors in order, checked: None or 1-D of length C, acc dtype, x's device."""
+        acc = _acc_dtype(self.x)
+        checked = []
+        for name, v in vectors.items():
+            if v is not None:
+                _require(isinstance(v, torch.Tensor), f"{name} must be a Tensor, got {type(v).__name__}")
+                _require(v.dim() == 1 and v.numel() == self.view.C,
+                         f"{name} must be 1-D of length C={self.view.C}, got shape {tuple(v.shape)}")
+                _require(v.dtype == acc, f"{name} must be {acc} for {self.x.dtype} input, got {v.dtype}")
+                _require(v.device == self.x.device, f"{name} must be on x's device {self.x.device}, got {v.device}")
+                v = v.contiguous()
+            checked.append(v)
+        return checked
+
+    @staticmethod
+    def pre_activation_flags(scale, shift, residual, res_scale, res_shift):
+        """Constexpr flags of z = x*scale + shift + residual*res_scale + res_shift."""
+        _require(residual is not None or (res_scale is None and res_shift is None),
+                 "res_scale/res_shift given without residual")
+        return {"HAS_SCALE": scale is not None, "HAS_SHIFT": shift is not None, "HAS_RES": residual is not None,
+                "HAS_RES_SCALE": res_scale is not None, "HAS_RES_SHIFT": res_shift is not None}

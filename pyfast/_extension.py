@@ -1,0 +1,38 @@
+"""Loads the compiled extension pyfast._C, which registers the C++/CUDA kernels as torch.ops.pyfast.*.
+
+The build degrades (setup.py): without the extension every op still runs, on the reference backend,
+and a single warning says so.
+"""
+import importlib
+import os
+import warnings
+
+
+def _load():
+    if os.environ.get("PYFAST_NO_EXTENSION", "0") == "1":
+        return None, "PYFAST_NO_EXTENSION=1"
+    try:
+        return importlib.import_module("pyfast._C"), None
+    except ImportError as error:
+        return None, str(error)
+
+
+extension, load_error = _load()
+_warned = False
+
+
+def available():
+    return extension is not None
+
+
+def warn_unavailable_once():
+    """Called by the dispatcher when a call falls back to the reference backend for lack of _C."""
+    global _warned
+    if not _warned and extension is None:
+        _warned = True
+        warnings.warn(
+            f"pyfast._C is not available ({load_error}); pyfast runs its ops on the slower "
+            "reference backend. Rebuild with `pip install --no-build-isolation .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,24 @@
+"""The model families, each built with `backend="eager"` (plain PyTorch modules: the baseline) or
+`backend="fast"` (the same modules run through `pyfast.nn.functional`'s fused ops).
+
+    model = pyfast.models.create("regnetx_32", num_classes=10, in_chans=1, backend="fast")
+    pyfast.models.list_models("resnet*")
+    model.complexity((1, 224, 224)).flops      # multiply-adds, without running
+
+Both backends build the same module tree with the same parameter names, so one seed gives the same
+weights and a state_dict moves between them (and from torchvision's ResNet/ResNeXt/RegNetX).
+"""
+from . import anynet, preact_resnet, regnet, resnet
+from .anynet import ANYNET_CFGS, AnyNet, AnyNetCfg, VioNet
+from .base import ImageClassifier
+from .complexity import Complexity, Cost, UnitCost, complexity
+from .layers import ConvNormAct, EagerKit, FastKit, get_kit, switch_backend
+from .preact_resnet import PreActResNet
+from .regnet import REGNETX_CFGS, RegNet, RegNetCfg
+from .registry import create, list_models, model_entrypoint, register_model
+from .resnet import RESNET_CFGS, ResNet, ResNetCfg
+
+__all__ = ["ANYNET_CFGS", "AnyNet", "AnyNetCfg", "Complexity", "ConvNormAct", "Cost", "EagerKit", "FastKit",
+           "ImageClassifier", "PreActResNet", "REGNETX_CFGS", "RESNET_CFGS", "RegNet", "RegNetCfg", "ResNet",
+           "ResNetCfg", "UnitCost", "VioNet", "complexity", "create", "get_kit", "list_models", "model_entrypoint",
+           "register_model", "switch_backend"]

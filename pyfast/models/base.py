@@ -1,0 +1,68 @@
+"""What every pyfast model shares: input checks, its backend, its analytic complexity."""
+import dataclasses
+from typing import Iterator, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from .complexity import Complexity, complexity
+from .layers import get_kit, switch_backend
+
+
+def check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class ImageClassifier(nn.Module):
+    """Base of the model families: `in_chans` input planes in, `num_classes` logits out.
+
+    Subclasses build their modules with `self.kit` (the layer kit of their backend) and list their
+    units in order for `complexity` (`units()` yields `(name, kind, cost_fn)`)."""
+
+    def __init__(self, num_classes: int, in_chans: int, backend) -> None:
+        super().__init__()
+        self.num_classes = check_positive("num_classes", num_classes)
+        self.in_chans = check_positive("in_chans", in_chans)
+        self.kit = get_kit(backend)
+
+    @property
+    def backend(self) -> str:
+        return self.kit.name
+
+    def switch_backend(self, backend) -> "ImageClassifier":
+        """Run this model with another backend ("eager"/"fast"), in place; the weights stay."""
+        return switch_backend(self, backend)
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} takes a 4-D (N, C, H, W) tensor, got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__} was built with in_chans={self.in_chans}, but the input has "
+                             f"{x.shape[1]} channels (shape {tuple(x.shape)})")
+
+    def units(self) -> Iterator[Tuple[str, str, callable]]:
+        raise NotImplementedError
+
+    def complexity(self, input_shape: Sequence[int] = None) -> Complexity:
+        """FLOPs (multiply-adds), parameters, activations and minimal bytes per unit, without running;
+        `input_shape` is (C, H, W) or (N, C, H, W), default (in_chans, 224, 224)."""
+        return complexity(self, input_shape or (self.in_chans, 224, 224))
+
+
+MODEL_ARGS = ("num_classes", "in_chans", "backend")
+
+
+def build(model_cls, cfg, **kwargs):
+    """`model_cls(cfg', num_classes=..., in_chans=..., backend=...)` where cfg' is the dataclass `cfg`
+    with the remaining keyword arguments replacing its fields (the registry's entry points use this)."""
+    model_args = {k: kwargs.pop(k) for k in MODEL_ARGS if k in kwargs}
+    if kwargs:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"{model_cls.__name__}: unknown argument(s) {unknown}; the model takes {list(MODEL_ARGS)} "
+                            f"and the fields of {type(cfg).__name__}: {sorted(names)}")
+        cfg = dataclasses.replace(cfg, **kwargs)
+    return model_cls(cfg, **model_args)

@@ -1,0 +1,17 @@
+"""Drop-in modules over pyfast's fused ops, their functional form, and `fuse(model)`.
+
+The modules keep the state_dict keys of the plain PyTorch sequences they replace, so checkpoints load
+both ways: ConvBNReLU2d / BNReLUConv2d are nn.Sequential subclasses of the plain modules, BNAddReLU is an
+nn.BatchNorm2d.
+"""
+from . import functional
+from ._patterns import FusedSequential, Fusion, LeftAlone
+from ._sync import convert_sync_batchnorm
+from .bn_add_relu import AddReLU, BNAddReLU, LazyBNAddReLU
+from .bn_relu_conv import BNReLUConv2d, LazyBNReLUConv2d
+from .conv_bn_relu import ConvBNReLU2d, LazyConvBNReLU2d
+from .fuse import FusedGraphModule, FuseReport, fuse
+
+__all__ = ["AddReLU", "BNAddReLU", "BNReLUConv2d", "ConvBNReLU2d", "FuseReport", "FusedGraphModule", "FusedSequential",
+           "Fusion", "LazyBNAddReLU", "LazyBNReLUConv2d", "LazyConvBNReLU2d", "LeftAlone", "convert_sync_batchnorm",
+           "functional", "fuse"]

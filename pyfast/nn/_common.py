@@ -1,0 +1,63 @@
+"""What the module files share: argument checks, the BN a module builds, the backend its repr shows, and
+the one-time initialization of lazy children."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from .functional import resolve_padding
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is not None and backend != "auto" and backend not in ops.BACKENDS:
+        raise ValueError(f"unknown pyfast backend {backend!r}; choose from {['auto', *ops.BACKENDS]} or None")
+    return backend
+
+
+def check_conv(padding_mode: str, padding, kernel_size, dilation) -> None:
+    """The convolutions the fused kernels run: zero padding, symmetric."""
+    if padding_mode != "zeros":
+        raise ValueError(f"padding_mode={padding_mode!r} is not supported: the fused kernels pad with zeros")
+    resolve_padding(padding, kernel_size, dilation)
+
+
+def make_batch_norm(num_features: int, eps: float, momentum: Optional[float], affine: bool,
+                    track_running_stats: bool, sync_bn: bool, process_group, factory: dict) -> nn.Module:
+    """nn.BatchNorm2d, or nn.SyncBatchNorm with `sync_bn=True` (same parameters, buffers and state_dict)."""
+    if sync_bn:
+        return nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats, process_group, **factory)
+    if process_group is not None:
+        raise ValueError("process_group is only used with sync_bn=True")
+    return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats, **factory)
+
+
+def backend_repr(requested: Optional[str], op: str, module: nn.Module) -> str:
+    """'cpu', or 'auto→cpu': the backend that runs this module's op for tensors on its device and dtype."""
+    name = requested or ops.get_backend()
+    if name != "auto":
+        return name
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    try:
+        return f"auto→{ops.select(op, torch.empty(0, device=device, dtype=dtype)).name}"
+    except Exception:  # a repr never raises
+        return "auto"
+
+
+def initialize_lazy(module: nn.Module, x: torch.Tensor) -> None:
+    """Initializes a lazy child (nn.LazyConv2d / nn.LazyBatchNorm2d) from the channels of `x` through its
+    own first call, on an empty batch: no compute, no statistics, and the child becomes its regular class
+    as after any first call. A BN is asked in eval mode, so no running statistic moves."""
+    if not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return
+    training = module.training
+    with torch.no_grad():
+        try:
+            module.train(False)
+            module(x[:0])
+        finally:
+            module.train(training)

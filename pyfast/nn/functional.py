@@ -1,0 +1,152 @@
+"""The fused ops over modules: the one place where `nn.Conv2d` / `nn.BatchNorm2d` state becomes op
+arguments (docs/ARCHITECTURE.md, section 5).
+
+BatchNorm semantics are exactly `nn.BatchNorm2d.forward`'s:
+- batch statistics when `bn.training`, or in eval when the BN keeps no running statistics;
+- running statistics passed (and, in training, updated) when `not bn.training or bn.track_running_stats`;
+- `num_batches_tracked` passed (and incremented) when `bn.training and bn.track_running_stats`;
+  with `momentum=None` the op takes the cumulative average from it.
+
+A BN that synchronizes (an `nn.SyncBatchNorm`, or a module with `sync_bn=True`) in training under an
+initialized process group of more than one rank takes the composite path of `pyfast.nn._sync`. So do
+inputs the fused ops do not take but eager PyTorch does (a broadcast or type-promoting add, a tensor that
+is not 4-D): the result is then exactly the plain modules' own.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops import BatchNormArgs
+from ..ops import reference as _reference
+from ._sync import process_group_of, sync_batch_norm
+
+__all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu_conv", "conv_args", "conv_bn_relu",
+           "resolve_padding"]
+
+
+# -- module state -> op arguments ---------------------------------------------------------------------
+
+def batch_norm_args(bn: nn.Module) -> Tuple[BatchNormArgs, bool]:
+    """(the op's BatchNormArgs, training) for a BatchNorm2d, as `nn.BatchNorm2d.forward` reads its state."""
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    counts = bn.training and bn.track_running_stats
+    args = BatchNormArgs(
+        weight=bn.weight,
+        bias=bn.bias,
+        running_mean=bn.running_mean if use_running else None,
+        running_var=bn.running_var if use_running else None,
+        num_batches_tracked=bn.num_batches_tracked if counts else None,
+        momentum=bn.momentum,
+        eps=bn.eps,
+    )
+    return args, training
+
+
+def resolve_padding(padding, kernel_size, dilation, name: str = "padding") -> Tuple[int, int]:
+    """nn.Conv2d's padding as two ints: 'valid' is 0, 'same' is dilation*(kernel-1)/2 per side. The fused
+    kernels pad symmetrically, so 'same' with an even effective kernel (which nn.Conv2d pads one more on
+    the right/bottom) is a ValueError."""
+    if not isinstance(padding, str):
+        return (padding, padding) if isinstance(padding, int) else tuple(int(p) for p in padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"{name}={padding!r}: expected 'same', 'valid' or ints")
+    kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(
+            f"{name}='same' with kernel_size={kernel_size} and dilation={dilation} needs asymmetric padding, "
+            "which the fused kernels do not do: use an odd kernel size or explicit integer padding"
+        )
+    return (total[0] // 2, total[1] // 2)
+
+
+def conv_args(conv: nn.Module) -> dict:
+    """weight, bias, stride, padding (ints), dilation and groups of a zero-padded nn.Conv2d."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"padding_mode={conv.padding_mode!r} is not supported: the fused kernels pad with zeros "
+            "(use padding_mode='zeros', or keep this convolution unfused)"
+        )
+    return dict(weight=conv.weight, bias=conv.bias, stride=conv.stride,
+                padding=resolve_padding(conv.padding, conv.kernel_size, conv.dilation), dilation=conv.dilation,
+                groups=conv.groups)
+
+
+def _eager_batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
+    """BatchNorm2d.forward as a function of its state (all-reduced statistics for a syncing BN)."""
+    group = process_group_of(bn)
+    if group is not None:
+        return sync_batch_norm(x, batch_norm_args(bn)[0], group)
+    args, training = batch_norm_args(bn)
+    return _reference.batch_norm(x, args, training)
+
+
+def _fusable_pair(a: Tensor, b: Tensor) -> bool:
+    """Whether the fused add takes (a, b): 4-D floating tensors of one shape and device, one dtype (or
+    two that autocast lets the op promote). Anything else goes to eager PyTorch, which broadcasts."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return False
+    return (a.dim() == 4 and a.shape == b.shape and a.device == b.device and a.is_floating_point()
+            and b.is_floating_point() and (a.dtype == b.dtype or torch.is_autocast_enabled(a.device.type)))
+
+
+# -- the fused calls ----------------------------------------------------------------------------------
+
+def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
+                 backend: Optional[str] = None) -> Tensor:
+    """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
+    c = conv_args(conv)
+    group = process_group_of(bn)
+    if group is not None:
+        y = sync_batch_norm(F.conv2d(x, **c), batch_norm_args(bn)[0], group)
+        return F.relu(y) if relu else y
+    args, training = batch_norm_args(bn)
+    return ops.conv_bn_relu(x, c["weight"], c["bias"], args.weight, args.bias, args.running_mean, args.running_var,
+                            args.num_batches_tracked, training=training, momentum=args.momentum, eps=args.eps,
+                            stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"],
+                            relu=relu, backend=backend)
+
+
+def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
+                 backend: Optional[str] = None) -> Tensor:
+    """conv(relu(bn(x))) (`relu=False`: conv(bn(x))), the pre-activation unit."""
+    c = conv_args(conv)
+    group = process_group_of(bn)
+    if group is not None:
+        a = sync_batch_norm(x, batch_norm_args(bn)[0], group)
+        return F.conv2d(F.relu(a) if relu else a, **c)
+    args, training = batch_norm_args(bn)
+    return ops.bn_relu_conv(x, args.weight, args.bias, args.running_mean, args.running_var, args.num_batches_tracked,
+                            training=training, momentum=args.momentum, eps=args.eps, weight=c["weight"],
+                            bias=c["bias"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
+                            groups=c["groups"], relu=relu, backend=backend)
+
+
+def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module] = None,
+                relu: bool = True, backend: Optional[str] = None) -> Tensor:
+    """relu(bn(y) + shortcut), or relu(bn(y) + shortcut_bn(shortcut)) for a BN'd (downsample) shortcut;
+    `relu=False` stops after the add."""
+    args, training = batch_norm_args(bn)
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    syncs = process_group_of(bn) is not None or (shortcut_bn is not None and process_group_of(shortcut_bn) is not None)
+    if syncs or s_training != training or not _fusable_pair(y, shortcut):
+        s = shortcut if shortcut_bn is None else _eager_batch_norm(shortcut, shortcut_bn)
+        z = _eager_batch_norm(y, bn) + s
+        return F.relu(z) if relu else z
+    return ops.bn_add_relu(y, args.weight, args.bias, args.running_mean, args.running_var, args.num_batches_tracked,
+                           training=training, momentum=args.momentum, eps=args.eps, shortcut=shortcut,
+                           shortcut_bn=s_args, relu=relu, backend=backend)
+
+
+def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
+    """relu(a + b) in one pass (eager `torch.relu(a + b)` where the inputs broadcast or are not 4-D)."""
+    if not _fusable_pair(a, b):
+        return torch.relu(a + b)
+    return ops.add_relu(a, b, backend=backend)

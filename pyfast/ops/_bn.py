@@ -1,0 +1,102 @@
+"""Batch-norm bookkeeping shared by the three fused ops: argument checks, the per-channel
+scale/shift, and the running-statistics update, with exactly `nn.BatchNorm2d`'s semantics."""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class BatchNormArgs(NamedTuple):
+    """The state of one BatchNorm2d, as the fused ops take it (see `pyfast.nn.functional`)."""
+
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation run in float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_activation(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {t.dim()}-D of shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
+    """`t` (when given) must share `ref`'s device and dtype."""
+    if t is None:
+        return
+    if t.device != ref.device:
+        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def check_batch_norm(prefix: str, x_shape, device: torch.device, bn: BatchNormArgs, training: bool) -> None:
+    """Checks one BN's arguments against the shape and device of the tensor it normalizes."""
+    channels = x_shape[1]
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, field)
+        if t is None:
+            continue
+        if t.device != device:
+            raise RuntimeError(f"{prefix}{field} is on {t.device} but the input is on {device}")
+        if not t.is_floating_point() or t.shape != (channels,):
+            raise ValueError(f"{prefix}{field} must be a floating-point tensor of shape ({channels},), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
+    if not training and bn.running_mean is None:
+        raise ValueError(f"{prefix}running_mean/{prefix}running_var are required when training=False")
+    if training and bn.momentum is None and bn.running_mean is not None and bn.num_batches_tracked is None:
+        raise ValueError(f"{prefix}momentum=None (cumulative average) needs {prefix}num_batches_tracked")
+    count = math.prod(x_shape) // channels if channels else 0
+    if training and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_shape)}")
+
+
+def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float):
+    """BN as an affine map per channel: bn(x) = x*scale + shift, with invstd = 1/sqrt(var+eps)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    return scale, shift, invstd
+
+
+def running_stats(bn: BatchNormArgs, dtype: torch.dtype):
+    """The statistics an eval-mode BN normalizes with, in the accumulation dtype."""
+    return bn.running_mean.to(dtype), bn.running_var.to(dtype)
+
+
+def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
+    """nn.BatchNorm2d's update after a training step: num_batches_tracked += 1, then an exponential
+    (momentum) or cumulative (momentum=None) average with the unbiased batch variance. Tensor-only
+    arithmetic, so no host sync and nothing that breaks a torch.compile graph."""
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if bn.running_mean is None or count == 0:
+            return
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = torch.tensor(bn.momentum, dtype=mean.dtype, device=mean.device)
+        unbiased = var * (count / max(count - 1, 1))
+        for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+            running.copy_(running * (1 - factor) + batch * factor)
+
+
+def reduction_count(x: Tensor) -> int:
+    """How many values each channel's statistics are taken over."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0

@@ -1,0 +1,260 @@
+"""csrc/cpu/batch_norm.cpp: the four CPU BN primitives against plain PyTorch in float64.
+
+Every primitive of docs/ARCHITECTURE.md section 1 is checked on fresh random inputs over dtypes,
+NCHW / channels_last memory, odd shapes, ReLU on/off and residual none / identity / BN'd; then the
+edge cases: a large mean, NaN, empty tensors, mixed or odd strides, other ranks, bad arguments.
+Per-channel outputs (statistics, sums) are held to the float32 (float64) bound; tensor outputs in
+bf16/fp16 to the multiple of eager PyTorch's own error in that dtype.
+"""
+import itertools
+
+import pytest
+import torch
+from tolerances import assert_close
+
+pytest.importorskip("pyfast._C")
+ops = torch.ops.pyfast
+
+f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+DTYPES = [f32, f64, bf16, f16]
+SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11)]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+RESIDUALS = ["none", "identity", "bn"]
+
+
+def acc(dtype):
+    return f64 if dtype == f64 else f32
+
+
+def rand(shape, dtype, fmt="nchw", loc=0.0, scale=1.0):
+    return (torch.randn(shape, dtype=f64) * scale + loc).to(dtype).contiguous(memory_format=FORMATS[fmt])
+
+
+def col(v, ct):
+    return v.to(ct).view(1, -1, *([1] * 2))
+
+
+def reduce_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+class Case:
+    """Random inputs of every primitive for one (shape, dtype, format, residual kind)."""
+
+    def __init__(self, shape, dtype, fmt, residual, affine=True):
+        c, a = shape[1], acc(dtype)
+        self.dtype = dtype
+        self.x, self.grad_out = rand(shape, dtype, fmt), rand(shape, dtype, fmt)
+        self.scale = torch.randn(c, dtype=a) if affine else None
+        self.shift = torch.randn(c, dtype=a) if affine else None
+        self.mean, self.invstd = torch.randn(c, dtype=a), torch.rand(c, dtype=a) + 0.5
+        self.residual = rand(shape, dtype, fmt) if residual != "none" else None
+        bn = residual == "bn"
+        self.res_scale, self.res_shift = (torch.randn(c, dtype=a), torch.randn(c, dtype=a)) if bn else (None, None)
+        self.res_mean, self.res_invstd = (torch.randn(c, dtype=a), torch.rand(c, dtype=a) + 0.5) if bn else (None, None)
+        self.mean_dz, self.mean_dz_xhat = torch.randn(c, dtype=a), torch.randn(c, dtype=a)
+        self.mean_dz_rhat = torch.randn(c, dtype=a) if bn else None
+
+    def act(self):
+        return (self.scale, self.shift, self.residual, self.res_scale, self.res_shift)
+
+    # -- the reference, in compute dtype ct (float64: ground truth; the input dtype: eager) --
+    def z(self, ct):
+        z = self.x.to(ct)
+        z = z * col(self.scale, ct) + col(self.shift, ct) if self.scale is not None else z
+        if self.residual is not None:
+            r = self.residual.to(ct)
+            z = z + (r * col(self.res_scale, ct) + col(self.res_shift, ct) if self.res_scale is not None else r)
+        return z
+
+    def dz(self, relu, ct):
+        g = self.grad_out.to(ct)
+        return g * (self.z(ct) > 0) if relu else g
+
+    def hat(self, v, mean, invstd, ct):
+        return (v.to(ct) - col(mean, ct)) * col(invstd, ct)
+
+    def bn_grad(self, dz, v, scale, mean, invstd, mean_dz_vhat, ct):
+        if mean_dz_vhat is not None:
+            dz = dz - col(self.mean_dz, ct) - self.hat(v, mean, invstd, ct) * col(mean_dz_vhat, ct)
+        return dz * col(scale, ct) if scale is not None else dz
+
+
+def check(actual, expected_fn, dtype, kind="forward", what="output"):
+    """actual vs expected_fn(float64); a bf16/fp16 tensor also vs eager expected_fn(dtype)."""
+    eager = expected_fn(dtype) if dtype in (bf16, f16) else None
+    assert_close(actual, expected_fn(f64), dtype=dtype, eager=eager, kind=kind, what=what)
+
+
+GRID = list(itertools.product(SHAPES, DTYPES, FORMATS))
+
+
+def cases(*options):
+    """(shape, dtype, format, *option) over dtypes x formats x options, the shapes taken in turn."""
+    combos = itertools.product(DTYPES, FORMATS, *options)
+    return [(SHAPES[i % len(SHAPES)], *combo) for i, combo in enumerate(combos)]
+
+
+@pytest.mark.parametrize("shape,dtype,fmt", GRID)
+def test_stats(shape, dtype, fmt):
+    x = rand(shape, dtype, fmt, loc=2.0, scale=3.0)
+    mean, var = ops.bn_stats(x)
+    assert mean.dtype == var.dtype == acc(dtype)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=reduce_dims(x), unbiased=False)
+    assert_close(mean, ref_mean, dtype=acc(dtype), what="mean")
+    assert_close(var, ref_var, dtype=acc(dtype), what="var")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stats_large_mean_is_stable(fmt):
+    x = rand((8, 16, 24, 24), f32, fmt, loc=1e4)
+    ref_var = torch.var(x.double(), dim=(0, 2, 3), unbiased=False)
+    _, var = ops.bn_stats(x)
+    assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-3
+
+
+@pytest.mark.parametrize("shape,dtype,fmt,residual,relu", cases(RESIDUALS, [False, True]))
+def test_act_forward(shape, dtype, fmt, residual, relu):
+    case = Case(shape, dtype, fmt, residual)
+    out = ops.bn_act_forward(case.x, *case.act(), relu)
+    assert out.dtype == dtype and out.stride() == case.x.stride()
+    check(out, lambda ct: torch.relu(case.z(ct)) if relu else case.z(ct), dtype)
+
+
+@pytest.mark.parametrize("dtype,fmt", itertools.product(DTYPES, FORMATS))
+def test_act_forward_without_scale_and_shift(dtype, fmt):
+    case = Case((2, 6, 5, 3), dtype, fmt, "identity", affine=False)
+    check(ops.bn_act_forward(case.x, *case.act(), True), lambda ct: torch.relu(case.z(ct)), dtype)
+
+
+@pytest.mark.parametrize("shape,dtype,fmt,residual,relu", cases(RESIDUALS, [False, True]))
+def test_act_backward_reduce(shape, dtype, fmt, residual, relu):
+    case = Case(shape, dtype, fmt, residual)
+    sums = ops.bn_act_backward_reduce(case.grad_out, case.x, case.scale, case.shift, case.mean, case.invstd,
+                                      case.residual, case.res_scale, case.res_shift, case.res_mean,
+                                      case.res_invstd, relu)
+    dims = reduce_dims(case.x)
+    dz = case.dz(relu, f64)
+    expected = [dz.sum(dims), (dz * case.hat(case.x, case.mean, case.invstd, f64)).sum(dims)]
+    if residual == "bn":
+        expected.append((dz * case.hat(case.residual, case.res_mean, case.res_invstd, f64)).sum(dims))
+    else:
+        assert sums[2].numel() == 0
+    for name, actual, ref in zip(["sum_dz", "sum_dz_xhat", "sum_dz_rhat"], sums, expected):
+        assert actual.dtype == acc(dtype)
+        assert_close(actual, ref, dtype=acc(dtype), what=name)
+
+
+@pytest.mark.parametrize("shape,dtype,fmt,residual,relu_training",
+                         cases(RESIDUALS, [(False, True), (True, True), (True, False)]))
+def test_act_backward_elemt(shape, dtype, fmt, residual, relu_training):
+    relu, training = relu_training
+    case = Case(shape, dtype, fmt, residual)
+    grad_x, grad_r = ops.bn_act_backward_elemt(
+        case.grad_out, case.x, case.scale, case.shift, case.mean if training else None,
+        case.invstd if training else None, case.residual, case.res_scale, case.res_shift, case.res_mean,
+        case.res_invstd, relu, case.mean_dz if training else None, case.mean_dz_xhat if training else None,
+        case.mean_dz_rhat if training else None)
+    assert grad_x.stride() == case.x.stride()
+    check(grad_x, lambda ct: case.bn_grad(case.dz(relu, ct), case.x, case.scale, case.mean, case.invstd,
+                                          case.mean_dz_xhat if training else None, ct), dtype, "backward", "grad_x")
+    if residual == "none":
+        assert grad_r.numel() == 0
+        return
+    assert grad_r.stride() == case.x.stride()
+    check(grad_r, lambda ct: case.bn_grad(case.dz(relu, ct), case.residual, case.res_scale, case.res_mean,
+                                          case.res_invstd, case.mean_dz_rhat if training else None, ct),
+          dtype, "backward", "grad_residual")
+
+
+def test_nan_propagates_like_torch():
+    x = rand((2, 4, 5, 5), f32)
+    x[0, 1, 2, 3] = float("nan")
+    for fmt in FORMATS.values():
+        xf = x.contiguous(memory_format=fmt)
+        mean, var = ops.bn_stats(xf)
+        assert torch.isnan(mean).tolist() == torch.isnan(var).tolist() == [False, True, False, False]
+        for relu in (False, True):
+            out = ops.bn_act_forward(xf, None, None, None, None, None, relu)
+            assert torch.equal(torch.isnan(out), torch.isnan(x))  # relu(NaN) = NaN
+            grad_x, _ = ops.bn_act_backward_elemt(torch.ones_like(xf), xf, *[None] * 9, relu, None, None, None)
+            assert grad_x[0, 1, 2, 3].item() == (0.0 if relu else 1.0)  # mask z > 0 is false for NaN
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 4, 4)
+    mean, var = ops.bn_stats(x)
+    assert mean.shape == var.shape == (3,) and torch.isnan(mean).all() and torch.isnan(var).all()
+    assert ops.bn_act_forward(x, None, None, x, None, None, True).shape == x.shape
+    sums = ops.bn_act_backward_reduce(x, x, None, None, torch.zeros(3), torch.ones(3), None, None, None, None,
+                                      None, True)
+    assert torch.equal(sums[0], torch.zeros(3)) and torch.equal(sums[1], torch.zeros(3))
+    grad_x, grad_r = ops.bn_act_backward_elemt(x, x, *[None] * 4, x, *[None] * 4, True, None, None, None)
+    assert grad_x.shape == grad_r.shape == x.shape
+
+
+def test_mixed_formats_and_odd_strides_match_contiguous():
+    case = Case((4, 8, 6, 5), f32, "nhwc", "bn")
+    expected = ops.bn_act_forward(case.x.contiguous(), *case.act(), True)
+    residual_nchw = case.residual.contiguous()
+    actual = ops.bn_act_forward(case.x, case.scale, case.shift, residual_nchw, case.res_scale, case.res_shift, True)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    sliced = torch.randn(4, 8, 6, 10)[..., ::2]
+    _, var = ops.bn_stats(sliced)
+    torch.testing.assert_close(var, sliced.var(dim=(0, 2, 3), unbiased=False))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (2, 3, 17), (2, 3, 4, 5, 6)])
+def test_other_ranks(shape):
+    x = rand(shape, f32, loc=1.0)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=reduce_dims(x), unbiased=False)
+    mean, var = ops.bn_stats(x)
+    assert_close(mean, ref_mean, what="mean")
+    assert_close(var, ref_var, what="var")
+    scale = torch.randn(shape[1])
+    out = ops.bn_act_forward(x, scale, None, None, None, None, True)
+    assert_close(out, torch.relu(x.double() * scale.double().view(1, -1, *[1] * (x.dim() - 2))))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_results_do_not_depend_on_thread_count(fmt):
+    case = Case((8, 32, 13, 11), f32, fmt, "bn")
+    args = (case.grad_out, case.x, case.scale, case.shift, case.mean, case.invstd, case.residual,
+            case.res_scale, case.res_shift, case.res_mean, case.res_invstd, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ops.bn_stats(case.x) + ops.bn_act_backward_reduce(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, ops.bn_stats(case.x) + ops.bn_act_backward_reduce(*args)):
+        assert torch.equal(a, b)
+
+
+X = torch.zeros(2, 3, 4, 4)
+C3 = torch.zeros(3)
+BAD = {
+    "x rank": (lambda: ops.bn_stats(torch.zeros(3)), "x must have shape"),
+    "x dtype": (lambda: ops.bn_stats(X.int()), "x must be float32"),
+    "scale length": (lambda: ops.bn_act_forward(X, torch.zeros(4), None, None, None, None, True), "scale"),
+    "shift dtype": (lambda: ops.bn_act_forward(X, None, C3.double(), None, None, None, True), "shift must be Float"),
+    "residual shape": (lambda: ops.bn_act_forward(X, None, None, X[:1], None, None, True), "residual"),
+    "residual dtype": (lambda: ops.bn_act_forward(X, None, None, X.double(), None, None, True), "residual"),
+    "res_scale alone": (lambda: ops.bn_act_forward(X, None, None, None, C3, None, True), "res_scale"),
+    "grad_out dtype": (lambda: ops.bn_act_backward_reduce(X.half(), X, None, None, C3, C3, *[None] * 5, True),
+                       "grad_out"),
+    "invstd dtype": (lambda: ops.bn_act_backward_reduce(X, X, None, None, C3, C3.double(), *[None] * 5, True),
+                     "invstd"),
+    "res_invstd missing": (lambda: ops.bn_act_backward_reduce(X, X, None, None, C3, C3, X, None, None, C3, None,
+                                                              True), "res_invstd"),
+    "mean missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, C3, C3, None), "mean is required"),
+    "mean_dz missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, None, C3, None), "mean_dz"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_arguments_raise_naming_them(name):
+    call, message = BAD[name]
+    with pytest.raises(RuntimeError, match=message):
+        call()

@@ -1,0 +1,199 @@
+"""kernels/conv.py against torch's float64 convolution: under Triton's interpreter on CPU, for real on GPU.
+
+Shapes are tiny (the interpreter is slow) and odd, so pixel and channel tiles are partial; the case
+table covers every path pairwise (dot / direct, groups, kernel sizes, stride, padding, dilation,
+dtypes, input layouts) instead of taking the full product.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+from pyfast.kernels import conv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+# N, C_in, C_out, (H, W), kernel, stride, padding, dilation, groups, dtype, channels_last input
+CASES = {
+    "dense3x3-dot": (2, 16, 16, (7, 9), 3, 1, 1, 1, 1, f32, False),
+    "dense1x1-stride2-bf16": (2, 32, 24, (9, 7), 1, 2, 0, 1, 1, bf16, True),
+    "k-tail-dot": (2, 24, 20, (5, 5), 3, 1, 1, 1, 1, f32, True),
+    "group-width16-bf16": (2, 32, 32, (5, 7), 3, 1, 1, 1, 2, bf16, True),
+    "narrow-cout-dot": (2, 32, 4, (5, 7), 3, 2, 1, 1, 2, f32, False),
+    "dilation2-f16": (2, 16, 16, (9, 9), 3, 1, 2, 2, 1, f16, True),
+    "groups2-direct": (2, 8, 12, (7, 7), 3, 2, 1, 1, 2, f32, True),
+    "depthwise-f16": (2, 16, 16, (7, 9), 3, 1, 1, 1, 16, f16, False),
+    "depthwise-x2-stride2": (2, 8, 16, (9, 9), 3, 2, 1, 1, 8, f32, True),
+    "stem7x7": (2, 3, 16, (9, 9), 7, 2, 3, 1, 1, f32, False),
+    "depthwise7x7-bf16": (1, 4, 4, (9, 9), 7, 1, 3, 1, 4, bf16, True),
+    "7x7-dot-f16": (1, 16, 16, (7, 7), 7, 2, 3, 1, 1, f16, False),
+    "groups4-width16-stride2": (2, 64, 32, (7, 5), 3, 2, 1, 1, 4, f32, False),
+    "asymmetric-width2": (2, 6, 6, (7, 8), (1, 3), (2, 1), (0, 1), 1, 3, bf16, False),
+    "single-channel": (2, 1, 8, (5, 5), 3, 1, 0, 1, 1, f32, True),
+}
+
+
+def _make(n, c_in, c_out, hw, kernel, groups, dtype, channels_last=True):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(n, c_in, *hw, device=DEVICE).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    fan_in = c_in // groups * kh * kw
+    w = (torch.randn(c_out, c_in // groups, kh, kw, device=DEVICE) / math.sqrt(fan_in)).to(dtype)
+    return x, w
+
+
+def _activation(x, scale, shift, relu):
+    """The prologue applied outside the kernel, in x's dtype (eager) or float64 (reference)."""
+    c = (1, -1, 1, 1)
+    a = x * scale.to(x).view(c) if scale is not None else x
+    a = a + shift.to(x).view(c) if shift is not None else a
+    return F.relu(a) if relu else a
+
+
+def _expected(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1,
+              in_scale=None, in_shift=None, in_relu=False, relu=False):
+    """(float64 CPU reference, eager result in x's dtype or None for float32) of the fused op."""
+    def run(x, w, bias):
+        a = _activation(x, in_scale, in_shift, in_relu)  # F.conv2d then zero-pads the *normalized* activation
+        y = F.conv2d(a, w, None if bias is None else bias.to(x), stride, padding, dilation, groups)
+        return F.relu(y) if relu else y
+    ref = run(x.double().cpu(), w.double().cpu(), None if bias is None else bias.double().cpu())
+    eager = None if x.dtype == f32 else run(x, w, bias)
+    return ref, eager
+
+
+def _check(out, ref, eager, dtype):
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref, dtype=dtype, eager=eager)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_conv2d_matches_torch(case):
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, dtype, channels_last = case
+    x, w = _make(n, c_in, c_out, hw, kernel, groups, dtype, channels_last)
+    out = conv.conv2d(x, w, None, stride, padding, dilation, groups)
+    _check(out, *_expected(x, w, None, stride, padding, dilation, groups), dtype)
+
+
+# C_in, C_out, groups (C_in/groups < 16: direct path), dtype, (in_scale?, in_shift?, in_relu) of the prologue
+PROLOGUE_CASES = {
+    "dot-scale-shift-relu": (16, 16, 1, f32, (True, True, True)),
+    "direct-scale-shift-relu": (8, 8, 2, f32, (True, True, True)),
+    "dot-shift-only-bf16": (32, 16, 2, bf16, (False, True, False)),
+    "direct-relu-only-f16": (8, 8, 8, f16, (False, False, True)),
+}
+
+
+@pytest.mark.parametrize("case", PROLOGUE_CASES.values(), ids=PROLOGUE_CASES.keys())
+def test_prologue_pads_with_zeros_of_the_normalized_activation(case):
+    c_in, c_out, groups, dtype, (use_scale, use_shift, in_relu) = case
+    x, w = _make(2, c_in, c_out, (7, 5), 3, groups, dtype)
+    scale = torch.rand(c_in, device=DEVICE) + 0.5 if use_scale else None
+    shift = torch.rand(c_in, device=DEVICE) + 0.5 if use_shift else None  # > 0: relu(shift) != 0 at the border
+    out = conv.conv2d(x, w, padding=1, groups=groups, in_scale=scale, in_shift=shift, in_relu=in_relu)
+    _check(out, *_expected(x, w, padding=1, groups=groups, in_scale=scale, in_shift=shift, in_relu=in_relu), dtype)
+
+
+@pytest.mark.parametrize("c_in, groups, dtype", [(16, 1, f32), (8, 4, bf16)], ids=["dot", "direct-bf16"])
+def test_bias_relu_epilogue(c_in, groups, dtype):
+    x, w = _make(2, c_in, 24, (5, 7), 3, groups, dtype)
+    bias = torch.randn(24, device=DEVICE)
+    out = conv.conv2d(x, w, bias, padding=1, groups=groups, relu=True)
+    _check(out, *_expected(x, w, bias, padding=1, groups=groups, relu=True), dtype)
+
+
+@pytest.mark.parametrize("c_in, groups", [(16, 1), (4, 4)], ids=["dot", "direct"])
+def test_nan_propagates_through_both_relus(c_in, groups):
+    x, w = _make(1, c_in, 16, (5, 5), 3, groups, f32)
+    x[0, :, 2, 2] = float("nan")
+    out = conv.conv2d(x, w, torch.zeros(16, device=DEVICE), padding=1, groups=groups,
+                      in_shift=torch.zeros(c_in, device=DEVICE), in_relu=True, relu=True)
+    ref = F.relu(F.conv2d(F.relu(x.double().cpu()), w.double().cpu(), padding=1, groups=groups))
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+
+
+# C_in, C_out, groups, dtype, bias offset (1e4: mean 1e4 with std ~1, where E[y^2]-E[y]^2 fails), prologue?
+STATS_CASES = {
+    "dot": (16, 24, 1, f32, 0.0, False),
+    "direct-bf16": (8, 16, 8, bf16, 0.0, False),
+    "large-mean": (16, 16, 2, f32, 1e4, False),
+    "direct-large-mean-prologue": (4, 8, 1, f32, 1e4, True),
+}
+
+
+@pytest.mark.parametrize("case", STATS_CASES.values(), ids=STATS_CASES.keys())
+def test_stats_epilogue(case):
+    c_in, c_out, groups, dtype, offset, prologue = case
+    x, w = _make(2, c_in, c_out, (9, 7), 3, groups, dtype)
+    bias = torch.randn(c_out, device=DEVICE) + offset
+    bn = dict(in_scale=torch.rand(c_in, device=DEVICE) + 0.5, in_shift=torch.randn(c_in, device=DEVICE),
+              in_relu=True) if prologue else {}
+    out, mean, var = conv.conv2d(x, w, bias, padding=1, groups=groups, compute_stats=True, **bn)
+    _check(out, *_expected(x, w, bias, padding=1, groups=groups, **bn), dtype)
+    # the statistics are those of the values written
+    ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == f32
+    assert_close(mean, ref_mean, dtype=f32, what="mean")
+    assert_close(var, ref_var, dtype=f32, what="var")
+
+
+def test_stats_combine_across_blocks():
+    """Chan's merge over several BLOCK_T blocks, with empty tiles and a mean of 1e4."""
+    counts = torch.tensor([32, 32, 7, 0, 32, 1, 0, 32, 15])
+    data = [1e4 + torch.randn(int(n), 5, dtype=torch.float64) for n in counts]
+    stats = torch.full((len(data), 3, 5), float("nan"), dtype=torch.float64)  # NaN: rows no tile wrote
+    for t, d in filter(lambda td: len(td[1]), enumerate(data)):
+        hi = d.mean(0).float().double()
+        stats[t] = torch.stack([hi, d.mean(0) - hi, ((d - d.mean(0)) ** 2).sum(0)])
+    mean, var = conv._combine_stats(stats.float().to(DEVICE), counts.float().to(DEVICE), block_t=2)
+    ref_var, ref_mean = torch.var_mean(torch.cat(data), dim=0, unbiased=False)
+    assert_close(mean, ref_mean, dtype=f32, what="mean")
+    assert_close(var, ref_var, dtype=f32, what="var")
+
+
+@pytest.mark.parametrize("c_in, groups", [(16, 1), (8, 8)], ids=["dot", "direct"])
+def test_int64_offsets(monkeypatch, c_in, groups):
+    monkeypatch.setattr(conv, "_MAX_INT32_NUMEL", 0)
+    x, w = _make(2, c_in, 16, (5, 7), 3, groups, f32)
+    out, mean, var = conv.conv2d(x, w, padding=1, groups=groups, compute_stats=True)
+    _check(out, *_expected(x, w, padding=1, groups=groups), f32)
+    assert_close(var, torch.var(out.double().cpu(), dim=(0, 2, 3), unbiased=False), dtype=f32, what="var")
+
+
+def test_empty_batch():
+    x, w = _make(0, 16, 8, (5, 5), 3, 1, f32)
+    out, mean, var = conv.conv2d(x, w, padding=1, compute_stats=True)
+    assert out.shape == (0, 8, 5, 5) and mean.isnan().all() and var.isnan().all()
+
+
+# id: (change to the valid call conv2d(x, w) as a function of x, w and a length-8 vector, expected message)
+BAD = {
+    "x-rank": (lambda x, w, v: dict(x=x[0]), "x: expected a 4-D"),
+    "weight-rank": (lambda x, w, v: dict(weight=w[0]), "weight: expected a 4-D"),
+    "x-dtype": (lambda x, w, v: dict(x=x.double(), weight=w.double()), "x: dtype"),
+    "weight-dtype": (lambda x, w, v: dict(weight=w.half()), "weight: dtype"),
+    "weight-device": (lambda x, w, v: dict(weight=w.to("meta")), "weight: on meta"),
+    "groups-divide": (lambda x, w, v: dict(weight=w[:, :3], groups=3), "groups: 3 does not divide"),
+    "groups-zero": (lambda x, w, v: dict(groups=0), "groups: expected a positive int"),
+    "weight-shape": (lambda x, w, v: dict(weight=w[:, :4]), "weight: shape"),
+    "bias-length": (lambda x, w, v: dict(bias=v[:7]), r"bias: expected shape \(8,\)"),
+    "scale-length": (lambda x, w, v: dict(in_scale=torch.cat([v, v])), r"in_scale: expected shape \(8,\)"),
+    "shift-device": (lambda x, w, v: dict(in_shift=v.to("meta")), "in_shift: on meta"),
+    "shift-dtype": (lambda x, w, v: dict(in_shift=v.long()), "in_shift: expected a floating-point"),
+    "stats-relu": (lambda x, w, v: dict(compute_stats=True, relu=True), "compute_stats"),
+    "stride": (lambda x, w, v: dict(stride=0), "stride"),
+    "padding": (lambda x, w, v: dict(padding=(1, -1)), "padding"),
+    "kernel-too-large": (lambda x, w, v: dict(x=x[:, :, :2]), "x: spatial size"),
+}
+
+
+@pytest.mark.parametrize("change, message", BAD.values(), ids=BAD.keys())
+def test_bad_inputs_raise_value_error(change, message):
+    x, w = _make(1, 8, 8, (5, 5), 3, 1, f32)
+    args = dict(x=x, weight=w) | change(x, w, torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match=message):
+        conv.conv2d(args.pop("x"), args.pop("weight"), **args)
