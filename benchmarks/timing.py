@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -267,6 +267,25 @@ def matmul_rate(device, dtype: torch.dtype, n: Optional[int] = None, repeats: in
 def ceilings(device, dtypes=(torch.float32, torch.bfloat16)) -> Ceilings:
     return Ceilings(copy_gbps=copy_bandwidth(device),
                     matmul_tflops={dtype_name(d): matmul_rate(device, d) for d in dtypes})
+
+
+# -- CPU threads ----------------------------------------------------------------------------------
+def choose_cpu_threads(requested: Optional[int] = None) -> Tuple[int, Optional[str]]:
+    """Sets torch's CPU threads and returns (threads, note). Default: torch's own count, except on a
+    machine whose load average already exceeds its cores, where one thread is used: OpenMP threads
+    wait at a barrier after every op, and when other processes hold the cores each wait costs a
+    time slice (measured here, 2 cores at load 7: a RegNetX-32 training step at 2x1x32x32 took 3 s
+    with 2 threads and 0.06 s with 1)."""
+    note = None
+    if requested is None:
+        requested = torch.get_num_threads()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if requested > 1 and load > (os.cpu_count() or 1):
+            note = (f"the CPU is busy (load {load:.1f} on {os.cpu_count()} cores): timing with 1 thread, since "
+                    f"OpenMP barriers stall when other processes hold the cores; --threads overrides")
+            requested = 1
+    torch.set_num_threads(requested)
+    return requested, note
 
 
 # -- the stamp ------------------------------------------------------------------------------------

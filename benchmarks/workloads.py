@@ -121,19 +121,19 @@ def model_variants(name: str, providers: Sequence[str], num_classes: int, in_cha
     return variants
 
 
-def blocks(model: nn.Module, input_shape: Sequence[int], per_stage: int = 2) -> List[Tuple[str, str, tuple, tuple]]:
-    """(module path, kind, input shape, output shape) of the first `per_stage` residual blocks of each
-    stage of a pyfast model at `input_shape` (N, C, H, W) — the first one downsamples through a
-    projection shortcut, the next has an identity shortcut — read off the model's analytic
-    complexity (nothing runs)."""
+def blocks(model: nn.Module, input_shape: Sequence[int], per_stage: int = 2) -> list:
+    """The `UnitCost`s (name = module path, kind, in/out shapes, FLOPs) of the first `per_stage`
+    residual blocks of each stage of a pyfast model at `input_shape` (N, C, H, W) — the first one
+    downsamples through a projection shortcut, the next has an identity shortcut — read off the
+    model's analytic complexity (nothing runs)."""
     picked, seen = [], {}
-    for u in model.complexity(tuple(input_shape)).units:
-        if u.name in ("stem", "head"):
+    for unit in model.complexity(tuple(input_shape)).units:
+        if unit.name in ("stem", "head"):
             continue
-        stage = u.name.rsplit(".", 1)[0]
+        stage = unit.name.rsplit(".", 1)[0]
         seen[stage] = seen.get(stage, 0) + 1
         if seen[stage] <= per_stage:
-            picked.append((u.name, u.kind, u.in_shape, u.out_shape))
+            picked.append(unit)
     return picked
 
 

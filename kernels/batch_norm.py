@@ -112,7 +112,7 @@ def _per_channel(ptr, c, cmask, PRESENT: tl.constexpr = True, DEFAULT: tl.conste
 def _load_affine(c, cmask, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr, HAS_SCALE: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr):
     """scale, shift, res_scale, res_shift of channels c; 1 and 0 stand in for absent ones."""
-    return (_per_channel(scale_ptr, c, cmask, HAS_SCALE, 0.5), _per_channel(shift_ptr, c, cmask, HAS_SHIFT, 0.0),
+    return (_per_channel(scale_ptr, c, cmask, HAS_SCALE, 1.0), _per_channel(shift_ptr, c, cmask, HAS_SHIFT, 0.0),
             _per_channel(res_scale_ptr, c, cmask, HAS_RES_SCALE, 1.0),
             _per_channel(res_shift_ptr, c, cmask, HAS_RES_SHIFT, 0.0))
 

@@ -7,6 +7,8 @@ import importlib
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10 into the process: pyfast._C links against them)
+
 
 def _load():
     if os.environ.get("PYFAST_NO_EXTENSION", "0") == "1":

@@ -154,14 +154,16 @@ void store_lanes(const State<scalar_t, K>& s, Partial<K>* out, int64_t lanes, co
 }
 
 // Folds plane p into one Partial: its vectors into the lanes of kChains States, then the lanes.
-// Whole groups of kChains vectors first, then chain u takes vector u of the rest; the last vector
-// may be partial and updates its first n lanes only.
+// A long plane goes by groups of kChains vectors, vector u of a group to chain u. The rest, and a
+// short plane whole (too short to repay combining kChains x kSize lanes), go to chain 0; the last
+// vector may be partial and updates its first n lanes only.
 template <typename scalar_t, int K, typename Step, typename Combine>
 Partial<K> reduce_plane(const Layout& lay, int64_t p, const Step& step, const Combine& combine) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   constexpr int64_t kLanes = kChains * L::kSize;
-  const int64_t c = p % lay.channels, len = lay.inner, base = p * len, groups = len / kLanes;
+  const int64_t c = p % lay.channels, len = lay.inner, base = p * len;
+  const int64_t groups = len >= 2 * kLanes ? len / kLanes : 0;
   const auto param = [c](const acc_t* v) { return typename L::Vec(v[c]); };
   std::array<State<scalar_t, K>, kChains> s;
   s.fill(zero_state<scalar_t, K>());
@@ -171,17 +173,18 @@ Partial<K> reduce_plane(const Layout& lay, int64_t p, const Step& step, const Co
   }
   std::array<int64_t, kLanes> counts;  // per lane, chain-major
   counts.fill(groups);
-  for (int64_t u = 0, i = groups * kLanes; i < len; ++u, i += L::kSize) {
+  for (int64_t i = groups * kLanes; i < len; i += L::kSize) {
     const int64_t n = std::min(L::kSize, len - i);
-    const auto next = step(s[u], acc_t(1) / acc_t(groups + 1), base + i, n, param);
-    for (int k = 0; k < K; ++k) s[u][k] = L::Vec::set(s[u][k], next[k], n);
-    std::fill_n(&counts[u * L::kSize], n, groups + 1);
+    const auto next = step(s[0], acc_t(1) / acc_t(counts[0] + 1), base + i, n, param);
+    for (int k = 0; k < K; ++k) s[0][k] = L::Vec::set(s[0][k], next[k], n);
+    for (int64_t j = 0; j < n; ++j) ++counts[j];
   }
+  const int chains = groups > 0 ? kChains : 1;
   std::array<Partial<K>, kLanes> lanes;
-  for (int u = 0; u < kChains; ++u) {
+  for (int u = 0; u < chains; ++u) {
     store_lanes<scalar_t, K>(s[u], &lanes[u * L::kSize], L::kSize, &counts[u * L::kSize]);
   }
-  return combine(lanes.data(), kLanes, 1);
+  return combine(lanes.data(), chains * L::kSize, 1);
 }
 
 // Folds rows [r0, r1) of a rows layout into out[0, C): per-thread channel accumulators, lane j of

@@ -56,23 +56,15 @@ class AnyNetCfg:
     zero_init_last_bn: bool = False  # zero gamma of each block's last BN (pycls's ZERO_INIT_FINAL_GAMMA)
 
     def __post_init__(self):
-        depths, widths = tuple(self.depths), tuple(self.widths)
-        if not depths or len(depths) != len(widths):
-            raise ValueError(f"depths and widths must be non-empty and of equal length, got {depths}, {widths}")
-        n = len(depths)
-
-        def per_stage(name, value):
-            value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-            if len(value) != n:
-                raise ValueError(f"{name} needs one value per stage ({n}), got {value}")
-            return value
-
-        set_ = partial(object.__setattr__, self)
-        set_("depths", depths)
-        set_("widths", widths)
-        set_("group_widths", per_stage("group_widths", self.group_widths))
-        set_("bottleneck_multipliers", per_stage("bottleneck_multipliers", self.bottleneck_multipliers))
-        set_("strides", per_stage("strides", self.strides))
+        # Lists become tuples; scalars stay scalars, so an override of depths/widths keeps them valid.
+        for name in ("depths", "widths", "group_widths", "bottleneck_multipliers", "strides"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.depths, tuple) or not isinstance(self.widths, tuple):
+            raise ValueError(f"depths and widths must be tuples, got {self.depths!r}, {self.widths!r}")
+        if not self.depths or len(self.depths) != len(self.widths):
+            raise ValueError(f"depths and widths must be non-empty and of equal length, got {self.depths}, "
+                             f"{self.widths}")
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
         check_positive("stem_width", self.stem_width)
@@ -85,9 +77,17 @@ class AnyNetCfg:
             if not s.bottleneck_multiplier > 0:
                 raise ValueError(f"bottleneck_multipliers[{i}] must be > 0, got {s.bottleneck_multiplier}")
 
+    def per_stage(self, name: str) -> tuple:
+        """Field `name` as one value per stage (a scalar repeated)."""
+        value, n = getattr(self, name), len(self.depths)
+        value = value if isinstance(value, tuple) else (value,) * n
+        if len(value) != n:
+            raise ValueError(f"{name} needs one value per stage ({n}), got {value}")
+        return value
+
     def stages(self) -> Tuple[StageSpec, ...]:
-        return tuple(StageSpec(*s) for s in zip(self.depths, self.widths, self.strides, self.group_widths,
-                                                 self.bottleneck_multipliers))
+        fields = ("depths", "widths", "strides", "group_widths", "bottleneck_multipliers")
+        return tuple(StageSpec(*s) for s in zip(*(self.per_stage(f) for f in fields)))
 
 
 def bottleneck_transform(w_in: int, w_out: int, stride: int, group_width: Optional[int],

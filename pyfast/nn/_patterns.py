@@ -24,6 +24,9 @@ RELU_FUNCTIONS = {torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu: 
 RELU_METHODS = ("relu", "relu_")
 ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
 INPLACE_ADDS = (operator.iadd, "add_")
+INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                     operator.imatmul, operator.setitem)
 KIND_ORDER = ("bn_add_relu", "conv_bn_relu", "bn_relu_conv", "conv_bn", "add_relu")
 
 
@@ -108,9 +111,10 @@ class GraphFuser:
 
     def __init__(self, root: nn.Module, graph: fx.Graph, backend: Optional[str]):
         self.root, self.graph, self.backend = root, graph, backend
-        self.fusions: List[Fusion] = []
+        self.fusions: List[Tuple[int, Fusion]] = []  # (graph position, fusion)
         self.near: Dict[fx.Node, Tuple[LeftAlone, Tuple[fx.Node, ...]]] = {}
         self.gone = set()
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
 
     def run(self) -> Tuple[List[Fusion], List[LeftAlone]]:
         for rewrite in (self._bn_add_relu, self._conv_bn_relu, self._bn_relu_conv, self._conv_bn, self._add_relu):
@@ -118,7 +122,7 @@ class GraphFuser:
                 if node not in self.gone:
                     rewrite(node)
         left = [entry for entry, nodes in self.near.values() if any(n not in self.gone for n in nodes)]
-        return self.fusions, left
+        return [f for _, f in sorted(self.fusions, key=lambda item: item[0])], left
 
     # -- node helpers --
     def _module(self, node, accept) -> Optional[nn.Module]:
@@ -162,6 +166,31 @@ class GraphFuser:
         others = [self._label(u) if u.op != "output" else "the output" for u in node.users if u is not user]
         return f"the output of {self._label(node)} is also used by {', '.join(others)}" if others else None
 
+    def _writes_into(self, node) -> Optional[fx.Node]:
+        """The value `node` may modify in place (its first argument), or None."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op == "call_module":
+            inplace = getattr(self.root.get_submodule(node.target), "inplace", False) is True
+        else:
+            inplace = (node.target in INPLACE_OPERATORS or node.kwargs.get("inplace") is True
+                       or (node.target in RELU_FUNCTIONS and node.args[1:2] == (True,))
+                       or (isinstance(name, str) and name.endswith("_") and not name.endswith("__")))
+        return node.args[0] if inplace else None
+
+    def _moved_past_a_write(self, nodes, inputs) -> Optional[str]:
+        """The fused call runs where the pattern's last node ran, so it reads its inputs later than the
+        pattern's first node did: refuse when something in between writes into one of them."""
+        first, last = min(nodes, key=self.order.get), max(nodes, key=self.order.get)
+        node = first.next
+        while node is not last:
+            target = self._writes_into(node) if node not in nodes else None
+            if target is not None and target in inputs:
+                return f"{self._label(node)} writes into {target.name} between {self._label(first)} and {self._label(last)}"
+            node = node.next
+        return None
+
     def _miss(self, anchor, kind, nodes, reason) -> None:
         if anchor not in self.near:
             self.near[anchor] = (LeftAlone(kind, tuple(self._label(n) for n in nodes), reason), tuple(nodes))
@@ -174,7 +203,7 @@ class GraphFuser:
             kwargs = {k: self.graph.get_attr(v.target) if isinstance(v, _Attr) else v for k, v in kwargs.items()}
             fused = self.graph.call_function(fn, args, {**kwargs, "backend": self.backend})
         last.replace_all_uses_with(fused)
-        self.fusions.append(Fusion(kind, tuple(self._label(n) for n in nodes)))
+        self.fusions.append((self.order[nodes[0]], Fusion(kind, tuple(self._label(n) for n in nodes))))
         for node in reversed(nodes):
             self.graph.erase_node(node)
             self.gone.add(node)
@@ -204,6 +233,10 @@ class GraphFuser:
                 s_bn = None
             nodes = [main, *([other] if s_bn is not None else []), add, relu]
             shortcut = other.args[0] if s_bn is not None else other
+            reason = self._moved_past_a_write(nodes, {main.args[0], shortcut})
+            if reason:
+                reasons.append((main, reason))
+                continue
             self._replace("bn_add_relu", nodes, relu, functional.bn_add_relu,
                           (main.args[0], _Attr(main.target), shortcut),
                           {"shortcut_bn": _Attr(other.target) if s_bn is not None else None, "relu": True})
@@ -229,7 +262,7 @@ class GraphFuser:
         nodes = [conv_node, bn_node, *([relu] if relu is not None else [])]
         reason = (conv_problem(conv_node.target, conv) or bn_problem(bn_node.target, bn)
                   or (relu is not None and relu_problem(self._label(relu), self._relu_module(relu)))
-                  or self._also_used(conv_node, bn_node))
+                  or self._also_used(conv_node, bn_node) or self._moved_past_a_write(nodes, {conv_node.args[0]}))
         if reason:
             self._miss(bn_node, kind, nodes, reason)
             return
@@ -252,7 +285,7 @@ class GraphFuser:
             return
         nodes = [bn_node, relu, conv_node]
         reason = (bn_problem(bn_node.target, bn) or relu_problem(self._label(relu), self._relu_module(relu))
-                  or conv_problem(conv_node.target, conv))
+                  or conv_problem(conv_node.target, conv) or self._moved_past_a_write(nodes, {bn_node.args[0]}))
         if reason:
             self._miss(bn_node, "bn_relu_conv", nodes, reason)
             return
@@ -271,6 +304,7 @@ class GraphFuser:
         reason = relu_problem(self._label(relu), self._relu_module(relu))
         if inplace:
             reason = f"{self._label(add)} writes into {a.name}, which other code may read: unfused it stays exact"
+        reason = reason or self._moved_past_a_write(nodes, {a, b})
         if reason:
             self._miss(add, "add_relu", nodes, reason)
             return

@@ -38,7 +38,7 @@ def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str) -> No
     if t is None:
         return
     if t.device != ref.device:
-        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
+        raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: tensors must share a device")
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 

@@ -64,4 +64,7 @@ class ConvParams:
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+    """channels_last for a 4-D NHWC-strided tensor, else contiguous (a tensor that is both, like a
+    1x1 image, counts as contiguous)."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, scale_shift,
-                  update_running_stats)
-from ._common import autocast_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
+from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
+                  scale_shift, update_running_stats)
+from ._common import like_layout, placeholder, param_grad, unplaceholder
 from .backends import BACKENDS, select
 
 
@@ -45,7 +45,7 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         sbn.running_var, shortcut_bn is not None, training, eps, sbn.eps, relu, chosen.name,
     )
     if training:
-        count = y.numel() // y.shape[1]
+        count = reduction_count(y)
         update_running_stats(bn, mean, var, count)
         if shortcut_bn is not None:
             update_running_stats(shortcut_bn, s_mean, s_var, count)
@@ -75,13 +75,15 @@ def _same_dtype(a: Tensor, b: Tensor):
     return a.to(dtype), b.to(dtype)
 
 
-def _shortcut_stats(shortcut: Tensor, has_bn: bool, bn: BatchNormArgs, training: bool, chosen):
+def _stats(t: Tensor, has_bn: bool, bn: BatchNormArgs, training: bool, chosen):
+    """The (mean, var) a BN normalizes t with: batch statistics in training, running ones in eval,
+    empty tensors for an identity shortcut (no BN)."""
     if not has_bn:
-        empty = shortcut.new_empty(0, dtype=acc_dtype(shortcut.dtype))
+        empty = t.new_empty(0, dtype=acc_dtype(t.dtype))
         return empty, empty.clone()
     if training:
-        return chosen.bn_stats(shortcut)
-    return tuple(s.to(acc_dtype(shortcut.dtype), copy=True) for s in (bn.running_mean, bn.running_var))
+        return chosen.bn_stats(t)
+    return tuple(s.to(acc_dtype(t.dtype), copy=True) for s in (bn.running_mean, bn.running_var))
 
 
 def _affine(weight, bias, mean, var, eps, present: bool):
@@ -102,8 +104,8 @@ def _bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     chosen = BACKENDS[backend]
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var)
     s_bn = BatchNormArgs(s_weight, s_bias, s_running_mean, s_running_var)
-    mean, var = chosen.bn_stats(y) if training else _shortcut_stats(y, True, bn, False, chosen)
-    s_mean, s_var = _shortcut_stats(shortcut, shortcut_bn, s_bn, training, chosen)
+    mean, var = _stats(y, True, bn, training, chosen)
+    s_mean, s_var = _stats(shortcut, shortcut_bn, s_bn, training, chosen)
     scale, shift, _ = scale_shift(bn_weight, bn_bias, mean, var, eps)
     s_scale, s_shift, _ = _affine(s_weight, s_bias, s_mean, s_var, s_eps, shortcut_bn)
     out = chosen.bn_act_forward(y, scale, shift, like_layout(shortcut, y), s_scale, s_shift, relu)
@@ -164,7 +166,7 @@ def _bn_add_relu_backward(grad_out: Tensor, y: Tensor, shortcut: Tensor, bn_weig
     sums = chosen.bn_act_backward_reduce(grad_out, y, scale, shift, mean, invstd, shortcut, s_scale, s_shift,
                                          s_mean_arg, s_invstd, relu)
     sum_dz, sum_dz_xhat, sum_dz_rhat = sums
-    count = y.numel() // y.shape[1]
+    count = reduction_count(y)
     means = [s / count for s in sums] if training else [None, None, None]
     if not shortcut_bn:
         means[2] = None

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, scale_shift,
-                  update_running_stats)
+from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
+                  scale_shift, update_running_stats)
 from ._common import autocast_inputs, like_layout, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams
 from .backends import BACKENDS, select
@@ -44,7 +44,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     out, mean, var = torch.ops.pyfast.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                                                    training, eps, *params.as_lists(), relu, chosen.name)
     if training:
-        update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        update_running_stats(bn, mean, var, reduction_count(x))
     return out
 
 
@@ -120,7 +120,7 @@ def _bn_relu_conv_backward(grad_out: Tensor, x: Tensor, bn_weight: Optional[Tens
     grad_a = like_layout(grad_a, x)
     sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_a, x, scale, shift, mean, invstd,
                                                            None, None, None, None, None, relu)
-    count = x.numel() // x.shape[1]
+    count = reduction_count(x)
     mean_dz, mean_dz_xhat = (sum_dz / count, sum_dz_xhat / count) if training else (None, None)
     grad_x, _ = chosen.bn_act_backward_elemt(grad_a, x, scale, shift, mean, invstd, None, None, None, None, None,
                                              relu, mean_dz, mean_dz_xhat, None)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, running_stats,
-                  scale_shift, update_running_stats)
+from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
+                  running_stats, scale_shift, update_running_stats)
 from ._common import autocast_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams, memory_format_of
 from .backends import BACKENDS, select
@@ -50,7 +50,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
         chosen.name,
     )
     if training:
-        update_running_stats(bn, mean, var, y.numel() // y.shape[1])
+        update_running_stats(bn, mean, var, reduction_count(y))
     return out
 
 
@@ -164,7 +164,7 @@ def _conv_bn_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tenso
     scale, shift, invstd = scale_shift(bn_weight, bn_bias, mean, var, eps)
     sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_out, y, scale, shift, mean, invstd,
                                                            None, None, None, None, None, relu)
-    count = y.numel() // y.shape[1]
+    count = reduction_count(y)
     mean_dz, mean_dz_xhat = (sum_dz / count, sum_dz_xhat / count) if training else (None, None)
     grad_y, _ = chosen.bn_act_backward_elemt(grad_out, y, scale, shift, mean, invstd, None, None, None, None, None,
                                              relu, mean_dz, mean_dz_xhat, None)

@@ -5,7 +5,6 @@ the eager baseline of the benchmarks. Autograd is PyTorch's own.
 """
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -7,7 +7,6 @@ from typing import Dict, Optional, Tuple
 import pytest
 import torch
 
-from pyfast import ops
 from pyfast.ops.backends import BACKENDS
 from tolerances import assert_close
 
@@ -22,6 +21,18 @@ def backend_params():
         pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
         pytest.param("triton", "cuda", id="triton", marks=pytest.mark.gpu),
     ]
+
+
+def backend_grid(points, interpreter_points):
+    """(backend, device, *point) parameters: every point on every backend, except Triton's interpreter,
+    which runs kernels element by element in Python and gets the smaller (still complete) subset."""
+    params = []
+    for backend in backend_params():
+        name, device = backend.values
+        chosen = interpreter_points if (name, device) == ("triton", "cpu") else points
+        params += [pytest.param(name, device, *point, id=f"{backend.id}-{'-'.join(point)}", marks=backend.marks)
+                   for point in chosen]
+    return params
 
 
 def skip_unless_runs(backend: str, op: str, x: torch.Tensor):
@@ -96,7 +107,7 @@ def run(fn, tensors, grad_dtype, grad_out_seed: int = 1):
     grad_out = torch.randn(out.shape, generator=gen).to(grad_dtype).to(device=out.device, dtype=out.dtype)
     out.backward(grad_out)
     grads = {n: t.grad for n, t in tensors.items() if t is not None and t.requires_grad}
-    state = {n: t for n, t in tensors.items() if "running_" in n or "num_batches" in n}
+    state = {n: t for n, t in tensors.items() if t is not None and ("running_" in n or "num_batches" in n)}
     return out, grads, state
 
 

@@ -3,12 +3,13 @@ reference, both memory formats, every dtype, training and eval."""
 import pytest
 import torch
 
-from harness import Case, activation, backend_params, bn_state, compare, skip_unless_runs
+from harness import Case, activation, backend_grid, bn_state, compare, skip_unless_runs
 from pyfast import ops
 
 SHAPES = {"odd": Case(batch=3, channels=5, size=(7, 9)), "square": Case(batch=2, channels=16, size=(4, 4)),
           "batch1": Case(batch=1, channels=8, size=(3, 5)), "batch8": Case(batch=8, channels=4, size=(2, 3))}
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
+GRID = [(shape, dtype) for shape in SHAPES for dtype in DTYPES]
 INTERPRETER_GRID = [("odd", "f32"), ("square", "bf16"), ("batch1", "f16")]
 
 
@@ -37,29 +38,20 @@ def bn_add_relu(training: bool, relu: bool, layout: str):
     return fn
 
 
-def in_grid(backend, device, shape, dtype_name, grid):
-    if backend == "triton" and device == "cpu" and (shape, dtype_name) not in grid:
-        pytest.skip("outside the interpreter's grid")
-
-
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("shape,dtype_name", [(s, d) for s in SHAPES for d in DTYPES])
+@pytest.mark.parametrize("backend,device,shape,dtype_name", backend_grid(GRID, INTERPRETER_GRID))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shortcut_bn", [False, True], ids=["identity", "bn-shortcut"])
 def test_bn_add_relu_matches_reference(backend, device, shape, dtype_name, layout, training, shortcut_bn):
-    in_grid(backend, device, shape, dtype_name, INTERPRETER_GRID)
     dtype = DTYPES[dtype_name]
     skip_unless_runs(backend, "bn_add_relu", torch.empty(1, device=device, dtype=dtype))
     relu = shape != "batch8"  # the ReLU-less variant on one shape
     compare(bn_add_relu(training, relu, layout), inputs(SHAPES[shape], shortcut_bn), dtype, device, backend)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("shape,dtype_name", [(s, d) for s in SHAPES for d in DTYPES])
+@pytest.mark.parametrize("backend,device,shape,dtype_name", backend_grid(GRID, INTERPRETER_GRID))
 @pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("nhwc", "nhwc"), ("nhwc", "nchw")])
 def test_add_relu_matches_reference(backend, device, shape, dtype_name, layouts):
-    in_grid(backend, device, shape, dtype_name, INTERPRETER_GRID)
     dtype = DTYPES[dtype_name]
     skip_unless_runs(backend, "add_relu", torch.empty(1, device=device, dtype=dtype))
     case = SHAPES[shape]

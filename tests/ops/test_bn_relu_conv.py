@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from harness import activation, backend_params, bn_state, compare, conv_weight, skip_unless_runs
+from harness import activation, backend_grid, bn_state, compare, conv_weight, skip_unless_runs
 from pyfast import ops
-from test_conv_bn_relu import CASES, DTYPES, INTERPRETER_GRID
+from test_conv_bn_relu import CASES, DTYPES, GRID, INTERPRETER_GRID
 
 
 def inputs(case, bias: bool):
@@ -26,13 +26,10 @@ def op(case, training: bool, relu: bool, layout: str):
     return fn
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("case_name,dtype_name", [(c, d) for c in CASES for d in DTYPES])
+@pytest.mark.parametrize("backend,device,case_name,dtype_name", backend_grid(GRID, INTERPRETER_GRID))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_reference(backend, device, case_name, dtype_name, layout, training):
-    if backend == "triton" and device == "cpu" and (case_name, dtype_name) not in INTERPRETER_GRID:
-        pytest.skip("outside the interpreter's grid")
     case, dtype = CASES[case_name], DTYPES[dtype_name]
     skip_unless_runs(backend, "bn_relu_conv", torch.empty(1, device=device, dtype=dtype))
     relu = case_name != "pointwise"

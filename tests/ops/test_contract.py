@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness import skip_unless_runs
 from pyfast import ops
 
 NEEDS_CPU = pytest.mark.skipif(ops.BACKENDS["cpu"].unavailable() is not None, reason="pyfast._C not built")

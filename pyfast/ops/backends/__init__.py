@@ -89,7 +89,8 @@ def select(op: str, x: Tensor, requested: Optional[str] = None) -> Backend:
 def table() -> List[dict]:
     """One row per backend: what it runs, and why it cannot run here (for `python -m pyfast info`)."""
     return [
-        {"backend": name, "devices": ", ".join(b.device_types), "dtypes": ", ".join(str(d).replace("torch.", "") for d in b.dtypes),
+        {"backend": name, "devices": ", ".join(b.device_types),
+         "dtypes": ", ".join(str(d).replace("torch.", "") for d in b.dtypes),
          "available": b.unavailable() is None, "why_not": b.unavailable() or "", "what": b.description}
         for name, b in BACKENDS.items()
     ]

@@ -1,0 +1,36 @@
+"""Each fused op against the eager sequence it replaces (`backend="reference"`), torch.compile of that
+sequence, and each fused backend, on RegNetX-32's and ResNet-50's stage shapes (kernels.py), in the
+three modes. `pytest --benchmark benchmarks/test_ops.py -k "regnetx_32 and train_step"`."""
+import pytest
+
+from pyfast.benchmarks import kernels, timing
+from pyfast.benchmarks.conftest import DEVICE, GPU, SIZES, skip_compile_on_cpu
+from pyfast.benchmarks.workloads import MODES, Config, compiled, make_step
+
+CASES = kernels.regnetx_32_cases(SIZES["batch"], SIZES["image"]) + kernels.resnet50_cases(SIZES["batch"],
+                                                                                         SIZES["image"])
+if not GPU:  # one stage of each network: a few minutes on 2 cores
+    CASES = [c for c in CASES if (c.net, c.where) in (("regnetx_32", "s2"), ("resnet50", "s3"))]
+PROVIDERS = ["eager", "compile"] + kernels.fused_backends(DEVICE)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("layout", SIZES["layouts"])
+@pytest.mark.parametrize("dtype", SIZES["dtypes"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
+def test_op(run, case, mode, dtype, layout, provider):
+    skip_compile_on_cpu(provider)
+    config = Config(mode, dtype, layout, DEVICE)
+    tensors_config = Config(mode, "fp32", layout, DEVICE)  # the op's tensors are already in `dtype`
+    module = kernels.op_module(case, "reference" if provider in ("eager", "compile") else provider, tensors_config)
+    if provider == "compile":
+        module = compiled(module)
+    step = make_step(module, tensors_config, optimizer=False)
+    sets = timing.random_input_sets(kernels.op_inputs(case, config), DEVICE)
+    try:
+        step(*sets[0])
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        pytest.skip(f"{provider} cannot run {case.name}: {str(error).splitlines()[0][:200]}")
+    run(step, sets, config, group=f"op {case.name} {mode} {dtype} {layout}", flops=case.flops(mode),
+        min_bytes=case.min_bytes(mode, sets[0][0].dtype), level="op", case=case.name, provider=provider)
