@@ -12,16 +12,15 @@ gradient read, the inputs re-read and their gradients written (3 A + 2 O + 3 W).
     python -m pyfast.benchmarks.kernels [--dtype bf16 fp32] [--modes inference train_step] [--out f.json]
 """
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import List
 
 import torch
 from torch import nn
 
 from . import results, timing
-from .workloads import DTYPES, MODES, Config, make_step
+from .workloads import DTYPES, MODES, Config, compiled, make_step
 
 OPS = ("conv_bn_relu", "bn_add_relu", "add_relu", "bn_relu_conv")
 
@@ -187,10 +186,16 @@ def op_module(case: OpCase, backend: str, config: Config) -> nn.Module:
     return module
 
 
+def op_step(case: OpCase, backend: str, config: Config, compile: bool = False):
+    """`step(*inputs, grad)` of the op in the config's mode: no autocast (the tensors are already in
+    the config's dtype) and, in training, forward + `torch.autograd.grad` (no optimizer)."""
+    module = op_module(case, backend, config)
+    return make_step(compiled(module) if compile else module, config, optimizer=False, autocast=False)
+
+
 def time_case(case: OpCase, config: Config, backends: List[str], ceil: timing.Ceilings, **measure_args) -> dict:
     """One row: every backend's Measurement (or the reason it could not run) and the derived rates."""
     dtype = DTYPES[config.dtype]
-    op_config = Config(config.mode, "fp32", config.layout, config.device)  # tensors are already in dtype
     sets = timing.random_input_sets(op_inputs(case, config), config.device)
     flops, nbytes = case.flops(config.mode), case.min_bytes(config.mode, dtype)
     rate = ceil.matmul_tflops.get(config.dtype) if ceil else None
@@ -198,7 +203,7 @@ def time_case(case: OpCase, config: Config, backends: List[str], ceil: timing.Ce
            "flops": flops, "min_bytes": nbytes, "backends": {}}
     for backend in backends:
         try:
-            step = make_step(op_module(case, backend, op_config), op_config, optimizer=False)
+            step = op_step(case, backend, config)
             m = timing.measure(step, sets, config.device, flush=timing.l2_flusher(config.device), **measure_args)
         except (RuntimeError, ValueError, NotImplementedError) as error:
             row["backends"][backend] = {"error": str(error).splitlines()[0][:200]}
@@ -231,6 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
     parser.add_argument("--repeats", type=int, default=50 if gpu else 5)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is busy)")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
 
 
@@ -238,14 +244,17 @@ def main(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        timing.choose_cpu_threads(args.threads)
     start = time.monotonic()
     env, ceil = timing.environment(device), timing.ceilings(device)
     cases = [c for net in args.nets for c in NETS[net](args.batch_size, args.image_size) if c.op in args.ops]
     backends = ["reference"] + fused_backends(device)
     doc = {"schema": results.KERNELS_SCHEMA, "environment": env, "ceilings": ceil.as_dict(), "rows": [],
            "skipped": []}
-    for case in cases:
-        for dtype in args.dtype:
+    # dtype outermost: under a time limit, the later dtypes (fp32 by default) are what gives way.
+    for dtype in args.dtype:
+        for case in cases:
             for layout in args.layout:
                 for mode in args.modes:
                     config = Config(mode, dtype, layout, device)
@@ -256,7 +265,12 @@ def main(args: argparse.Namespace) -> dict:
                                     repeats=args.repeats, budget_s=1.0 if device == "cuda" else 0.5)
                     doc["rows"].append({**row, "env": results.stamp(env)})
                     print(results.kernel_row_line(row), flush=True)
+                    if args.out:
+                        results.write_json(doc, args.out)
+    doc["wall_s"] = time.monotonic() - start
     print(results.kernel_table(doc))
+    if doc["skipped"]:
+        print(f"skipped {len(doc['skipped'])} configurations at the time limit")
     if args.out:
         results.write_json(doc, args.out)
     return doc

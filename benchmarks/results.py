@@ -129,7 +129,7 @@ def kernel_row_line(row: dict) -> str:
         if "median_ms" not in e:
             parts.append(f"{name} n/a")
             continue
-        rate = f"{e['tflops']:.1f} TF/s" if e.get("tflops") else f"{e['gbps']:.0f} GB/s"
+        rate = f"{e['tflops']:.3g} TF/s" if e.get("tflops") else f"{e['gbps']:.3g} GB/s"
         parts.append(f"{name} {e['median_ms']:.3f} ms x{_fmt(e.get('speedup_vs_eager'), '.2f')} {rate}")
     return f"{row['case']} [{row['mode']} {row['dtype']} {row['layout']}]: " + "; ".join(parts)
 
@@ -155,10 +155,28 @@ def kernel_table(doc: dict) -> str:
     return header_lines(doc) + "\n" + format_table(headers, rows)
 
 
+def kernel_summary(doc: dict, dtype: str = "bf16", layout: str = "channels_last") -> str:
+    """The short form for a log's tail: per case and mode, eager's time, each fused backend's speedup
+    and the best backend's roofline fraction."""
+    rows = [r for r in doc["rows"] if r["dtype"] == dtype and r["layout"] == layout]
+    fused = sorted({name for r in rows for name in r["backends"] if name != "reference"})
+    table = []
+    for r in rows:
+        b = r["backends"]
+        timed = [e for name, e in b.items() if name != "reference" and "median_ms" in e]
+        best = min(timed, key=lambda e: e["median_ms"]) if timed else {}
+        table.append([r["case"], r["mode"], _ms(b.get("reference"))]
+                     + [_fmt(b.get(name, {}).get("speedup_vs_eager"), ".2f") for name in fused]
+                     + [_fmt(best.get("roofline_fraction") and 100 * best["roofline_fraction"], ".0f")])
+    headers = ["case", "mode", "eager ms"] + [f"x {name}" for name in fused] + ["best %roofline"]
+    return f"{dtype} {layout}\n" + format_table(headers, table)
+
+
 # -- chart ----------------------------------------------------------------------------------------
 def plot_speedups(doc: dict, path: str) -> Optional[str]:
-    """A horizontal bar chart of pyfast's speedup over eager and over torch.compile per row (PNG,
-    matplotlib's Agg backend); None when there is nothing to plot or matplotlib is missing."""
+    """A horizontal bar chart per row of pyfast's speedup over eager and over torch.compile, and
+    torch.compile's over eager (PNG, matplotlib's Agg backend); None when there is nothing to plot or
+    matplotlib is missing."""
     rows = [r for r in doc["rows"] if r.get("speedup_vs_eager") or r.get("speedup_vs_compile")]
     if not rows:
         return None
@@ -169,12 +187,14 @@ def plot_speedups(doc: dict, path: str) -> Optional[str]:
     except ImportError:
         return None
     labels = [f"{r['model']} {r['mode']} {r['dtype']} {r['layout']}" for r in rows]
-    series = [("vs eager", "speedup_vs_eager", "tab:blue"), ("vs torch.compile", "speedup_vs_compile", "tab:orange")]
+    series = [("pyfast vs eager", "speedup_vs_eager", "tab:blue"),
+              ("pyfast vs torch.compile", "speedup_vs_compile", "tab:orange"),
+              ("torch.compile vs eager", "compile_vs_eager", "tab:gray")]
     height = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * len(rows)))
     for k, (label, key, color) in enumerate(series):
         ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(rows))]
-        ax.barh(ys, [r.get(key) or 0 for r in rows], height=height, label=f"pyfast {label}", color=color)
+        ax.barh(ys, [r.get(key) or 0 for r in rows], height=height, label=label, color=color)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -187,3 +207,33 @@ def plot_speedups(doc: dict, path: str) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv=None) -> None:
+    """`python -m pyfast.benchmarks.results FILE.json...`: prints saved documents' tables (and draws a
+    model report's missing PNG, e.g. after a run was stopped)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.results", description=main.__doc__)
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--short", action="store_true", help="kernels: the bf16 channels_last summary only")
+    args = parser.parse_args(argv)
+    short = args.short
+    for path in args.files:
+        with open(path) as f:
+            doc = json.load(f)
+        print(f"== {path}")
+        if doc.get("schema") == KERNELS_SCHEMA:
+            print(kernel_summary(doc) if short else kernel_table(doc))
+        else:
+            print(header_lines(doc))
+            print(model_table(doc))
+            png = os.path.splitext(path)[0] + ".png"
+            if not os.path.exists(png) and plot_speedups(doc, png):
+                print(f"drew {png}")
+        for line in doc.get("skipped", []):
+            print(f"skipped: {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ MODELS = GPU_MODELS if GPU else ["regnetx_32", "resnet18"]
 @pytest.mark.parametrize("layout", SIZES["layouts"])
 @pytest.mark.parametrize("dtype", SIZES["dtypes"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("in_chans", SIZES["in_chans"])
+@pytest.mark.parametrize("in_chans", SIZES["in_chans"], ids=lambda c: f"in{c}")
 @pytest.mark.parametrize("model", MODELS)
 def test_model(run, model, in_chans, mode, dtype, layout, provider):
     skip_compile_on_cpu(provider)

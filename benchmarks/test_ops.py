@@ -5,7 +5,7 @@ import pytest
 
 from pyfast.benchmarks import kernels, timing
 from pyfast.benchmarks.conftest import DEVICE, GPU, SIZES, skip_compile_on_cpu
-from pyfast.benchmarks.workloads import MODES, Config, compiled, make_step
+from pyfast.benchmarks.workloads import MODES, Config
 
 CASES = kernels.regnetx_32_cases(SIZES["batch"], SIZES["image"]) + kernels.resnet50_cases(SIZES["batch"],
                                                                                          SIZES["image"])
@@ -22,11 +22,8 @@ PROVIDERS = ["eager", "compile"] + kernels.fused_backends(DEVICE)
 def test_op(run, case, mode, dtype, layout, provider):
     skip_compile_on_cpu(provider)
     config = Config(mode, dtype, layout, DEVICE)
-    tensors_config = Config(mode, "fp32", layout, DEVICE)  # the op's tensors are already in `dtype`
-    module = kernels.op_module(case, "reference" if provider in ("eager", "compile") else provider, tensors_config)
-    if provider == "compile":
-        module = compiled(module)
-    step = make_step(module, tensors_config, optimizer=False)
+    backend = "reference" if provider in ("eager", "compile") else provider
+    step = kernels.op_step(case, backend, config, compile=provider == "compile")
     sets = timing.random_input_sets(kernels.op_inputs(case, config), DEVICE)
     try:
         step(*sets[0])

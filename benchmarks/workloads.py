@@ -16,6 +16,7 @@ the fused ops, op backend picked by pyfast's dispatcher; ops: each fused backend
 dtype `bf16` means `torch.autocast` to bfloat16 with float32 parameters; `fp32` is plain float32
 (cuDNN's TF32 convolutions as PyTorch's defaults leave them, stamped on every row).
 """
+import contextlib
 import copy
 import gc
 from dataclasses import dataclass
@@ -162,22 +163,24 @@ def input_sets(make: Callable[[], list], config: Config) -> List[list]:
 
 
 # -- steps ----------------------------------------------------------------------------------------
-def make_step(module: nn.Module, config: Config, optimizer: bool = True) -> Callable:
-    """`step(*inputs, target)` running `module` in the config's mode. The target is class labels
-    (an int64 tensor: cross-entropy loss) or an output gradient (backward starts from it).
+def make_step(module: nn.Module, config: Config, optimizer: bool = True, autocast: bool = True) -> Callable:
+    """`step(*inputs, target)` running `module` in the config's mode, under autocast to the config's
+    dtype (unless `autocast` is False: inputs and weights already in that dtype). The target is class
+    labels (an int64 tensor: cross-entropy loss) or an output gradient (backward starts from it).
 
     A `train_step` with `optimizer` is zero_grad, forward, backward, SGD step (lr 0.01, momentum 0.9);
     without, forward and `torch.autograd.grad` for the inputs that need one and the parameters
     (nothing accumulates into `.grad`: the op-level timings hold no extra pass)."""
+    cast = config.autocast if autocast else contextlib.nullcontext
     if config.mode == "inference":
         def step(*args):
-            with torch.no_grad(), config.autocast():
+            with torch.no_grad(), cast():
                 return module(*args[:-1])
         return step
 
     if config.mode == "train_forward":
         def step(*args):
-            with config.autocast():
+            with cast():
                 return module(*args[:-1])
         return step
 
@@ -186,7 +189,7 @@ def make_step(module: nn.Module, config: Config, optimizer: bool = True) -> Call
 
     def step(*args):
         *inputs, target = args
-        with config.autocast():
+        with cast():
             out = module(*inputs)
         if target.dtype == torch.int64:
             loss, grad = F.cross_entropy(out.float(), target), None

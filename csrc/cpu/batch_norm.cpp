@@ -15,6 +15,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -68,12 +69,21 @@ struct Lanes {
   static constexpr int64_t kSize = Vectorized<scalar_t>::size();
   using Vec = VectorizedN<acc_t, kParts>;
 
-  static Vec load(const scalar_t* p, int64_t n) {
+  C10_ALWAYS_INLINE static Vec load(const scalar_t* p, int64_t n) {
     const auto v = Vectorized<scalar_t>::loadu(p, static_cast<int>(n));
     return at::vec::convert<acc_t, kParts, scalar_t, 1>(VectorizedN<scalar_t, 1>(v));
   }
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
+  C10_ALWAYS_INLINE static void store(scalar_t* p, const Vec& v, int64_t n) {
     at::vec::convert<scalar_t, 1, acc_t, kParts>(v).store(p, static_cast<int>(n));
+  }
+  // Per-channel values p[0, n) of the accumulation type (VectorizedN::loadu is not always inlined).
+  C10_ALWAYS_INLINE static Vec load_acc(const acc_t* p, int64_t n) {
+    constexpr int64_t kPart = Vectorized<acc_t>::size();
+    Vec v;
+    for (int i = 0; i < kParts; ++i) {
+      v[i] = Vectorized<acc_t>::loadu(p + i * kPart, std::clamp<int64_t>(n - i * kPart, 0, kPart));
+    }
+    return v;
   }
 };
 
@@ -96,7 +106,7 @@ void visit_row(const Layout& lay, int64_t r, const Fn& fn) {
   using L = Lanes<scalar_t>;
   for (int64_t c = 0; c < lay.channels; c += L::kSize) {
     const int64_t n = std::min(L::kSize, lay.channels - c);
-    fn(r * lay.channels + c, n, [c, n](const typename L::acc_t* v) { return L::Vec::loadu(v + c, n); });
+    fn(r * lay.channels + c, n, [c, n](const typename L::acc_t* v) { return L::load_acc(v + c, n); });
   }
 }
 
@@ -324,18 +334,21 @@ struct PreAct {
   const acc_t *scale, *shift, *res_scale, *res_shift;
   bool relu;
 
-  Vec load_x(int64_t offset, int64_t n) const { return L::load(x + offset, n); }
-  Vec load_residual(int64_t offset, int64_t n) const { return residual ? L::load(residual + offset, n) : Vec(0); }
+  C10_ALWAYS_INLINE Vec load_x(int64_t offset, int64_t n) const { return L::load(x + offset, n); }
+  C10_ALWAYS_INLINE Vec load_residual(int64_t offset, int64_t n) const {
+    return residual ? L::load(residual + offset, n) : Vec(0);
+  }
 
   template <typename Param>
-  Vec z(const Vec& xv, const Vec& rv, const Param& param) const {
+  C10_ALWAYS_INLINE Vec z(const Vec& xv, const Vec& rv, const Param& param) const {
     const Vec z = at::vec::fmadd(xv, param(scale), param(shift));
     return residual ? z + at::vec::fmadd(rv, param(res_scale), param(res_shift)) : z;
   }
-  // Under the ReLU, grad_out where z > 0: false for NaN z, as in torch.relu's backward.
+  // Under the ReLU, grad_out except where z <= 0: a NaN z lets the gradient through, as torch.relu's
+  // backward (threshold_backward) does.
   template <typename Param>
-  Vec dz(const Vec& g, const Vec& xv, const Vec& rv, const Param& param) const {
-    return relu ? g & (z(xv, rv, param) > Vec(0)) : g;
+  C10_ALWAYS_INLINE Vec dz(const Vec& g, const Vec& xv, const Vec& rv, const Param& param) const {
+    return relu ? Vec::blendv(g, Vec(0), z(xv, rv, param) <= Vec(0)) : g;
   }
 };
 
@@ -376,7 +389,7 @@ struct BnGrad {
   const acc_t *scale, *mean, *invstd, *mean_dz, *mean_dz_vhat;
 
   template <typename Vec, typename Param>
-  Vec operator()(Vec dz, const Vec& v, const Param& param) const {
+  C10_ALWAYS_INLINE Vec operator()(Vec dz, const Vec& v, const Param& param) const {
     if (mean_dz_vhat) dz = dz - param(mean_dz) - (v - param(mean)) * param(invstd) * param(mean_dz_vhat);
     return dz * param(scale);
   }
@@ -385,18 +398,30 @@ struct BnGrad {
 // ---------------------------------------------------------------------------------------------
 // The primitives
 
+// One element of each channel, x[0, c, 0, ...], as a finite acc-dtype vector (0 where it is not).
+Tensor channel_sample(const Tensor& x) {
+  if (x.numel() == 0) return at::zeros({x.size(1)}, x.options().dtype(acc_type(x)));
+  Tensor sample = x.select(0, 0);
+  while (sample.dim() > 1) sample = sample.select(1, 0);
+  return sample.to(acc_type(x)).nan_to_num(0, 0, 0).contiguous();
+}
+
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   check_input(x_in);
   const Layout lay = layout_of(x_in);
   const Tensor x = in_layout(x_in, lay);
+  // Welford runs on x - shift[c]: in float, the running mean of uncentred data is rounded at the
+  // scale of the mean (1e-3 for a mean of 1e4), which would show in a variance of 1.
+  const Tensor shift = channel_sample(x);
   Tensor mean = at::empty({lay.channels}, x.options().dtype(acc_type(x)));
   Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_stats", [&] {
     using L = Lanes<scalar_t>;
     using acc_t = typename L::acc_t;
     const scalar_t* data = x.const_data_ptr<scalar_t>();
-    const auto welford = [data](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, int64_t n, const auto&) {
-      const auto v = L::load(data + offset, n);
+    const acc_t* sh = shift.const_data_ptr<acc_t>();
+    const auto welford = [&](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, int64_t n, const auto& param) {
+      const auto v = L::load(data + offset, n) - param(sh);
       const auto delta = v - s[0];
       const auto m = at::vec::fmadd(delta, typename L::Vec(inv_n), s[0]);
       return State<scalar_t, 2>{m, at::vec::fmadd(delta, v - m, s[1])};
@@ -405,9 +430,8 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
     auto* m = mean.mutable_data_ptr<acc_t>();
     auto* v = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < lay.channels; ++c) {
-      const auto& p = stats[c];
-      m[c] = p.v[0];  // NaN for no elements, as torch.var_mean
-      v[c] = p.v[1] / p.n;
+      m[c] = sh[c] + stats[c].v[0];  // NaN for no elements, as torch.var_mean
+      v[c] = stats[c].v[1] / stats[c].n;
     }
   });
   return {mean, var};

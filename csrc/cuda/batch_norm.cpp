@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -35,41 +36,43 @@ struct CudaScalar<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// What one call needs to know about x: the memory format every tensor of the call is made dense in, the
-// matching kernel layout, and the sizes.
+at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+
+// What one call needs to know about x (N, C, ...): the kernel layout and the sizes. channels_last (channels
+// innermost) is kNHWC, everything else is made NCHW-contiguous; HW is the product of the sizes after C.
+// Messages and checks match the CPU implementation (csrc/cpu/batch_norm.cpp), so the op fails alike on both.
 struct Geometry {
-  at::MemoryFormat format;
   kern::Layout layout;
   int64_t N, C, HW;
-  at::ScalarType acc;  // dtype of the per-channel vectors
 };
 
 Geometry geometry_of(const char* op, const Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+              ": x must be float32, float64, bfloat16 or float16, got ", t);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  const auto st = x.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-                    ": x must be float32, float64, float16 or bfloat16, got ", st);
-  Geometry g;
-  g.format = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                          : at::MemoryFormat::Contiguous;
-  g.layout = g.format == at::MemoryFormat::ChannelsLast ? kern::Layout::kNHWC : kern::Layout::kNCHW;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.HW = x.size(2) * x.size(3);
-  g.acc = st == at::kDouble ? at::kDouble : at::kFloat;
-  return g;
+  const bool nhwc = x.dim() > 2 && channels_innermost(x) && !x.is_contiguous();
+  return Geometry{nhwc ? kern::Layout::kNHWC : kern::Layout::kNCHW, x.size(0), x.size(1),
+                  c10::multiply_integers(x.sizes().slice(2))};
 }
 
-// A tensor shaped like x (grad_out, residual): checked, and dense in x's memory format.
+// t (shaped like x) dense in the geometry's memory order; a copy only when its strides differ.
+Tensor in_layout(const Tensor& t, const Geometry& g) {
+  if (g.layout == kern::Layout::kNCHW) return t.contiguous();
+  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+// A tensor shaped like x (grad_out, residual): checked, in x's memory order.
 Tensor like_x(const char* op, const char* name, const Tensor& t, const Tensor& x, const Geometry& g) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (",
-                    x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+              "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
               t.device());
-  return t.contiguous(g.format);
+  return in_layout(t, g);
 }
 
 Tensor like_x(const char* op, const char* name, const OptTensor& t, const Tensor& x, const Geometry& g) {
@@ -78,23 +81,24 @@ Tensor like_x(const char* op, const char* name, const OptTensor& t, const Tensor
 
 // A per-channel vector: 1-D, length C, the accumulation dtype, on x's device; made contiguous.
 // Returns an undefined tensor for None.
-Tensor channel_vector(const char* op, const char* name, const OptTensor& t, const Geometry& g,
-                      const Tensor& x) {
+Tensor channel_vector(const char* op, const char* name, const OptTensor& t, const Tensor& x) {
   if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == g.C, op, ": ", name, " must be a 1-D tensor of length C=",
-                    g.C, ", got shape ", t->sizes());
-  TORCH_CHECK_VALUE(t->scalar_type() == g.acc, op, ": ", name, " must have dtype ", g.acc, " (the accumulation",
-                    " dtype of a ", x.scalar_type(), " input), got ", t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
-              "), got ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must be 1-D of length C = ", x.size(1),
+              ", got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == acc_type(x), op, ": ", name, " must be ", acc_type(x), " for ", x.scalar_type(),
+              " input, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
+              t->device());
   return t->contiguous();
 }
 
-Tensor required_channel_vector(const char* op, const char* name, const OptTensor& t, const Geometry& g,
-                               const Tensor& x, const char* because) {
-  TORCH_CHECK_VALUE(t.has_value() && t->defined(), op, ": ", name, " is required ", because);
-  return channel_vector(op, name, t, g, x);
+Tensor required_channel_vector(const char* op, const char* name, const OptTensor& t, const Tensor& x,
+                               const char* when) {
+  TORCH_CHECK(t.has_value() && t->defined(), op, ": ", name, " is required when ", when);
+  return channel_vector(op, name, t, x);
 }
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename A>
 const A* ptr(const Tensor& t) {
@@ -111,13 +115,10 @@ T* mutable_elem_ptr(const Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
-Tensor empty_like_x(const Tensor& x, const Geometry& g) {
-  return at::empty(x.sizes(), x.options().memory_format(g.format));
-}
+// x is dense (in_layout): empty_like keeps its strides, so outputs keep x's memory format.
+Tensor empty_like_x(const Tensor& x) { return at::empty_like(x); }
 
-Tensor empty_channels(const Tensor& x, const Geometry& g, int64_t length) {
-  return at::empty({length}, x.options().dtype(g.acc));
-}
+Tensor empty_channels(const Tensor& x, int64_t length) { return at::empty({length}, x.options().dtype(acc_type(x))); }
 
 Tensor workspace(const Tensor& x, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
@@ -130,9 +131,9 @@ void* workspace_ptr(const Tensor& ws) { return ws.numel() > 0 ? ws.mutable_data_
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   constexpr const char* op = "pyfast.bn_stats";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = x_in.contiguous(g.format);
-  Tensor mean = empty_channels(x, g, g.C);
-  Tensor var = empty_channels(x, g, g.C);
+  const Tensor x = in_layout(x_in, g);
+  Tensor mean = empty_channels(x, g.C);
+  Tensor var = empty_channels(x, g.C);
   if (g.C == 0) return {mean, var};
   if (g.N * g.HW == 0) {  // statistics of nothing, as torch.var_mean
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -158,15 +159,15 @@ Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const 
                            const OptTensor& res_shift_in, bool relu) {
   constexpr const char* op = "pyfast.bn_act_forward";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = x_in.contiguous(g.format);
-  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
+  const Tensor x = in_layout(x_in, g);
+  const Tensor scale = channel_vector(op, "scale", scale_in, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, x);
   const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
-  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
-                    ": res_scale/res_shift given without a residual");
-  Tensor out = empty_like_x(x, g);
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
+  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
+              ": res_scale/res_shift given without residual");
+  Tensor out = empty_like_x(x);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
@@ -187,24 +188,26 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
     const OptTensor& res_shift_in, const OptTensor& res_mean_in, const OptTensor& res_invstd_in, bool relu) {
   constexpr const char* op = "pyfast.bn_act_backward_reduce";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = x_in.contiguous(g.format);
+  const Tensor x = in_layout(x_in, g);
   const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
-  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
-  const Tensor mean = channel_vector(op, "mean", mean_in, g, x);
-  const Tensor invstd = channel_vector(op, "invstd", invstd_in, g, x);
+  const Tensor scale = channel_vector(op, "scale", scale_in, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, x);
+  const Tensor mean = channel_vector(op, "mean", mean_in, x);
+  const Tensor invstd = channel_vector(op, "invstd", invstd_in, x);
   const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
-  const Tensor res_mean = channel_vector(op, "res_mean", res_mean_in, g, x);
-  const Tensor res_invstd = channel_vector(op, "res_invstd", res_invstd_in, g, x);
-  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined() && !res_mean.defined()),
-                    op, ": res_scale/res_shift/res_mean given without a residual");
-  TORCH_CHECK_VALUE(res_mean.defined() == res_invstd.defined(), op,
-                    ": res_mean and res_invstd must be given together");
-  Tensor sum_dz = empty_channels(x, g, g.C);
-  Tensor sum_dz_xhat = empty_channels(x, g, g.C);
-  Tensor sum_dz_rhat = empty_channels(x, g, res_mean.defined() ? g.C : 0);
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
+  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
+              ": res_scale/res_shift given without residual");
+  Tensor res_mean, res_invstd;
+  if (given(res_mean_in)) {
+    TORCH_CHECK(residual.defined(), op, ": res_mean given without residual");
+    res_mean = channel_vector(op, "res_mean", res_mean_in, x);
+    res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, x, "res_mean is given");
+  }
+  Tensor sum_dz = empty_channels(x, g.C);
+  Tensor sum_dz_xhat = empty_channels(x, g.C);
+  Tensor sum_dz_rhat = empty_channels(x, res_mean.defined() ? g.C : 0);
   if (g.C == 0) return {sum_dz, sum_dz_xhat, sum_dz_rhat};
   if (g.N * g.HW == 0) {  // empty sums
     sum_dz.zero_();
@@ -250,32 +253,36 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     const OptTensor& mean_dz_rhat_in) {
   constexpr const char* op = "pyfast.bn_act_backward_elemt";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = x_in.contiguous(g.format);
+  const Tensor x = in_layout(x_in, g);
   const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
-  const Tensor scale = channel_vector(op, "scale", scale_in, g, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, g, x);
+  const Tensor scale = channel_vector(op, "scale", scale_in, x);
+  const Tensor shift = channel_vector(op, "shift", shift_in, x);
   const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, g, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, g, x);
-  const Tensor mean_dz = channel_vector(op, "mean_dz", mean_dz_in, g, x);
-  TORCH_CHECK_VALUE(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
-                    ": res_scale/res_shift given without a residual");
-  // The statistics enter only with batch statistics (mean_dz given); otherwise they are ignored.
-  Tensor mean, invstd, mean_dz_xhat, res_mean, res_invstd, mean_dz_rhat;
-  if (mean_dz.defined()) {
-    constexpr const char* because = "when mean_dz is given";
-    mean = required_channel_vector(op, "mean", mean_in, g, x, because);
-    invstd = required_channel_vector(op, "invstd", invstd_in, g, x, because);
-    mean_dz_xhat = required_channel_vector(op, "mean_dz_xhat", mean_dz_xhat_in, g, x, because);
-    if (residual.defined() && res_mean_in.has_value() && res_mean_in->defined()) {
-      constexpr const char* res_because = "when mean_dz and res_mean are given";
-      res_mean = channel_vector(op, "res_mean", res_mean_in, g, x);
-      res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, g, x, res_because);
-      mean_dz_rhat = required_channel_vector(op, "mean_dz_rhat", mean_dz_rhat_in, g, x, res_because);
-    }
+  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
+  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
+  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
+              ": res_scale/res_shift given without residual");
+  // Batch statistics enter for x when mean_dz is given, for the residual when mean_dz_rhat is too; otherwise
+  // mean/invstd/res_mean/res_invstd are not used (eval: running statistics are folded into scale/shift).
+  TORCH_CHECK(given(mean_dz_in) || (!given(mean_dz_xhat_in) && !given(mean_dz_rhat_in)), op,
+              ": mean_dz_xhat/mean_dz_rhat given without mean_dz");
+  Tensor mean_dz, mean, invstd, mean_dz_xhat, res_mean, res_invstd, mean_dz_rhat;
+  if (given(mean_dz_in)) {
+    constexpr const char* when = "mean_dz is given";
+    mean_dz = channel_vector(op, "mean_dz", mean_dz_in, x);
+    mean = required_channel_vector(op, "mean", mean_in, x, when);
+    invstd = required_channel_vector(op, "invstd", invstd_in, x, when);
+    mean_dz_xhat = required_channel_vector(op, "mean_dz_xhat", mean_dz_xhat_in, x, when);
   }
-  Tensor grad_x = empty_like_x(x, g);
-  Tensor grad_residual = residual.defined() ? empty_like_x(x, g) : at::empty({0}, x.options());
+  if (given(mean_dz_rhat_in)) {
+    constexpr const char* when = "mean_dz_rhat is given";
+    TORCH_CHECK(residual.defined(), op, ": mean_dz_rhat given without residual");
+    res_mean = required_channel_vector(op, "res_mean", res_mean_in, x, when);
+    res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, x, when);
+    mean_dz_rhat = channel_vector(op, "mean_dz_rhat", mean_dz_rhat_in, x);
+  }
+  Tensor grad_x = empty_like_x(x);
+  Tensor grad_residual = residual.defined() ? empty_like_x(x) : at::empty({0}, x.options());
   if (grad_x.numel() == 0) return {grad_x, grad_residual};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());

@@ -106,6 +106,16 @@ __device__ __forceinline__ void load_channels(const A* p, int64_t c0, A neutral,
 template <Layout L, int VEC>
 struct Geo;
 
+// q, r = a / b, a % b for 0 <= a and 0 < b; 32-bit when both fit (a 64-bit division is a long subroutine).
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((a | b) >> 32) == 0) {
+    q = uint32_t(a) / uint32_t(b);
+  } else {
+    q = a / b;
+  }
+  r = a - q * b;
+}
+
 template <int VEC>
 struct Geo<Layout::kNCHW, VEC> {
   static constexpr int kChannels = 1;  // distinct channels in one position
@@ -115,10 +125,8 @@ struct Geo<Layout::kNCHW, VEC> {
     start = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
     stride = int64_t(gridDim.x) * blockDim.y;
     // position j is element vector (n, hw) = (j / HWv, j % HWv); divide once, then step incrementally.
-    n0 = start / HWv;
-    hw0 = start - n0 * HWv;
-    dn = stride / HWv;
-    dhw = stride - dn * HWv;
+    divmod(start, HWv, n0, hw0);
+    divmod(stride, HWv, dn, dhw);
   }
   __device__ int64_t num_tiles() const { return C; }
   // First channel of the thread's positions in `tile`, or -1 when the thread has no channel there.
@@ -544,7 +552,7 @@ __global__ void __launch_bounds__(kThreads)
   const G g(s);
   const bool has_res = a.residual != nullptr;
   const bool train = a.mean_dz != nullptr;
-  const bool res_train = train && has_res && a.res_mean != nullptr;
+  const bool res_train = train && has_res && a.mean_dz_rhat != nullptr;
   const bool need_x = a.relu || train;
   const bool need_r = has_res && (a.relu || res_train);
   const bool write_gr = a.grad_residual != nullptr;
@@ -647,10 +655,17 @@ cudaError_t resident_blocks(Kernel kernel, int threads, int64_t* out) {
   return cudaSuccess;
 }
 
-// Block and grid of a main kernel: one full wave of resident blocks, spread over the tiles first, but no
-// more blocks along a tile than give each thread `min_iters` positions.
+// Block and grid of a main kernel. Reductions (kind kReduce): at most one wave of resident blocks, since each
+// block adds a partial per channel, spread over the tiles first, and no more blocks along a tile than leave each
+// thread kReduceMinIters positions. Elementwise kernels: about kElemPositionsPerThread positions per thread, so
+// many short blocks that the hardware balances over the SMs (a wave-sized grid-stride grid would leave idle SMs
+// whenever its block count is not a multiple of what is resident).
+enum class Kind { kElementwise, kReduce };
+constexpr int64_t kReduceMinIters = 8;
+constexpr int64_t kElemPositionsPerThread = 4;
+
 template <typename Kernel>
-cudaError_t make_plan(Kernel kernel, Layout layout, const Sizes& s, int vec, int64_t min_iters, Plan* plan) {
+cudaError_t make_plan(Kernel kernel, Kind kind, Layout layout, const Sizes& s, int vec, Plan* plan) {
   int64_t tiles, positions;
   if (layout == Layout::kNCHW) {
     plan->block = dim3(1, kThreads);
@@ -663,13 +678,19 @@ cudaError_t make_plan(Kernel kernel, Layout layout, const Sizes& s, int vec, int
     tiles = ceil_div(cv, bx);
     positions = s.N * s.HW;
   }
-  int64_t target = 0;
-  const cudaError_t err = resident_blocks(kernel, int(plan->block.x * plan->block.y), &target);
-  if (err != cudaSuccess) return err;
   const int64_t gy = std::min(tiles, kMaxGridY);
-  const int64_t useful = std::max<int64_t>(1, ceil_div(positions, int64_t(plan->block.y) * min_iters));
-  const int64_t gx = std::min<int64_t>({std::max<int64_t>(1, ceil_div(target, gy)), useful, INT_MAX});
-  plan->grid = dim3(unsigned(gx), unsigned(gy));
+  const int64_t by = plan->block.y;
+  int64_t gx;
+  if (kind == Kind::kReduce) {
+    int64_t target = 0;
+    const cudaError_t err = resident_blocks(kernel, int(plan->block.x * plan->block.y), &target);
+    if (err != cudaSuccess) return err;
+    const int64_t useful = std::max<int64_t>(1, ceil_div(positions, by * kReduceMinIters));
+    gx = std::min(std::max<int64_t>(1, target / gy), useful);
+  } else {
+    gx = std::max<int64_t>(1, ceil_div(positions, by * kElemPositionsPerThread));
+  }
+  plan->grid = dim3(unsigned(std::min<int64_t>(gx, INT_MAX)), unsigned(gy));
   return cudaSuccess;
 }
 
@@ -723,9 +744,6 @@ cudaError_t dispatch(Layout layout, int vec, F&& f) {
   return with_vec(std::integral_constant<Layout, Layout::kNCHW>{});
 }
 
-// Fewest positions per thread worth a block: reductions pay a block combine and a partial per block.
-constexpr int64_t kReduceMinIters = 8;
-constexpr int64_t kElemMinIters = 2;
 
 bool is_empty(int64_t N, int64_t C, int64_t HW) { return N * HW == 0 || C == 0; }
 
@@ -743,7 +761,7 @@ cudaError_t run_stats(const BnStatsArgs<T>& a, const Sizes& s, Layout layout, vo
     constexpr Layout LAYOUT = decltype(l)::value;
     const auto kernel = bn_stats_kernel<T, VEC, LAYOUT>;
     Plan plan;
-    cudaError_t err = make_plan(kernel, LAYOUT, s, VEC, kReduceMinIters, &plan);
+    cudaError_t err = make_plan(kernel, Kind::kReduce, LAYOUT, s, VEC, &plan);
     if (err != cudaSuccess) return err;
     const int64_t P = plan.grid.x;
     const size_t bytes = P > 1 ? size_t(3 * P * s.C) * sizeof(A) : 0;
@@ -775,7 +793,7 @@ cudaError_t run_backward_reduce(const BnActBackwardReduceArgs<T>& a, const Sizes
     constexpr Layout LAYOUT = decltype(l)::value;
     const auto kernel = bn_act_backward_reduce_kernel<T, VEC, LAYOUT>;
     Plan plan;
-    cudaError_t err = make_plan(kernel, LAYOUT, s, VEC, kReduceMinIters, &plan);
+    cudaError_t err = make_plan(kernel, Kind::kReduce, LAYOUT, s, VEC, &plan);
     if (err != cudaSuccess) return err;
     const int64_t P = plan.grid.x;
     const int64_t quantities = a.res_mean != nullptr ? 3 : 2;
@@ -823,7 +841,7 @@ cudaError_t bn_act_forward(const BnActForwardArgs<T>& args, int64_t N, int64_t C
     constexpr Layout LAYOUT = decltype(l)::value;
     const auto kernel = bn_act_forward_kernel<T, VEC, LAYOUT>;
     Plan plan;
-    const cudaError_t err = make_plan(kernel, LAYOUT, s, VEC, kElemMinIters, &plan);
+    const cudaError_t err = make_plan(kernel, Kind::kElementwise, LAYOUT, s, VEC, &plan);
     if (err != cudaSuccess) return err;
     kernel<<<plan.grid, plan.block, 0, stream>>>(args, s);
     return cudaGetLastError();
@@ -856,7 +874,7 @@ cudaError_t bn_act_backward_elemt(const BnActBackwardElemtArgs<T>& args, int64_t
     constexpr Layout LAYOUT = decltype(l)::value;
     const auto kernel = bn_act_backward_elemt_kernel<T, VEC, LAYOUT>;
     Plan plan;
-    const cudaError_t err = make_plan(kernel, LAYOUT, s, VEC, kElemMinIters, &plan);
+    const cudaError_t err = make_plan(kernel, Kind::kElementwise, LAYOUT, s, VEC, &plan);
     if (err != cudaSuccess) return err;
     kernel<<<plan.grid, plan.block, 0, stream>>>(args, s);
     return cudaGetLastError();

@@ -5,8 +5,9 @@
 // csrc/cuda/batch_norm.cpp is the ATen glue that checks tensors, allocates and calls these.
 //
 // Conventions shared by every launcher:
-// - x, residual, grad_out and every T output are 4-D (N, C, H, W) tensors, dense in the same `layout`:
-//   kNCHW = NCHW-contiguous, kNHWC = channels_last. Only HW = H * W matters, not H and W apart.
+// - x, residual, grad_out and every T output are (N, C, H, W) tensors, dense in the same `layout`:
+//   kNCHW = NCHW-contiguous, kNHWC = channels_last. Only HW = H * W matters, not H and W apart (so any
+//   (N, C, *) tensor fits, with HW the product of the trailing sizes).
 // - Per-channel vectors are contiguous, length C, of the accumulation type acc_t<T> (double for double,
 //   float otherwise). A nullptr optional per-channel vector means its neutral value (scale 1, shift 0).
 // - All index arithmetic is int64_t; tensors beyond 2^31 elements are fine.
@@ -82,8 +83,8 @@ struct BnActBackwardReduceArgs {
 };
 
 // bn_act_backward_elemt:
-//   grad_x   = scale * (dz - mean_dz - xhat*mean_dz_xhat)  (mean_dz given), scale * dz otherwise;
-//   grad_res = res_scale * (dz - mean_dz - rhat*mean_dz_rhat) (mean_dz and res_mean given),
+//   grad_x   = scale * (dz - mean_dz - xhat*mean_dz_xhat)      (mean_dz given), scale * dz otherwise;
+//   grad_res = res_scale * (dz - mean_dz - rhat*mean_dz_rhat)  (mean_dz and mean_dz_rhat given),
 //              res_scale * dz otherwise (res_scale nullptr: the identity shortcut, dz).
 template <typename T>
 struct BnActBackwardElemtArgs {
@@ -91,17 +92,17 @@ struct BnActBackwardElemtArgs {
   const T* x;
   const acc_t<T>* scale;         // [C] or nullptr (1)
   const acc_t<T>* shift;         // [C] or nullptr (0)
-  const acc_t<T>* mean;          // [C], required when mean_dz is given
-  const acc_t<T>* invstd;        // [C], required when mean_dz is given
+  const acc_t<T>* mean;          // [C], read only when mean_dz is given
+  const acc_t<T>* invstd;        // [C], read only when mean_dz is given
   const T* residual;             // like x, or nullptr
   const acc_t<T>* res_scale;     // [C] or nullptr (1)
   const acc_t<T>* res_shift;     // [C] or nullptr (0)
-  const acc_t<T>* res_mean;      // [C] or nullptr
-  const acc_t<T>* res_invstd;    // [C], required when mean_dz and res_mean are given
+  const acc_t<T>* res_mean;      // [C], read only when mean_dz_rhat is given
+  const acc_t<T>* res_invstd;    // [C], read only when mean_dz_rhat is given
   bool relu;
   const acc_t<T>* mean_dz;       // [C] or nullptr (eval: running statistics)
   const acc_t<T>* mean_dz_xhat;  // [C], required when mean_dz is given
-  const acc_t<T>* mean_dz_rhat;  // [C], required when mean_dz and res_mean are given
+  const acc_t<T>* mean_dz_rhat;  // [C] or nullptr; needs mean_dz and the residual
   T* grad_x;                     // like x
   T* grad_residual;              // like x, or nullptr when residual is nullptr
 };

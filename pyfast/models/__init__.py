@@ -8,7 +8,7 @@
 Both backends build the same module tree with the same parameter names, so one seed gives the same
 weights and a state_dict moves between them (and from torchvision's ResNet/ResNeXt/RegNetX).
 """
-from . import anynet, preact_resnet, regnet, resnet
+# Importing each family's module registers its models.
 from .anynet import ANYNET_CFGS, AnyNet, AnyNetCfg, VioNet
 from .base import ImageClassifier
 from .complexity import Complexity, Cost, UnitCost, complexity

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .base import ImageClassifier, build, check_positive
 from .complexity import Cost, head_cost
-from .layers import ConvNormAct
+from .layers import ConvNormAct, get_kit
 from .registry import register_model
 
 __all__ = ["ANYNET_CFGS", "AnyNet", "AnyNetCfg", "AnyStage", "ResBlock", "StageSpec", "VioNet", "anynet", "deresnext",
@@ -126,7 +126,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.proj = ConvNormAct(w_in, w_out, 1, stride, act=False, kit=kit) if (w_in != w_out or stride != 1) else None
         self.f = TRANSFORMS[block](w_in, w_out, stride, group_width, bottleneck_multiplier, kit)
-        self.kit = self.f[0].kit
+        self.kit = get_kit(kit or "eager")
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.f

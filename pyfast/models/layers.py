@@ -10,14 +10,14 @@ fusable steps of DESIGN.md. A block's forward is written once against the kit:
     kit.bn_relu(x, bn)                                 relu(bn(x))
 
 `EagerKit` runs them as separate PyTorch ops (torchvision's forwards: the benchmark baseline);
-`FastKit` hands the same modules to `pyfast.nn.functional` (all but the lone `bn_relu`, which no fused op
-covers). `switch_backend(model, "fast")` swaps
-the kit of an existing model in place; its weights are untouched.
+`FastKit` hands the same modules to `pyfast.nn.functional` (all but the lone `bn_relu`, which no fused
+op covers). `switch_backend(model, "fast")` swaps the kit of an existing model in place; its weights
+are untouched.
 """
-import importlib
-
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .complexity import conv_bn_cost
 
 __all__ = ["BACKENDS", "ConvNormAct", "EagerKit", "FastKit", "get_kit", "switch_backend"]
 
@@ -51,13 +51,21 @@ class EagerKit:
         return (get_kit, (self.name,))
 
 
+_FUNCTIONAL = None
+
+
 def _functional():
-    """`pyfast.nn.functional`, imported on first use so that eager models never need it."""
-    try:
-        return importlib.import_module("pyfast.nn.functional")
-    except ImportError as err:
-        raise RuntimeError("backend='fast' needs pyfast.nn.functional, which could not be imported: "
-                           f"{err}; build the model with backend='eager'") from err
+    """`pyfast.nn.functional`, imported on first use so that eager models never need it (a cached
+    global, which torch.compile traces through)."""
+    global _FUNCTIONAL
+    if _FUNCTIONAL is None:
+        try:
+            from ..nn import functional
+        except ImportError as err:
+            raise RuntimeError("backend='fast' needs pyfast.nn.functional, which could not be imported: "
+                               f"{err}; build the model with backend='eager'") from err
+        _FUNCTIONAL = functional
+    return _FUNCTIONAL
 
 
 class FastKit(EagerKit):
@@ -133,6 +141,4 @@ class ConvNormAct(nn.Sequential):
         return self.kit.conv_bn_relu(x, self[0], self[1], relu=self.act)
 
     def cost(self, shape):
-        from .complexity import conv_bn_cost
-
         return conv_bn_cost(self[0], self[1], shape)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .base import ImageClassifier, build, check_positive
 from .complexity import Cost, bn_cost, conv_cost, head_cost
+from .layers import get_kit
 from .registry import register_model
 from .resnet import RESNET_CFGS, ResNetCfg, conv1x1, conv3x3, stem_cost
 
@@ -43,7 +44,7 @@ class PreActBlock(nn.Module):
             self.register_module(f"conv{i}", conv)
         inplanes, out = convs[0].in_channels, convs[-1].out_channels
         self.downsample = conv1x1(inplanes, out, stride) if (stride != 1 or inplanes != out) else None
-        self.kit = kit
+        self.kit = get_kit(kit or "eager")
 
     def units(self):
         return [(getattr(self, f"bn{i}"), getattr(self, f"conv{i}")) for i in range(1, self.depth + 1)]

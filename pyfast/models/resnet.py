@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .base import ImageClassifier, build, check_positive
 from .complexity import Cost, conv_bn_cost, head_cost, pool_shape
+from .layers import get_kit
 from .registry import register_model
 
 __all__ = ["RESNET_CFGS", "BasicBlock", "Bottleneck", "ResNet", "ResNetCfg", "conv1x1", "conv3x3", "resnet18",
@@ -85,7 +86,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.kit = kit
+        self.kit = get_kit(kit or "eager")
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)
@@ -115,7 +116,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = downsample
-        self.kit = kit
+        self.kit = get_kit(kit or "eager")
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)

@@ -187,7 +187,8 @@ class GraphFuser:
         while node is not last:
             target = self._writes_into(node) if node not in nodes else None
             if target is not None and target in inputs:
-                return f"{self._label(node)} writes into {target.name} between {self._label(first)} and {self._label(last)}"
+                return (f"{self._label(node)} writes into {target.name} between {self._label(first)} and "
+                        f"{self._label(last)}")
             node = node.next
         return None
 

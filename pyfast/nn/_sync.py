@@ -6,8 +6,10 @@ three; every rank combines them with Chan's parallel formula (never E[x^2] - E[x
     n = sum n_i,   mean = sum n_i*mean_i / n,   var = sum n_i*(var_i + (mean_i - mean)^2) / n
 
 then normalizes its own slice. This is a composite: autograd differentiates through the all-gather
-(torch.distributed.nn), which sums every rank's gradient contribution, exactly the gradients of
-`nn.SyncBatchNorm`. The fused single-rank kernels are not used on this path.
+(a functional collective whose backward reduce-scatters), which sums every rank's gradient contribution:
+the gradients of `nn.SyncBatchNorm`. The fused single-rank kernels are not used on this path (a fused
+one would all-reduce between the BN primitives' reduction and elementwise passes, docs/ARCHITECTURE.md
+section 1). Unlike nn.SyncBatchNorm it also runs on CPU tensors (gloo).
 """
 from typing import Optional
 
@@ -36,7 +38,8 @@ def process_group_of(bn: Optional[nn.Module]):
 def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     """Training-mode F.batch_norm of x with statistics over the whole process group; updates the running
     statistics (and num_batches_tracked) in `args` like nn.SyncBatchNorm."""
-    import torch.distributed.nn.functional as dist_nn  # differentiable collectives
+    from torch.distributed._functional_collectives import all_gather_single  # differentiable; torch's
+    # replacement for the deprecated torch.distributed.nn.functional.all_gather
 
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D (N, C, H, W) input, got {x.dim()}-D of shape {tuple(x.shape)}")
@@ -49,7 +52,7 @@ def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     else:  # an empty local batch contributes nothing
         mean = var = xf.new_zeros(channels)
     local = torch.cat([mean, var, mean.new_full((1,), float(count))])
-    stats = torch.stack(dist_nn.all_gather(local, group=group))  # (world, 2C + 1)
+    stats = all_gather_single(local, 0, group).view(-1, local.numel())  # (world, 2C + 1)
     means, variances, counts = stats[:, :channels], stats[:, channels:2 * channels], stats[:, 2 * channels:]
     total = int(counts.sum().item())
     if total <= 1:

@@ -19,7 +19,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import fx, nn
 from torch.fx.graph_module import reduce_graph_module
 
@@ -66,8 +65,9 @@ class FuseReport:
 
 
 def fuse(model: nn.Module, inplace: bool = False, *, backend: Optional[str] = None) -> Tuple[nn.Module, FuseReport]:
-    """Rewrites Conv2d->BatchNorm2d->ReLU, BatchNorm2d->(+ shortcut [-> its own BatchNorm2d])->ReLU,
-    BatchNorm2d->ReLU->Conv2d, Conv2d->BatchNorm2d and add->ReLU into pyfast's fused calls.
+    """Rewrites Conv2d->BatchNorm2d->ReLU, relu(BatchNorm2d(y) + shortcut) (the shortcut as it is or
+    through its own BatchNorm2d), BatchNorm2d->ReLU->Conv2d, Conv2d->BatchNorm2d and relu(a + b) into
+    pyfast's fused calls (see `pyfast.nn._patterns` for the rules).
 
     Returns (fused model, report). The fused model is a FusedGraphModule (the model traced) or the model
     itself with FusedSequential children (the model does not trace); its state_dict is the model's,
@@ -157,8 +157,8 @@ def _adopt(gm: fx.GraphModule, root: nn.Module) -> None:
 def _check_same_state(fused: nn.Module, original: nn.Module) -> None:
     before, after = original.state_dict(keep_vars=True), fused.state_dict(keep_vars=True)
     if list(before) != list(after) or any(before[k] is not after[k] for k in before):
-        raise RuntimeError("pyfast.fuse changed the model's state_dict; please report this as a bug: "
-                           f"keys only before {sorted(set(before) - set(after))}, after {sorted(set(after) - set(before))}")
+        raise RuntimeError("pyfast.fuse changed the model's state_dict; please report this as a bug: keys only "
+                           f"before {sorted(set(before) - set(after))}, only after {sorted(set(after) - set(before))}")
 
 
 class _Tracer(fx.Tracer):

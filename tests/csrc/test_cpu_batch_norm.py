@@ -31,7 +31,7 @@ def rand(shape, dtype, fmt="nchw", loc=0.0, scale=1.0):
 
 
 def col(v, ct):
-    return v.to(ct).view(1, -1, *([1] * 2))
+    return v.to(ct).view(1, -1, 1, 1)
 
 
 def reduce_dims(x):
@@ -43,7 +43,6 @@ class Case:
 
     def __init__(self, shape, dtype, fmt, residual, affine=True):
         c, a = shape[1], acc(dtype)
-        self.dtype = dtype
         self.x, self.grad_out = rand(shape, dtype, fmt), rand(shape, dtype, fmt)
         self.scale = torch.randn(c, dtype=a) if affine else None
         self.shift = torch.randn(c, dtype=a) if affine else None
@@ -110,7 +109,7 @@ def test_stats_large_mean_is_stable(fmt):
     x = rand((8, 16, 24, 24), f32, fmt, loc=1e4)
     ref_var = torch.var(x.double(), dim=(0, 2, 3), unbiased=False)
     _, var = ops.bn_stats(x)
-    assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-3
+    assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-4  # the issue asks ~1e-3
 
 
 @pytest.mark.parametrize("shape,dtype,fmt,residual,relu", cases(RESIDUALS, [False, True]))
@@ -200,6 +199,11 @@ def test_mixed_formats_and_odd_strides_match_contiguous():
     actual = ops.bn_act_forward(case.x, case.scale, case.shift, residual_nchw, case.res_scale, case.res_shift, True)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    rest = (case.scale, case.shift, case.mean, case.invstd, residual_nchw, case.res_scale, case.res_shift,
+            case.res_mean, case.res_invstd, True)
+    for a, b in zip(ops.bn_act_backward_reduce(case.grad_out.contiguous(), case.x, *rest),
+                    ops.bn_act_backward_reduce(case.grad_out, case.x, *rest)):
+        assert torch.equal(a, b)
     sliced = torch.randn(4, 8, 6, 10)[..., ::2]
     _, var = ops.bn_stats(sliced)
     torch.testing.assert_close(var, sliced.var(dim=(0, 2, 3), unbiased=False))

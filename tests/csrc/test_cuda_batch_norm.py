@@ -11,10 +11,7 @@ import math
 import pytest
 import torch
 
-try:
-    from tests.tolerances import RELATIVE, assert_close
-except ImportError:  # tests/ itself is on sys.path (pytest's default rootdir-less import mode)
-    from tolerances import RELATIVE, assert_close
+from tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -42,6 +39,22 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(2, 5, 3, 7), (3, 8, 4, 4), (2, 12, 7, 7), (2, 6, 14, 14), (8, 4, 64, 64)]
 RESIDUALS = ["none", "identity", "bn"]
 EPS = 1e-5
+
+
+def _id(value):
+    """Readable test ids: float32, 2x5x3x7, nhwc, relu."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return None
+
+
+over_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+over_layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+over_shapes = pytest.mark.parametrize("shape", SHAPES, ids=_id)
+over_residuals = pytest.mark.parametrize("residual", RESIDUALS)
+over_relu = pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 
 
 def acc_dtype(dtype):
@@ -141,9 +154,9 @@ def assert_same_format(out, x):
 # --- bn_stats --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_shapes
+@over_layouts
+@over_dtypes
 def test_bn_stats(dtype, channels_last, shape):
     x = rand4d(shape, dtype, channels_last, loc=0.5, std=2.0)
     mean, var = OPS.bn_stats(x)
@@ -153,14 +166,14 @@ def test_bn_stats(dtype, channels_last, shape):
     check(var, ref_var, acc_dtype(dtype), what="var")
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@over_layouts
 def test_bn_stats_large_mean(channels_last):
     """Mean 1e4, std 1 in float32: a naive E[x^2] - E[x]^2 loses the variance entirely."""
     x = rand4d((16, 3, 32, 32), torch.float32, channels_last, loc=1e4)
     mean, var = OPS.bn_stats(x)
     ref_var, ref_mean = torch.var_mean(f64(x), dim=(0, 2, 3), unbiased=False)
     check(mean, ref_mean, torch.float32, what="mean")
-    assert (var.cpu().double() - ref_var).abs().max().item() < 1e-3, f"var {var.tolist()} vs {ref_var.tolist()}"
+    check(var, ref_var, torch.float32, what="var")  # ~1, to float32's 1e-4
 
 
 def test_bn_stats_empty_batch():
@@ -189,11 +202,11 @@ def _without_affine(case):
     return plain
 
 
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("residual", RESIDUALS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_relu
+@over_residuals
+@over_shapes
+@over_layouts
+@over_dtypes
 def test_bn_act_forward(dtype, channels_last, shape, residual, relu):
     case = Case(shape, dtype, channels_last, residual)
     out = forward(case, relu)
@@ -203,7 +216,7 @@ def test_bn_act_forward(dtype, channels_last, shape, residual, relu):
 
 
 @pytest.mark.parametrize("residual", ["none", "identity"])
-@pytest.mark.parametrize("channels_last", [False, True])
+@over_layouts
 def test_bn_act_forward_without_affine(channels_last, residual):
     """scale/shift None: relu(x [+ residual]), the add_relu case."""
     case = Case((2, 6, 5, 5), torch.bfloat16, channels_last, residual)
@@ -243,11 +256,11 @@ def reduce_reference(case, g, relu, mean, invstd, res_mean, res_invstd):
     return sums
 
 
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("residual", RESIDUALS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@over_relu
+@over_residuals
+@over_shapes
+@over_layouts
+@over_dtypes
 def test_bn_act_backward_reduce(dtype, channels_last, shape, residual, relu):
     case = Case(shape, dtype, channels_last, residual)
     g = case.grad_out()
@@ -299,12 +312,12 @@ def elemt_reference(case, relu, g, mean, invstd, res_mean, res_invstd, mean_dz, 
     return grad_x, dz if case.res_scale is None else pc(case.res_scale) * dz
 
 
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("residual", RESIDUALS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@over_relu
+@over_residuals
+@over_shapes
+@over_layouts
+@over_dtypes
 def test_bn_act_backward_elemt(dtype, channels_last, shape, residual, relu, training):
     case = Case(shape, dtype, channels_last, residual)
     args = elemt_inputs(case, relu, training)
@@ -327,8 +340,8 @@ def test_bn_act_backward_elemt(dtype, channels_last, shape, residual, relu, trai
 
 
 @pytest.mark.parametrize("offset", [1, 2, 3])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@over_layouts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 def test_misaligned_storage(dtype, channels_last, offset):
     """Tensors starting 1-3 elements into their storage take the narrower/scalar paths, with the same results."""
     case = Case((4, 8, 8, 8), dtype, channels_last, "bn", offset=offset)
@@ -336,6 +349,7 @@ def test_misaligned_storage(dtype, channels_last, offset):
     check(forward(case, True), forward_reference(case, True), dtype, eager=forward_reference(case, True, dtype=dtype))
     mean, var = OPS.bn_stats(case.x)
     ref_var, ref_mean = torch.var_mean(f64(case.x), dim=(0, 2, 3), unbiased=False)
+    check(mean, ref_mean, torch.float32, what="mean")
     check(var, ref_var, torch.float32, what="var")
     args = elemt_inputs(case, True, True)
     g, mean, invstd, res_mean, res_invstd, mean_dz, mean_dz_xhat, mean_dz_rhat = args
@@ -352,7 +366,7 @@ def test_misaligned_storage(dtype, channels_last, offset):
         check(actual, ref, dtype, eager=eager, kind="backward", what=name)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@over_layouts
 def test_more_channel_tiles_than_grid_y(channels_last):
     """More than 65535 channel tiles: NCHW has one tile per channel, channels_last one per 32 channels (odd C:
     scalar path), so both loop over grid.y."""
@@ -378,7 +392,7 @@ LARGE_SHAPES = [((1, 8, 2**14 + 1, 2**14 + 1), False), ((1, 8, 2**14, 2**14 + 8)
                 ((1, 9, 2**14, 14564), True)]
 
 
-@pytest.mark.parametrize("shape,channels_last", LARGE_SHAPES)
+@pytest.mark.parametrize("shape,channels_last", LARGE_SHAPES, ids=["nchw-scalar", "nchw-vec16B", "nhwc-scalar"])
 def test_beyond_2_31_elements(shape, channels_last):
     assert math.prod(shape) > 2**31
     free, _ = torch.cuda.mem_get_info()
@@ -404,19 +418,61 @@ def test_beyond_2_31_elements(shape, channels_last):
         assert abs(var[ch].item() - ref_var.item()) <= 1e-4 * ref_var.item(), f"var[{ch}]"
 
 
-# --- argument checks -------------------------------------------------------------------------------------
+# --- other ranks, argument checks -----------------------------------------------------------------------
 
 
-def test_bad_arguments_are_named():
-    x = torch.randn(2, 3, 4, 4, device=DEVICE)
-    with pytest.raises((ValueError, RuntimeError), match="x must be a 4-D"):
-        OPS.bn_stats(x[0])
-    with pytest.raises((ValueError, RuntimeError), match="scale"):
-        OPS.bn_act_forward(x, torch.ones(4, device=DEVICE), None, None, None, None, True)
-    with pytest.raises((ValueError, RuntimeError), match="scale"):
-        OPS.bn_act_forward(x, torch.ones(3, device=DEVICE, dtype=torch.float64), None, None, None, None, True)
-    with pytest.raises((ValueError, RuntimeError), match="residual"):
-        OPS.bn_act_forward(x, None, None, torch.randn(2, 3, 4, 5, device=DEVICE), None, None, True)
-    with pytest.raises((ValueError, RuntimeError), match="res_invstd"):
-        ones = torch.ones(3, device=DEVICE)
-        OPS.bn_act_backward_reduce(x, x, None, None, ones, ones, x, None, None, ones, None, True)
+@pytest.mark.parametrize("shape,memory_format", [((6, 5), None), ((3, 4, 7), None), ((2, 3, 2, 3, 4), None),
+                                                 ((2, 3, 2, 3, 4), torch.channels_last_3d)],
+                         ids=["2d", "3d", "5d", "5d-channels_last_3d"])
+def test_any_rank_from_two(shape, memory_format):
+    """(N, C, *) like the CPU kernels: the trailing sizes act as H*W; channels_last_3d stays channels-innermost."""
+    x = torch.randn(shape, device=DEVICE)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    c, dims, view = shape[1], [0] + list(range(2, len(shape))), (1, -1) + (1,) * (len(shape) - 2)
+    scale, shift = rand_channels(c, torch.float32), rand_channels(c, torch.float32)
+    out = OPS.bn_act_forward(x, scale, shift, x, None, None, True)
+    ref = torch.relu(f64(x) * f64(scale).view(view) + f64(shift).view(view) + f64(x))
+    check(out, ref, torch.float32)
+    if memory_format is not None:
+        assert out.is_contiguous(memory_format=memory_format)
+    mean, var = OPS.bn_stats(x)
+    ref_var, ref_mean = torch.var_mean(f64(x), dim=dims, unbiased=False)
+    check(mean, ref_mean, torch.float32, what="mean")
+    check(var, ref_var, torch.float32, what="var")
+
+
+def _bad_calls():
+    """The CPU tests' table (tests/csrc/test_cpu_batch_norm.py): the CUDA kernels fail alike."""
+    x, c3 = torch.zeros(2, 3, 4, 4, device=DEVICE), torch.zeros(3, device=DEVICE)
+    return {
+        "x rank": (lambda: OPS.bn_stats(torch.zeros(3, device=DEVICE)), "x must have shape"),
+        "x dtype": (lambda: OPS.bn_stats(x.int()), "x must be float32"),
+        "scale length": (lambda: OPS.bn_act_forward(x, torch.zeros(4, device=DEVICE), None, None, None, None, True),
+                         "scale"),
+        "shift dtype": (lambda: OPS.bn_act_forward(x, None, c3.double(), None, None, None, True), "shift must be Float"),
+        "residual shape": (lambda: OPS.bn_act_forward(x, None, None, x[:1], None, None, True), "residual"),
+        "residual dtype": (lambda: OPS.bn_act_forward(x, None, None, x.double(), None, None, True), "residual"),
+        "res_scale alone": (lambda: OPS.bn_act_forward(x, None, None, None, c3, None, True), "res_scale"),
+        "grad_out dtype": (lambda: OPS.bn_act_backward_reduce(x.half(), x, None, None, c3, c3, *[None] * 5, True),
+                           "grad_out"),
+        "invstd dtype": (lambda: OPS.bn_act_backward_reduce(x, x, None, None, c3, c3.double(), *[None] * 5, True),
+                         "invstd"),
+        "res_invstd missing": (lambda: OPS.bn_act_backward_reduce(x, x, None, None, c3, c3, x, None, None, c3, None,
+                                                                  True), "res_invstd"),
+        "mean missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, c3, c3, None), "mean is required"),
+        "mean_dz missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, None, c3, None), "mean_dz"),
+        "device": (lambda: OPS.bn_act_forward(x, c3.cpu(), None, None, None, None, True), "device"),
+    }
+
+
+BAD_CALLS = ["x rank", "x dtype", "scale length", "shift dtype", "residual shape", "residual dtype",
+             "res_scale alone", "grad_out dtype", "invstd dtype", "res_invstd missing", "mean missing",
+             "mean_dz missing", "device"]
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+def test_bad_arguments_raise_naming_them(name):
+    call, message = _bad_calls()[name]
+    with pytest.raises(RuntimeError, match=message):
+        call()

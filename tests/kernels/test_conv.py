@@ -197,3 +197,84 @@ def test_bad_inputs_raise_value_error(change, message):
     args = dict(x=x, weight=w) | change(x, w, torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match=message):
         conv.conv2d(args.pop("x"), args.pop("weight"), **args)
+
+
+# ---- GPU: real sizes ----
+# Batch 8, channels_last, against torch's float64 convolution on CPU (bf16 also against eager cuDNN's own
+# error). The first call of each shape and dtype autotunes: these tests spend most of their time compiling.
+
+# N, C_in, C_out, (H, W), kernel, stride, padding, groups
+REAL_SHAPES = {
+    "regnet-w16-56": (8, 32, 32, (56, 56), 3, 1, 1, 2),  # group width 16: the narrowest tl.dot groups
+    "regnet-w16-56-stride2": (8, 32, 32, (56, 56), 3, 2, 1, 2),
+    "regnet-w16-28": (8, 80, 80, (28, 28), 3, 1, 1, 5),
+    "regnet-w16-14": (8, 128, 128, (14, 14), 3, 1, 1, 8),
+    "regnet-w16-7": (8, 256, 256, (7, 7), 3, 1, 1, 16),  # M = 392: few pixel tiles, many groups
+    "regnet-w8-56-direct": (8, 24, 24, (56, 56), 3, 1, 1, 3),  # RegNetX-200MF's group width 8: the direct path
+    "resnet-1x1": (8, 64, 256, (56, 56), 1, 1, 0, 1),
+    "resnet-3x3": (8, 64, 64, (56, 56), 3, 1, 1, 1),
+    "stem-7x7-stride2": (8, 3, 64, (224, 224), 7, 2, 3, 1),  # C_in_g = 3: direct path
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [bf16, f32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", REAL_SHAPES.values(), ids=REAL_SHAPES.keys())
+def test_real_size(shape, dtype):
+    n, c_in, c_out, hw, kernel, stride, padding, groups = shape
+    x, w = _make(n, c_in, c_out, hw, kernel, groups, dtype)
+    bias = torch.randn(c_out, device=DEVICE)
+    out = conv.conv2d(x, w, bias, stride, padding, 1, groups)
+    _check(out, *_expected(x, w, bias, stride, padding, 1, groups), dtype)
+
+
+@pytest.mark.gpu
+def test_real_size_tf32(monkeypatch):
+    """fp32 with torch.backends.cudnn.allow_tf32 (PyTorch's default): tl.dot in TF32, with TF32's error
+    (10-bit mantissa, ~5e-4): more than exact fp32's ~1e-7, or the flag did not reach the kernel."""
+    from tolerances import relative_error
+
+    n, c_in, c_out, hw, kernel, stride, padding, groups = REAL_SHAPES["resnet-3x3"]
+    x, w = _make(n, c_in, c_out, hw, kernel, groups, f32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    out = conv.conv2d(x, w, None, stride, padding)
+    err = relative_error(out, _expected(x, w, None, stride, padding)[0])
+    assert 1e-5 < err <= 2e-3, f"TF32 relative error {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_real_size_prologue():
+    """bn_relu_conv at RegNet's 14x14 stage: relu(x*scale + shift) while loading, bias + ReLU epilogue."""
+    x, w = _make(8, 128, 128, (14, 14), 3, 8, bf16)
+    bn = dict(in_scale=torch.rand(128, device=DEVICE) + 0.5, in_shift=torch.randn(128, device=DEVICE), in_relu=True)
+    bias = torch.randn(128, device=DEVICE)
+    out = conv.conv2d(x, w, bias, padding=1, groups=8, relu=True, **bn)
+    _check(out, *_expected(x, w, bias, padding=1, groups=8, relu=True, **bn), bf16)
+
+
+@pytest.mark.gpu
+def test_real_size_stats():
+    """Statistics epilogue over 25088 pixels (hundreds of tiles merged by the combine) with a mean of 1e4."""
+    x, w = _make(8, 64, 64, (56, 56), 3, 1, f32)
+    bias = torch.randn(64, device=DEVICE) + 1e4
+    out, mean, var = conv.conv2d(x, w, bias, padding=1, compute_stats=True)
+    _check(out, *_expected(x, w, bias, padding=1), f32)
+    ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, dtype=f32, what="mean")
+    assert_close(var, ref_var, dtype=f32, what="var")
+
+
+@pytest.mark.gpu
+def test_output_beyond_2_to_the_31_elements():
+    """A 1x1 conv 3x64x2048x2048 -> 256 channels in bf16: 3.2e9 output elements (~8 GB in all) need int64
+    offsets; the first rows of image 0 and the last rows of image 2 (all past 2**31) are checked."""
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GB of free GPU memory")
+    x = torch.randn(3, 2048, 2048, 64, device=DEVICE, dtype=bf16).permute(0, 3, 1, 2)  # channels_last
+    w = (torch.randn(256, 64, 1, 1, device=DEVICE) / 8).to(bf16)
+    bias = torch.randn(256, device=DEVICE)
+    out = conv.conv2d(x, w, bias)
+    assert out.numel() > conv._MAX_INT32_NUMEL
+    for img, rows in ((0, slice(0, 8)), (2, slice(-8, None))):  # 1x1, stride 1: output rows = input rows
+        x_part = x[img:img + 1, :, rows]
+        _check(out[img:img + 1, :, rows], *_expected(x_part, w, bias), bf16)

@@ -108,7 +108,7 @@ def test_channels_last(name, mode):
         layouts = []
         last_block = model.trunk_output[-1][-1] if hasattr(model, "trunk_output") else model.stages()[-1][-1]
         last_block.register_forward_hook(
-            lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+            lambda m, i, o, seen=layouts: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
         run_ref = _run(reference, x, torch.ones(shape[0], 10, dtype=torch.float64))
         run = _run(model, x.contiguous(memory_format=torch.channels_last),
                    torch.ones(shape[0], 10, dtype=torch.float64))
@@ -143,3 +143,13 @@ def test_copies_keep_the_backend():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         create("resnet18", backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["eager", "fast"])
+def test_compiles_without_graph_breaks(backend):
+    """Dynamo traces both backends whole (the kits are plain objects, nothing imported at call time)."""
+    torch.manual_seed(0)
+    model = create("preact_resnet18", widths=(4, 4, 8, 8), stem_width=4, num_classes=3, backend=backend)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))

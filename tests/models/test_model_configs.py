@@ -124,7 +124,7 @@ def test_where_pycls_rounds_differently():
     bumps to 120); its published 5.2M and 22.1M parameters are those of its own widths."""
     differ = {}
     for name, cfg in REGNETX_CFGS.items():
-        ws, ds, gs = pycls_regnet(cfg.depth, cfg.w0, cfg.wa, cfg.wm, cfg.group_width)
+        ws, ds, _ = pycls_regnet(cfg.depth, cfg.w0, cfg.wa, cfg.wm, cfg.group_width)
         if tuple(ws) != REGNETX_GOLDEN[name][0]:
             differ[name] = ws
             assert tuple(ds) == REGNETX_GOLDEN[name][1]

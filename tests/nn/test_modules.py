@@ -7,8 +7,7 @@ from tolerances import assert_close
 from torch import nn
 
 import pyfast
-from pyfast.nn import (AddReLU, BNAddReLU, BNReLUConv2d, ConvBNReLU2d, LazyBNAddReLU, LazyBNReLUConv2d,
-                       LazyConvBNReLU2d)
+from pyfast.nn import AddReLU, BNAddReLU, BNReLUConv2d, ConvBNReLU2d, LazyBNAddReLU, LazyBNReLUConv2d, LazyConvBNReLU2d
 
 BN_CONFIGS = {
     "default": {},

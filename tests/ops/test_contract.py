@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from harness import skip_unless_runs
 from pyfast import ops
 
 NEEDS_CPU = pytest.mark.skipif(ops.BACKENDS["cpu"].unavailable() is not None, reason="pyfast._C not built")
@@ -198,3 +199,19 @@ def test_torch_compile_fullgraph_matches_eager():
             actual.square().sum().backward()
             torch.testing.assert_close(compiled.conv1.weight.grad, eager.conv1.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), pytest.param("cpu", "cpu", marks=NEEDS_CPU),
+                                            ("triton", "cpu")])
+def test_nan_propagates_like_pytorch(backend, device):
+    """relu(NaN) is NaN forward, and its backward lets the gradient through, as torch.relu does."""
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = float("nan")
+    skip_unless_runs(backend, "add_relu", x)
+    expected_x, actual_x = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
+    expected = torch.relu(expected_x + 0.5)
+    actual = ops.add_relu(actual_x, torch.full_like(actual_x, 0.5), backend=backend)
+    torch.testing.assert_close(actual.cpu(), expected, equal_nan=True)
+    expected.backward(torch.ones_like(expected))
+    actual.backward(torch.ones_like(actual))
+    torch.testing.assert_close(actual_x.grad.cpu(), expected_x.grad)

@@ -112,3 +112,18 @@ def test_plot_speedups_writes_a_png(tmp_path):
 
 def test_plot_speedups_skips_an_empty_document(tmp_path):
     assert results.plot_speedups(_doc([]), str(tmp_path / "chart.png")) is None
+
+
+def test_kernel_summary_and_the_printing_entry_point(tmp_path, capsys):
+    doc = {"schema": results.KERNELS_SCHEMA, "environment": ENV, "ceilings": {}, "skipped": ["late case: time limit"],
+           "rows": [{"case": "c1", "mode": "inference", "dtype": "bf16", "layout": "channels_last",
+                     "backends": {"reference": _measurement(1.0),
+                                  "cuda": {**_measurement(0.5), "speedup_vs_eager": 2.0, "roofline_fraction": 0.25},
+                                  "triton": {"error": "no"}}}]}
+    lines = results.kernel_summary(doc).splitlines()
+    assert lines[1].split() == ["case", "mode", "eager", "ms", "x", "cuda", "x", "triton", "best", "%roofline"]
+    assert lines[3].split() == ["c1", "inference", "1.00", "2.00", "-", "25"]
+    path = results.write_json(doc, str(tmp_path / "k.json"))
+    results.main([path, "--short"])
+    printed = capsys.readouterr().out
+    assert "c1" in printed and "skipped: late case" in printed

@@ -1,0 +1,96 @@
+"""The op cases of kernels.py: shapes against the models' own, FLOP and byte counts, one timed row."""
+import argparse
+
+import pytest
+import torch
+
+from pyfast import models
+from pyfast.benchmarks import kernels
+from pyfast.benchmarks.workloads import Config
+
+
+def test_case_counts_by_hand():
+    case = kernels.OpCase("net", "s1", "conv_bn_relu", 2, 32, 8, 8, 64, kernel=3, stride=2, groups=2)
+    assert case.output_shape() == (2, 64, 4, 4)
+    assert case.flops("inference") == 2 * (2 * 64 * 4 * 4) * 16 * 9
+    assert case.flops("train_step") == 3 * case.flops("inference")
+    a, o, w = 2 * 32 * 8 * 8 * 2, 2 * 64 * 4 * 4 * 2, 64 * 16 * 9 * 2  # bf16 bytes
+    assert case.min_bytes("train_forward", torch.bfloat16) == a + o + w
+    assert case.min_bytes("train_step", torch.bfloat16) == 3 * a + 2 * o + 3 * w
+    assert case.name == "net.s1 conv_bn_relu 3x3 g2 s2 32->64 @8x8"
+
+
+def test_elementwise_cases_move_bytes_and_no_flops():
+    case = kernels.OpCase("net", "s1", "bn_add_relu", 2, 16, 4, 4, shortcut_bn=True)
+    assert case.input_shapes() == [(2, 16, 4, 4)] * 2 and case.flops("train_step") == 0
+    assert case.min_bytes("inference", torch.float32) == 3 * 2 * 16 * 4 * 4 * 4
+    assert case.name == "net.s1 bn_add_relu 16 proj @4x4"
+
+
+@pytest.mark.parametrize("net, in_chans", [("regnetx_32", 1), ("resnet50", 3)])
+def test_stage_shapes_match_the_models(net, in_chans):
+    """Each case's input that is a block's input (all but the 3x3 convolutions inside a block) has a
+    shape the model's complexity reports for one of its blocks."""
+    with torch.device("meta"):
+        model = models.create(net, in_chans=in_chans)
+    units = model.complexity((128, in_chans, 224, 224)).units
+    block_inputs = {u.in_shape for u in units if u.name not in ("stem", "head")}
+    cases = kernels.NETS[net](128, 224)
+    assert cases[0].input_shapes()[0] == units[0].in_shape[:1] + (cases[0].c_in,) + units[0].in_shape[2:]
+    assert cases[0].output_shape()[1:] == (units[0].out_shape[1], 112, 112)
+    for case in cases[1:]:
+        if case.kernel == 1:
+            assert case.input_shapes()[0] in block_inputs, case.name
+
+
+def test_time_case_on_the_cpu(fixed_ceilings):
+    case = kernels.OpCase("net", "s1", "conv_bn_relu", 2, 8, 6, 6, 8, kernel=3, groups=2)
+    config = Config("train_step", "fp32", "channels_last", "cpu")
+    row = kernels.time_case(case, config, ["reference", "no-such-backend"], fixed_ceilings, warmup=1, repeats=2)
+    ref = row["backends"]["reference"]
+    assert ref["speedup_vs_eager"] == pytest.approx(1.0)
+    assert ref["tflops"] == pytest.approx(case.flops("train_step") / (ref["median_ms"] * 1e-3) / 1e12)
+    assert ref["bandwidth_fraction"] == pytest.approx(ref["gbps"] / fixed_ceilings.copy_gbps)
+    assert 0 < ref["roofline_fraction"]
+    assert "no-such-backend" in row["backends"]["no-such-backend"]["error"]
+
+
+def test_time_case_in_bf16(fixed_ceilings):
+    """Weights, activations and gradients all in bf16, no autocast (BN parameters stay float32)."""
+    case = kernels.OpCase("net", "s1", "bn_relu_conv", 2, 8, 4, 4, 8, kernel=1)
+    config = Config("train_step", "bf16", "channels_last", "cpu")
+    row = kernels.time_case(case, config, ["reference"], fixed_ceilings, warmup=1, repeats=2)
+    assert "median_ms" in row["backends"]["reference"], row["backends"]["reference"]
+    assert row["min_bytes"] == case.min_bytes("train_step", torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_every_op_runs_through_its_module(op):
+    shapes = dict(conv_bn_relu=(8, 3, 1), bn_relu_conv=(8, 1, 1), bn_add_relu=(0, 1, 1), add_relu=(0, 1, 1))
+    c_out, kernel, groups = shapes[op]
+    case = kernels.OpCase("net", "s1", op, 2, 8, 4, 4, c_out, kernel=kernel, groups=groups)
+    config = Config("train_step", "fp32", "nchw", "cpu")
+    module = kernels.op_module(case, "reference", config)
+    *inputs, grad = kernels.op_inputs(case, config)()
+    out = module(*inputs)
+    assert out.shape == case.output_shape() == grad.shape
+
+
+def test_arguments():
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    args = parser.parse_args(["--nets", "resnet50", "--ops", "add_relu", "--dtype", "bf16", "--time-limit", "60"])
+    assert (args.nets, args.ops, args.dtype, args.time_limit) == (["resnet50"], ["add_relu"], ["bf16"], 60.0)
+    assert kernels.fused_backends("cpu") == ["cpu"]
+
+
+def test_kernels_main_on_a_tiny_size(tmp_path, fixed_ceilings, capsys):
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    out = tmp_path / "k.json"
+    doc = kernels.main(parser.parse_args(["--nets", "regnetx_32", "--ops", "add_relu", "--modes", "inference",
+                                          "--batch-size", "2", "--image-size", "32", "--repeats", "2",
+                                          "--out", str(out)]))
+    assert len(doc["rows"]) == 4 and out.exists()  # one add_relu per stage
+    assert all(r["env"]["torch"] == torch.__version__ for r in doc["rows"])
+    assert "x eager" in capsys.readouterr().out

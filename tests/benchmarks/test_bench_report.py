@@ -1,0 +1,117 @@
+"""`python -m pyfast bench`: argument handling, and one end-to-end run on a tiny stand-in model."""
+import argparse
+import json
+
+import pytest
+
+from pyfast import __main__ as cli
+from pyfast import models
+from pyfast.benchmarks import report, results
+
+from bench_standins import tiny_model
+
+
+def _parse(*argv):
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cpu_defaults_are_small():
+    s = report.settings(_parse("--device", "cpu"))
+    assert s["models"] == report.CPU_MODELS and s["dtype"] == ["fp32"]
+    assert s["batch_size"] <= 4 and s["image_size"] <= 64 and s["time_limit"] < 600
+    # torch.compile for one small model, listed first so that the time limit cannot cut what follows it short
+    assert [m for m in s["models"] if report.compiles(m, s)] == ["vionet_d"] == s["models"][:1]
+
+
+def test_gpu_defaults_are_the_judged_configuration():
+    s = report.settings(_parse("--device", "cuda"))
+    assert (s["batch_size"], s["image_size"], s["compile"]) == (128, 224, True)
+    assert s["models"][0] == "regnetx_32"
+
+
+def test_quick_shrinks_and_explicit_flags_win():
+    quick = report.settings(_parse("--device", "cpu", "--quick"))
+    assert len(quick["models"]) == 1 and quick["repeats"] < report._defaults(False)["repeats"]
+    assert not report.compiles(quick["models"][0], quick)
+    s = report.settings(_parse("--device", "cpu", "--quick", "--models", "resnet18", "resnet50", "--modes",
+                               "train_forward", "--dtype", "bf16", "fp32", "--layout", "nchw", "--batch-size", "3",
+                               "--image-size", "40", "--in-chans", "1", "3", "--repeats", "7", "--compile"))
+    assert s["models"] == ["resnet18", "resnet50"] and s["modes"] == ["train_forward"]
+    assert (s["dtype"], s["layout"], s["batch_size"], s["image_size"]) == (["bf16", "fp32"], ["nchw"], 3, 40)
+    assert (s["in_chans"], s["repeats"], s["compile"]) == ([1, 3], 7, True)
+    assert report.settings(_parse("--device", "cuda", "--no-compile"))["compile"] is False
+
+
+@pytest.mark.parametrize("flags, compiled", [([], ["vionet_d"]), (["--no-compile"], []),
+                                             (["--compile"], ["vionet_d", "resnet18"]),
+                                             (["--compile-models", "resnet18"], ["resnet18"]),
+                                             (["--quick", "--compile-models", "resnet18"], ["resnet18"])])
+def test_which_models_compile_on_the_cpu(flags, compiled):
+    s = report.settings(_parse("--device", "cpu", "--models", "vionet_d", "resnet18", *flags))
+    assert [m for m in s["models"] if report.compiles(m, s)] == compiled
+
+
+def test_all_models():
+    assert report.settings(_parse("--device", "cpu", "--models", "all"))["models"] == models.list_models()
+
+
+@pytest.mark.parametrize("bad", [["--modes", "sideways"], ["--dtype", "fp8"], ["--compile", "--no-compile"]])
+def test_bad_arguments_are_refused(bad):
+    with pytest.raises(SystemExit):
+        _parse(*bad)
+
+
+def test_configurations_run_model_by_model_with_native_inputs():
+    s = report.settings(_parse("--device", "cpu", "--models", "regnetx_32", "resnet18", "--modes", "inference",
+                               "train_step"))
+    todo = report.configurations(s)
+    assert [(m, c, n, cfg.mode) for m, c, n, cfg in todo] == [
+        ("regnetx_32", 1, 10, "inference"), ("regnetx_32", 1, 10, "train_step"),
+        ("resnet18", 3, 1000, "inference"), ("resnet18", 3, 1000, "train_step")]
+
+
+def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, fixed_ceilings, capsys):
+    monkeypatch.setattr(models, "create", tiny_model)
+    out = tmp_path / "run.json"
+    cli.main(["bench", "--models", "anynet", "--modes", "inference", "train_step", "--batch-size", "2",
+              "--image-size", "16", "--repeats", "3", "--no-compile", "--threads", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert [r["mode"] for r in doc["rows"]] == ["inference", "train_step"]
+    for row in doc["rows"]:
+        assert row["env"]["device"] == doc["environment"]["device"]
+        assert row["providers"]["compile"] == {"skipped": "--no-compile"}
+        assert row["providers"]["eager"]["repeats"] >= 3
+        assert "median_ms" in row["providers"]["pyfast"], row["providers"]["pyfast"]
+        assert row["speedup_vs_eager"] > 0 and row["flops"] > 0
+    assert doc["rows"][0]["rel_err_vs_eager"] < 1e-4
+    assert (tmp_path / "run.png").exists()
+    printed = capsys.readouterr().out
+    assert "x eager" in printed and "wrote" in printed and "anynet" in printed
+
+
+def test_a_misspelt_model_fails_before_anything_runs():
+    with pytest.raises(ValueError, match="did you mean 'resnet50'"):
+        report.main(_parse("--device", "cpu", "--models", "resnet_50"))
+
+
+def test_a_failing_model_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, fixed_ceilings):
+    def factory(name, **kwargs):
+        if name == "broken":
+            raise RuntimeError("out of memory")
+        return tiny_model(name, **kwargs)
+
+    doc = report.main(_parse("--device", "cpu", "--models", "broken", "tiny", "--modes", "inference", "--repeats",
+                             "2", "--no-compile", "--threads", "1", "--out", str(tmp_path / "r.json")), factory)
+    assert "out of memory" in doc["skipped"][0] and [r["model"] for r in doc["rows"]] == ["tiny"]
+
+
+def test_time_limit_skips_and_still_writes(tmp_path, monkeypatch, fixed_ceilings):
+    monkeypatch.setattr(models, "create", tiny_model)
+    out = tmp_path / "run.json"
+    doc = report.main(_parse("--device", "cpu", "--models", "anynet", "--modes", "inference", "--time-limit", "0",
+                             "--threads", "1", "--out", str(out)))
+    assert doc["rows"] == [] and "time-limit" in doc["skipped"][0]
+    results.validate(json.loads(out.read_text()))

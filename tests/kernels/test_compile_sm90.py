@@ -1,0 +1,361 @@
+"""Ahead-of-time compile of the Triton kernels (kernels/conv.py, kernels/batch_norm.py) for an H100, without a GPU.
+
+`triton.compile` runs the whole pipeline (Triton IR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for
+target sm_90, so a kernel that only breaks in the real compiler (the interpreter accepts far more:
+layouts, tl.dot shapes, dtypes of loop-carried values, shared memory) fails here, on the CPU CI.
+
+Every value of every constexpr flag is compiled at least once (not their product), with the launch
+specialization the JIT would use (pointers 16-byte aligned, ints divisible by 16 marked so, ints equal
+to 1 and absent (None) pointers constexpr), each case with the largest or the smallest of the autotune
+configs that the kernel's own pruning keeps for the case's shape:
+  conv: dot / direct, prologue on / off, stats on / off, int64 on / off, fp32 (tf32 and ieee) / bf16 /
+        fp16, and the statistics combine;
+  batch_norm: each of its five kernels in NCHW and in channels_last, with representative flags.
+Checks: the compile succeeds, shared memory fits the 227 KB an H100 block may use, the tl.dot path
+runs on tensor cores (wgmma / mma in the PTX, HGMMA / HMMA in the SASS where cuobjdump is there) and
+the direct path and the exact-fp32 dot do not.
+
+The compiles run in subprocesses that import fresh copies of the kernel modules with TRITON_INTERPRET
+unset (conftest sets it on machines without a GPU, and Triton reads it when a kernel is decorated),
+two at a time, against a fresh Triton cache. Skipped only when Triton's ptxas cannot be found.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
+WORKERS = 2
+WORKER_TIMEOUT_S = 300
+# Pointer arguments in the input dtype; every other pointer is a per-channel vector / buffer in acc dtype.
+DATA_POINTERS = {"x_ptr", "w_ptr", "out_ptr", "res_ptr", "grad_ptr", "grad_x_ptr", "grad_res_ptr"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cases: plain data, shipped to the worker as JSON
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _conv_ints(n, c_in, hw, c_out, k, stride, pad, groups):
+    """The int arguments conv2d() passes for x (n, c_in, *hw), a k x k kernel, stride, padding and groups."""
+    h, w = hw
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    return dict(H=h, W=w, C_in=c_in, OH=oh, OW=ow, C_out=c_out, M=n * oh * ow, C_in_g=c_in // groups,
+                C_out_g=c_out // groups, stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=1, dil_w=1,
+                KH=k, KW=k)
+
+
+def _conv(kernel, dtype, shape, config, mma, prologue=False, in_relu=False, bias=True, relu=False, stats=False,
+          int64=False, precision="tf32"):
+    """A _conv2d_kernel compile through the `kernel` autotuner (_conv2d_dot / _conv2d_direct)."""
+    ints = _conv_ints(*shape)
+    constexprs = dict(KH=ints.pop("KH"), KW=ints.pop("KW"), PROLOGUE=prologue, IN_RELU=in_relu, HAS_BIAS=bias,
+                      RELU=relu, STATS=stats, DIRECT=kernel == "_conv2d_direct", INT64=int64,
+                      DOT_PRECISION=precision)
+    return dict(module="conv", kernel=kernel, dtype=dtype, acc="fp32", ints=ints, constexprs=constexprs,
+                config=config, none=[], mma=mma)
+
+
+CONV_CASES = {
+    # tl.dot path. The bf16 largest-tile cases are the tensor-core and shared-memory checks of the brief.
+    "conv-dot-bf16-largest-bias-relu": _conv(
+        "_conv2d_dot", "bf16", (8, 64, (56, 56), 64, 3, 1, 1, 1), "largest", True, relu=True),
+    "conv-dot-bf16-largest-prologue-stats": _conv(
+        "_conv2d_dot", "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 1), "largest", True, prologue=True, in_relu=True,
+        stats=True),
+    "conv-dot-fp32-tf32-largest-1x1": _conv(
+        "_conv2d_dot", "fp32", (8, 64, (56, 56), 256, 1, 1, 0, 1), "largest", True, bias=False),
+    "conv-dot-fp16-smallest-7x7-prologue-int64": _conv(
+        "_conv2d_dot", "fp16", (8, 16, (224, 224), 16, 7, 2, 3, 1), "smallest", True, prologue=True, int64=True),
+    "conv-dot-fp32-ieee-smallest-stats": _conv(  # exact fp32: FMA, no tensor cores
+        "_conv2d_dot", "fp32", (8, 32, (56, 56), 32, 3, 2, 1, 2), "smallest", False, stats=True, precision="ieee"),
+    # direct (CUDA-core) path: depthwise (C_in_g = 1, a constexpr after specialization), narrow groups, stem
+    "conv-direct-fp16-largest-depthwise-prologue-stats-int64": _conv(
+        "_conv2d_direct", "fp16", (8, 32, (56, 56), 32, 3, 1, 1, 32), "largest", False, prologue=True,
+        in_relu=True, stats=True, int64=True),
+    "conv-direct-bf16-smallest-width8": _conv(
+        "_conv2d_direct", "bf16", (8, 64, (28, 28), 64, 3, 2, 1, 8), "smallest", False, bias=False),
+    "conv-direct-fp32-largest-stem7x7-prologue-relu": _conv(
+        "_conv2d_direct", "fp32", (8, 3, (224, 224), 32, 7, 2, 3, 1), "largest", False, prologue=True, relu=True),
+    "conv-stats-combine": dict(
+        module="conv", kernel="_stats_combine_kernel", dtype="fp32", acc="fp32", ints=dict(T=784, C=128),
+        constexprs=dict(BLOCK_T=64, BLOCK_C=64), config=None, none=[], mma=None),
+}
+
+_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "HAS_RES_SCALE", "HAS_RES_SHIFT")
+_FLAG_POINTERS = dict(zip(_FLAGS, ("scale_ptr", "shift_ptr", "res_ptr", "res_scale_ptr", "res_shift_ptr"), strict=True))
+
+
+def _bn(kernel, dtype, shape, fmt, config, int64=False, relu=True, flags=_FLAGS, none=(), **constexprs):
+    """A batch_norm kernel compile on an (N, C, H, W) tensor in `fmt`; the worker derives the view's ints as
+    the launcher does. Pointers of absent optional tensors are None, as the launchers pass them."""
+    flag_values = {f: f in flags for f in _FLAGS} if kernel != "_bn_stats_partial_kernel" else {}
+    if kernel != "_bn_stats_partial_kernel":
+        constexprs = dict(flag_values, RELU=relu, **constexprs)
+    none = list(none) + [_FLAG_POINTERS[f] for f, on in flag_values.items() if not on]
+    return dict(module="batch_norm", kernel=kernel, dtype=dtype, acc="fp64" if dtype == "fp64" else "fp32",
+                view=dict(shape=shape, channels_last=fmt == "nhwc", int64=int64), constexprs=constexprs,
+                config=config, none=none, mma=None)
+
+
+BN_CASES = {
+    "bn-stats-partial-nchw-fp32-largest": _bn("_bn_stats_partial_kernel", "fp32", (8, 64, 56, 56), "nchw", "largest"),
+    "bn-stats-partial-nhwc-bf16-smallest-int64": _bn(
+        "_bn_stats_partial_kernel", "bf16", (8, 24, 112, 112), "nhwc", "smallest", int64=True),
+    "bn-stats-partial-nchw-fp64-odd": _bn("_bn_stats_partial_kernel", "fp64", (3, 17, 9, 11), "nchw", "smallest"),
+    "bn-stats-combine-fp32": dict(
+        module="batch_norm", kernel="_bn_stats_combine_kernel", dtype="fp32", acc="fp32", ints=dict(C=256, S=49),
+        constexprs=dict(BLOCK_C=64, BLOCK_S=64), config=None, none=[], mma=None),
+    "bn-forward-nchw-bf16-largest-all": _bn("_bn_act_forward_kernel", "bf16", (8, 256, 28, 28), "nchw", "largest"),
+    "bn-forward-nhwc-fp16-smallest-shift-only-int64": _bn(
+        "_bn_act_forward_kernel", "fp16", (8, 152, 14, 14), "nhwc", "smallest", int64=True, relu=False,
+        flags=("HAS_SHIFT",)),
+    "bn-backward-reduce-nchw-fp32-largest-rhat": _bn(
+        "_bn_act_backward_reduce_kernel", "fp32", (8, 64, 56, 56), "nchw", "largest", HAS_RHAT=True),
+    "bn-backward-reduce-nhwc-bf16-smallest-identity-int64": _bn(
+        "_bn_act_backward_reduce_kernel", "bf16", (8, 128, 28, 28), "nhwc", "smallest", int64=True,
+        flags=("HAS_SCALE", "HAS_SHIFT", "HAS_RES"), none=("res_mean_ptr", "res_invstd_ptr"), HAS_RHAT=False),
+    "bn-backward-elemt-nchw-fp16-largest-train": _bn(
+        "_bn_act_backward_elemt_kernel", "fp16", (8, 256, 28, 28), "nchw", "largest", X_TRAIN=True,
+        RES_TRAIN=True),
+    "bn-backward-elemt-nhwc-bf16-smallest-eval-int64": _bn(
+        "_bn_act_backward_elemt_kernel", "bf16", (8, 256, 7, 7), "nhwc", "smallest", int64=True,
+        flags=("HAS_SCALE", "HAS_SHIFT"), none=("grad_res_ptr", "res_mean_ptr", "res_invstd_ptr", "mean_dz_ptr",
+                                                "mean_dz_xhat_ptr", "mean_dz_rhat_ptr"),
+        X_TRAIN=False, RES_TRAIN=False),
+}
+
+CASES = {**CONV_CASES, **BN_CASES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker: run as `python test_compile_sm90.py CASES_JSON RESULTS_JSON` with TRITON_INTERPRET unset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pick_config(configs, which, channels_last=None):
+    """The largest (most shared memory, then registers) or the smallest tile of the autotune configs left
+    after pruning; for batch_norm, among equal sizes the one widest along the contiguous dim."""
+    def size(c):
+        kw = c.kwargs
+        if "BLOCK_K" in kw:  # conv: operand tiles x stages in shared memory, then the accumulator
+            smem = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * c.num_stages
+            return (smem, kw["BLOCK_M"] * kw["BLOCK_N"], c.num_warps) if which == "largest" else \
+                (kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"], smem, c.num_warps)
+        wide = kw["BLOCK_C"] if channels_last else kw["BLOCK_L"]
+        return kw["BLOCK_C"] * kw["BLOCK_L"], wide if which == "largest" else -wide, c.num_warps
+    return max(configs, key=size) if which == "largest" else min(configs, key=size)
+
+
+def _load_module(name, path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_sm90_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bn_ints(bn, view):
+    """G, C, L (+ splits_per_g, chunk) and the layout constexprs, as bn_stats / bn_act_* compute them."""
+    n, c, h, w = view["shape"]
+    fmt = "channels_last" if view["channels_last"] else "contiguous_format"
+    import torch
+
+    v = bn._View(getattr(torch, fmt), *((1, c, n * h * w) if view["channels_last"] else (n, c, h * w)),
+                 view["int64"])
+    (G, C, L), layout = v.args()
+    splits_per_g, chunk = v.splits()
+    return dict(G=G, C=C, L=L, splits_per_g=splits_per_g, chunk=chunk), layout
+
+
+def _sass_mma(cubin):
+    """'HGMMA' / 'HMMA' if the SASS has tensor-core instructions, '' if not, None without cuobjdump."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    return "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else ""
+
+
+def _compile_case(modules, case):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    tl_acc = {"fp32": tl.float32, "fp64": tl.float64}
+    module = modules[case["module"]]
+    kernel = getattr(module, case["kernel"])
+    configs = getattr(kernel, "configs", None)
+    fn = kernel
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn  # Autotuner / Heuristics -> the JITFunction
+    constexprs = dict(case["constexprs"])
+    ints = dict(case.get("ints", {}))
+    if "view" in case:
+        view_ints, layout = _bn_ints(module, case["view"])
+        ints.update(view_ints)
+        constexprs.update(layout, ACC=tl_acc[case["acc"]])
+    num_warps, num_stages = 4, 3  # triton.Config / launch defaults
+    config = case["config"]
+    if config is not None:
+        prune = getattr(kernel, "early_config_prune", None)  # the autotuner's own pruning for this shape
+        candidates = prune(configs, {**ints, **constexprs}) if prune else configs
+        picked = _pick_config(candidates, config, case.get("view", {}).get("channels_last"))
+        constexprs.update(picked.kwargs)
+        num_warps, num_stages = picked.num_warps, picked.num_stages
+        config = dict(picked.kwargs, num_warps=num_warps, num_stages=num_stages)
+    signature, constants, attrs = {}, {}, {}
+    aligned = [["tt.divisibility", 16]]
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            if name not in constexprs:
+                raise KeyError(f"case gives no value for {name}")
+            signature[name], constants[(i,)] = "constexpr", constexprs.pop(name)
+        elif name in case["none"]:
+            signature[name], constants[(i,)] = "constexpr", None
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (case["dtype"] if name in DATA_POINTERS else case["acc"])
+            attrs[(i,)] = aligned
+        else:
+            if name not in ints:
+                raise KeyError(f"case gives no value for {name}")
+            value = ints.pop(name)
+            if value == 1:  # the JIT turns ints equal to 1 into constants
+                signature[name], constants[(i,)] = "constexpr", 1
+            else:
+                signature[name] = "i32" if value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(i,)] = aligned
+    unused = set(constexprs) - {"CHANNELS_LAST", "INT64", "ALIGN", "ACC"} | set(ints) - {"splits_per_g", "chunk"}
+    if unused:
+        raise KeyError(f"case values that {fn.__name__} does not take: {sorted(unused)}")
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = compiled.asm["ptx"]
+    return dict(ok=True, seconds=round(time.perf_counter() - start, 2), config=config,
+                shared=compiled.metadata.shared, ptx_wgmma="wgmma.mma_async" in ptx,
+                ptx_mma="wgmma.mma_async" in ptx or "mma.sync" in ptx,
+                sass_mma=_sass_mma(compiled.asm["cubin"]) if case["mma"] is not None else None)
+
+
+def _worker(cases_path, results_path):
+    import traceback
+
+    assert "TRITON_INTERPRET" not in os.environ
+    spec = json.loads(Path(cases_path).read_text())
+    modules = {name: _load_module(name, path) for name, path in spec["modules"].items()}
+    results = {}
+    for case_id, case in spec["cases"].items():
+        try:
+            results[case_id] = _compile_case(modules, case)
+        except Exception as e:  # noqa: BLE001 - reported per case by the test
+            results[case_id] = dict(ok=False, error=f"{type(e).__name__}: {e}"[-4000:],
+                                    traceback=traceback.format_exc()[-4000:])
+        Path(results_path).write_text(json.dumps(results))  # partial results survive a crash
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ptxas_missing():
+    """Why Triton cannot assemble for NVIDIA here, or None."""
+    try:
+        import triton  # noqa: F401
+        from triton import knobs
+
+        tool = knobs.nvidia.ptxas
+        if tool is None or not Path(tool.path).exists():
+            return "Triton's ptxas is missing"
+    except Exception as e:  # noqa: BLE001 - no NVIDIA backend, no ptxas, an older Triton without knobs
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas  # triton < 3.4
+
+            if not Path(get_ptxas().path).exists():
+                return "Triton's ptxas is missing"
+        except Exception:  # noqa: BLE001
+            return f"Triton's ptxas is missing ({type(e).__name__}: {e})"
+    return None
+
+
+def _module_paths():
+    import importlib.util
+
+    return {name: importlib.util.find_spec(f"pyfast.kernels.{name}").origin for name in ("conv", "batch_norm")}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{case id: result} of every case, compiled by WORKERS subprocesses with TRITON_INTERPRET unset."""
+    reason = _ptxas_missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("sm90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(root / "triton-cache")  # really compile, and leave ~/.triton alone
+    ids = list(CASES)
+    modules = _module_paths()
+    procs = []
+    for w in range(WORKERS):
+        part = {i: CASES[i] for i in ids[w::WORKERS]}
+        cases_path, results_path = root / f"cases{w}.json", root / f"results{w}.json"
+        cases_path.write_text(json.dumps(dict(modules=modules, cases=part)))
+        procs.append((subprocess.Popen([sys.executable, __file__, str(cases_path), str(results_path)], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                      results_path))
+    results, logs = {}, []
+    for proc, results_path in procs:
+        try:
+            out, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        logs.append(f"worker exit {proc.returncode}:\n{out[-4000:]}")
+        if results_path.exists():
+            results.update(json.loads(results_path.read_text()))
+    for case_id in ids:
+        results.setdefault(case_id, dict(ok=False, error="the worker died before this case:\n" + "\n".join(logs)))
+    return results
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_compiles_for_sm90(compiled, case_id):
+    result = compiled[case_id]
+    assert result["ok"], f"{case_id} does not compile for sm_90:\n{result['error']}\n{result.get('traceback', '')}"
+    assert result["shared"] <= SMEM_LIMIT, (
+        f"{case_id} ({result['config']}) needs {result['shared']} B of shared memory, > {SMEM_LIMIT} on an H100")
+    expected = CASES[case_id]["mma"]
+    if expected is not None:
+        assert result["ptx_mma"] == expected, (
+            f"{case_id}: tensor-core MMA in the PTX is {result['ptx_mma']}, expected {expected}")
+        if result["sass_mma"] is not None:
+            assert bool(result["sass_mma"]) == expected, f"{case_id}: SASS MMA {result['sass_mma']!r}"
+
+
+@pytest.mark.parametrize("case_id", ["conv-dot-bf16-largest-bias-relu", "conv-dot-bf16-largest-prologue-stats"])
+def test_bf16_dot_uses_wgmma(compiled, case_id):
+    """On sm_90 the large bf16 tiles (4 and 8 warps) get Hopper's warpgroup MMA, not Ampere's mma.sync."""
+    result = compiled[case_id]
+    assert result["ok"] and result["ptx_wgmma"], result
+    assert result["sass_mma"] in (None, "HGMMA"), result
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
