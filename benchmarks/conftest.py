@@ -1,38 +1,20 @@
 """What the pytest-benchmark suites share (collected only by `pytest --benchmark`, see the root conftest).
 
-Sizes follow the device: on a GPU the judged configuration (batch 128, 224x224, bf16 and fp32,
-channels_last and NCHW, 1 and 3 input planes); on the CPU small ones (batch 2, 32x32, fp32,
-channels_last) so the whole run takes minutes on 2 cores. torch.compile is a provider on the GPU;
-on the CPU, where inductor compiles C++ for minutes per graph, only with PYFAST_BENCH_COMPILE=1.
-
 Each benchmark runs `benchmark.pedantic` with warm-up rounds, an untimed setup that hands the next of
 several random input sets and synchronizes the device, and a target that synchronizes at its end (so
 the host clock measures the device's work), then stores in `extra_info` the device stamp, the
 configuration, the achieved TFLOP/s or GB/s against the measured ceilings, and the peak memory.
 """
-import os
 from itertools import cycle
 
 import pytest
 import torch
 
 from pyfast.benchmarks import timing
+from pyfast.benchmarks.suite import DEVICE, SIZES
 from pyfast.benchmarks.workloads import Config
 
 pytest.importorskip("pytest_benchmark")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU = DEVICE == "cuda"
-COMPILE_ON_CPU = os.environ.get("PYFAST_BENCH_COMPILE", "0") == "1"
-
-SIZES = dict(batch=128, image=224, dtypes=["bf16", "fp32"], layouts=["channels_last", "nchw"], in_chans=[1, 3],
-             rounds=20, warmup=5) if GPU else \
-    dict(batch=2, image=32, dtypes=["fp32"], layouts=["channels_last"], in_chans=[1], rounds=5, warmup=1)
-
-
-def skip_compile_on_cpu(provider: str) -> None:
-    if provider == "compile" and not GPU and not COMPILE_ON_CPU:
-        pytest.skip("torch.compile on the CPU takes minutes per graph here; set PYFAST_BENCH_COMPILE=1")
 
 
 @pytest.fixture(scope="session")

@@ -201,12 +201,12 @@ def time_case(case: OpCase, config: Config, backends: List[str], ceil: timing.Ce
     rate = ceil.matmul_tflops.get(config.dtype) if ceil else None
     row = {"case": case.name, **asdict(case), "mode": config.mode, "dtype": config.dtype, "layout": config.layout,
            "flops": flops, "min_bytes": nbytes, "backends": {}}
+    flush = timing.l2_flusher(config.device)
     for backend in backends:
         try:
-            step = op_step(case, backend, config)
-            m = timing.measure(step, sets, config.device, flush=timing.l2_flusher(config.device), **measure_args)
-        except (RuntimeError, ValueError, NotImplementedError) as error:
-            row["backends"][backend] = {"error": str(error).splitlines()[0][:200]}
+            m = timing.measure(op_step(case, backend, config), sets, config.device, flush=flush, **measure_args)
+        except Exception as error:  # noqa: BLE001 - a backend that cannot run (or fails) must not stop the others
+            row["backends"][backend] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
             continue
         seconds = m.median_ms * 1e-3
         entry = m.as_dict()

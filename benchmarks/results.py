@@ -95,7 +95,8 @@ def _ms(entry: Optional[dict]) -> str:
     if not entry:
         return "-"
     if "median_ms" in entry:
-        return f"{entry['median_ms']:.2f}"
+        ms = entry["median_ms"]
+        return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
     return "skip" if "skipped" in entry else "error"
 
 

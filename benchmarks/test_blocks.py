@@ -9,7 +9,7 @@ import torch
 
 from pyfast import models
 from pyfast.benchmarks import timing
-from pyfast.benchmarks.conftest import DEVICE, GPU, SIZES, skip_compile_on_cpu
+from pyfast.benchmarks.suite import DEVICE, GPU, SIZES, skip_compile_on_cpu
 from pyfast.benchmarks.workloads import MODES, PROVIDERS, Config, blocks, compiled, image_batch, make_step, place
 
 MODELS = ["regnetx_32", "deresnext", "resnet18", "resnet50", "preact_resnet50", "regnetx_400mf"]

@@ -3,7 +3,7 @@
 import pytest
 
 from pyfast.benchmarks import timing
-from pyfast.benchmarks.conftest import DEVICE, GPU, SIZES, skip_compile_on_cpu
+from pyfast.benchmarks.suite import DEVICE, GPU, SIZES, skip_compile_on_cpu
 from pyfast.benchmarks.report import GPU_MODELS
 from pyfast.benchmarks.workloads import (MODES, PROVIDERS, Config, compiled, image_batch, make_step, model_variants,
                                          native_input, place)

@@ -4,7 +4,7 @@ three modes. `pytest --benchmark benchmarks/test_ops.py -k "regnetx_32 and train
 import pytest
 
 from pyfast.benchmarks import kernels, timing
-from pyfast.benchmarks.conftest import DEVICE, GPU, SIZES, skip_compile_on_cpu
+from pyfast.benchmarks.suite import DEVICE, GPU, SIZES, skip_compile_on_cpu
 from pyfast.benchmarks.workloads import MODES, Config
 
 CASES = kernels.regnetx_32_cases(SIZES["batch"], SIZES["image"]) + kernels.resnet50_cases(SIZES["batch"],

@@ -11,7 +11,10 @@
 //         of the N*H*W rows. Blocks are (bx, by) = (min(C/VEC, 32), 256/bx): threads across channels,
 //         rows across threadIdx.y and grid.x, so a warp reads contiguous memory.
 // VEC is the widest of 16/8/4/2 bytes that divides the inner extent and to which every T pointer is
-// aligned; otherwise 1 (scalar loads, correct for any offset).
+// aligned; otherwise 1 (scalar loads, correct for any offset). The NHWC backward kernels stop at 4 channels
+// per thread to stay within 128 registers (kMaxVecNhwcBackward).
+// Elementwise grids give each thread ~4 positions (many short blocks); reduction grids are at most one wave
+// of resident blocks (make_plan).
 //
 // Reductions (bn_stats, bn_act_backward_reduce). Each thread accumulates its positions in registers
 // (Welford for statistics; plain sums for the backward), a shared-memory tree over threadIdx.y combines a

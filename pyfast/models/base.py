@@ -2,6 +2,7 @@
 import dataclasses
 from typing import Iterator, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .complexity import Complexity, complexity
@@ -35,6 +36,8 @@ class ImageClassifier(nn.Module):
         return switch_backend(self, backend)
 
     def check_input(self, x: Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return  # symbolic tracing (pyfast.fuse): there is no shape to check yet
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} takes a 4-D (N, C, H, W) tensor, got {shape}")

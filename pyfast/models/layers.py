@@ -10,8 +10,7 @@ fusable steps of DESIGN.md. A block's forward is written once against the kit:
     kit.bn_relu(x, bn)                                 relu(bn(x))
 
 `EagerKit` runs them as separate PyTorch ops (torchvision's forwards: the benchmark baseline);
-`FastKit` hands the same modules to `pyfast.nn.functional` (all but the lone `bn_relu`, which no fused
-op covers). `switch_backend(model, "fast")` swaps the kit of an existing model in place; its weights
+`FastKit` hands the same modules to `pyfast.nn.functional`. `switch_backend(model, "fast")` swaps the kit of an existing model in place; its weights
 are untouched.
 """
 import torch.nn.functional as F
@@ -83,8 +82,8 @@ class FastKit(EagerKit):
     def bn_relu_conv(self, x, bn, conv):
         return _functional().bn_relu_conv(x, bn, conv)
 
-    # bn_relu: no fused op takes a lone BN-ReLU (bn_add_relu needs a shortcut), so it stays eager's. The
-    # pre-activation ResNet runs it once per projection unit and once before its head.
+    def bn_relu(self, x, bn):
+        return _functional().bn_relu(x, bn)
 
 
 BACKENDS = {"eager": EagerKit(), "fast": FastKit()}

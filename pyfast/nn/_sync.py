@@ -41,14 +41,15 @@ def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     from torch.distributed._functional_collectives import all_gather_single  # differentiable; torch's
     # replacement for the deprecated torch.distributed.nn.functional.all_gather
 
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D (N, C, H, W) input, got {x.dim()}-D of shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"expected an (N, C, ...) input, got shape {tuple(x.shape)}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
+    per_channel = (1, channels) + (1,) * (x.dim() - 2)
     if count:
-        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        var, mean = torch.var_mean(xf, dim=[0, *range(2, x.dim())], correction=0)
     else:  # an empty local batch contributes nothing
         mean = var = xf.new_zeros(channels)
     local = torch.cat([mean, var, mean.new_full((1,), float(count))])
@@ -67,7 +68,7 @@ def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     shift = -mean * scale
     if args.bias is not None:
         shift = shift + args.bias.to(acc)
-    return (xf * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+    return (xf * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

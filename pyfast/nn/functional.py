@@ -12,18 +12,19 @@ initialized process group of more than one rank takes the composite path of `pyf
 inputs the fused ops do not take but eager PyTorch does (a broadcast or type-promoting add, a tensor that
 is not 4-D): the result is then exactly the plain modules' own.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import ops
 from ..ops import BatchNormArgs
 from ..ops import reference as _reference
 from ._sync import process_group_of, sync_batch_norm
 
-__all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu_conv", "conv_args", "conv_bn_relu",
+__all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_conv", "conv_args", "conv_bn_relu",
            "resolve_padding"]
 
 
@@ -99,6 +100,21 @@ def _fusable_pair(a: Tensor, b: Tensor) -> bool:
 
 # -- the fused calls ----------------------------------------------------------------------------------
 
+def _one_fx_node(fn):
+    """Under torch.fx symbolic tracing the call is recorded as one call_function node (its modules become
+    get_attr nodes) instead of being traced through, however it is reached: fused models and pyfast.models'
+    blocks stay traceable (pyfast.fuse, feature extraction). Eager and torch.compile calls are unaffected."""
+
+    @functools.wraps(fn)
+    def call(x, *args, **kwargs):
+        if isinstance(x, fx.Proxy):
+            return x.tracer.create_proxy("call_function", call, (x, *args), kwargs)
+        return fn(x, *args, **kwargs)
+
+    return call
+
+
+@_one_fx_node
 def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
@@ -114,6 +130,7 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                             relu=relu, backend=backend)
 
 
+@_one_fx_node
 def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """conv(relu(bn(x))) (`relu=False`: conv(bn(x))), the pre-activation unit."""
@@ -129,6 +146,7 @@ def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
                             groups=c["groups"], relu=relu, backend=backend)
 
 
+@_one_fx_node
 def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module] = None,
                 relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(y) + shortcut), or relu(bn(y) + shortcut_bn(shortcut)) for a BN'd (downsample) shortcut;
@@ -145,6 +163,19 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
                            shortcut_bn=s_args, relu=relu, backend=backend)
 
 
+@_one_fx_node
+def bn_relu(x: Tensor, bn: nn.Module, relu: bool = True, backend: Optional[str] = None) -> Tensor:
+    """relu(bn(x)) as one elementwise pass after the statistics: bn_add_relu without a shortcut (for a
+    pre-activation shared by two convolutions, where bn_relu_conv would normalize twice)."""
+    if process_group_of(bn) is not None or not (isinstance(x, Tensor) and x.dim() == 4):
+        z = _eager_batch_norm(x, bn)
+        return F.relu(z) if relu else z
+    args, training = batch_norm_args(bn)
+    return ops.bn_add_relu(x, args.weight, args.bias, args.running_mean, args.running_var, args.num_batches_tracked,
+                           training=training, momentum=args.momentum, eps=args.eps, relu=relu, backend=backend)
+
+
+@_one_fx_node
 def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
     """relu(a + b) in one pass (eager `torch.relu(a + b)` where the inputs broadcast or are not 4-D)."""
     if not _fusable_pair(a, b):

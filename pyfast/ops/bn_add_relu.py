@@ -24,13 +24,17 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 shortcut_bn: Optional[BatchNormArgs] = None, relu: bool = True,
                 backend: Optional[str] = None) -> Tensor:
     """relu(F.batch_norm(y, ...) + s) where s = shortcut, or F.batch_norm(shortcut, *shortcut_bn) when
-    shortcut_bn (a BatchNormArgs) is given. Running statistics of both BNs update in place in training."""
+    shortcut_bn (a BatchNormArgs) is given; shortcut=None is a plain BN-ReLU (no addition). Running
+    statistics of both BNs update in place in training."""
     check_activation("y", y)
-    check_activation("shortcut", shortcut)
-    y, shortcut = _same_dtype(y, shortcut)
-    check_like("shortcut", shortcut, y, "y")
-    if shortcut.shape != y.shape:
-        raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but y has {tuple(y.shape)}")
+    if shortcut is not None:
+        check_activation("shortcut", shortcut)
+        y, shortcut = _same_dtype(y, shortcut)
+        check_like("shortcut", shortcut, y, "y")
+        if shortcut.shape != y.shape:
+            raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but y has {tuple(y.shape)}")
+    elif shortcut_bn is not None:
+        raise ValueError("shortcut_bn needs a shortcut")
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", y.shape, y.device, bn, training)
     if shortcut_bn is not None:
@@ -75,11 +79,11 @@ def _same_dtype(a: Tensor, b: Tensor):
     return a.to(dtype), b.to(dtype)
 
 
-def _stats(t: Tensor, has_bn: bool, bn: BatchNormArgs, training: bool, chosen):
+def _stats(t: Optional[Tensor], has_bn: bool, bn: BatchNormArgs, training: bool, chosen, y: Tensor):
     """The (mean, var) a BN normalizes t with: batch statistics in training, running ones in eval,
-    empty tensors for an identity shortcut (no BN)."""
+    empty tensors for a shortcut without BN (or no shortcut)."""
     if not has_bn:
-        empty = t.new_empty(0, dtype=acc_dtype(t.dtype))
+        empty = y.new_empty(0, dtype=acc_dtype(y.dtype))
         return empty, empty.clone()
     if training:
         return chosen.bn_stats(t)
@@ -95,7 +99,7 @@ def _affine(weight, bias, mean, var, eps, present: bool):
 
 @torch.library.custom_op("pyfast::bn_add_relu", mutates_args=())
 def _bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], shortcut: Tensor, s_weight: Optional[Tensor],
+                 running_var: Optional[Tensor], shortcut: Optional[Tensor], s_weight: Optional[Tensor],
                  s_bias: Optional[Tensor], s_running_mean: Optional[Tensor], s_running_var: Optional[Tensor],
                  shortcut_bn: bool, training: bool, eps: float, s_eps: float, relu: bool,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -104,11 +108,11 @@ def _bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     chosen = BACKENDS[backend]
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var)
     s_bn = BatchNormArgs(s_weight, s_bias, s_running_mean, s_running_var)
-    mean, var = _stats(y, True, bn, training, chosen)
-    s_mean, s_var = _stats(shortcut, shortcut_bn, s_bn, training, chosen)
+    mean, var = _stats(y, True, bn, training, chosen, y)
+    s_mean, s_var = _stats(shortcut, shortcut_bn, s_bn, training, chosen, y)
     scale, shift, _ = scale_shift(bn_weight, bn_bias, mean, var, eps)
     s_scale, s_shift, _ = _affine(s_weight, s_bias, s_mean, s_var, s_eps, shortcut_bn)
-    out = chosen.bn_act_forward(y, scale, shift, like_layout(shortcut, y), s_scale, s_shift, relu)
+    out = chosen.bn_act_forward(y, scale, shift, _in_layout(shortcut, y), s_scale, s_shift, relu)
     return out, mean, var, s_mean, s_var
 
 
@@ -138,6 +142,10 @@ def _setup_context(ctx, inputs, output):
     ctx.saved = _Saved(shortcut_bn, training, eps, s_eps, relu, backend)
 
 
+def _in_layout(shortcut: Optional[Tensor], y: Tensor) -> Optional[Tensor]:
+    return None if shortcut is None else like_layout(shortcut, y)
+
+
 def _backward(ctx, grad_out, *_stat_grads):
     s: _Saved = ctx.saved
     needs = ctx.needs_input_grad
@@ -152,14 +160,14 @@ _bn_add_relu.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("pyfast::bn_add_relu_backward", mutates_args=())
-def _bn_add_relu_backward(grad_out: Tensor, y: Tensor, shortcut: Tensor, bn_weight: Optional[Tensor],
+def _bn_add_relu_backward(grad_out: Tensor, y: Tensor, shortcut: Optional[Tensor], bn_weight: Optional[Tensor],
                           bn_bias: Optional[Tensor], s_weight: Optional[Tensor], s_bias: Optional[Tensor],
                           mean: Tensor, var: Tensor, s_mean: Tensor, s_var: Tensor, shortcut_bn: bool,
                           training: bool, eps: float, s_eps: float, relu: bool, wanted: List[bool],
                           backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_y, grad_bn_weight, grad_bn_bias, grad_shortcut, grad_s_weight, grad_s_bias)."""
     chosen = BACKENDS[backend]
-    grad_out, shortcut = like_layout(grad_out, y), like_layout(shortcut, y)
+    grad_out, shortcut = like_layout(grad_out, y), _in_layout(shortcut, y)
     scale, shift, invstd = scale_shift(bn_weight, bn_bias, mean, var, eps)
     s_scale, s_shift, s_invstd = _affine(s_weight, s_bias, s_mean, s_var, s_eps, shortcut_bn)
     s_mean_arg = s_mean if shortcut_bn else None

@@ -29,11 +29,12 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNor
     return F.relu(y) if relu else y
 
 
-def bn_add_relu(y: Tensor, bn: BatchNormArgs, shortcut: Tensor, shortcut_bn: Optional[BatchNormArgs],
+def bn_add_relu(y: Tensor, bn: BatchNormArgs, shortcut: Optional[Tensor], shortcut_bn: Optional[BatchNormArgs],
                 training: bool, relu: bool) -> Tensor:
     if shortcut_bn is not None:
         shortcut = batch_norm(shortcut, shortcut_bn, training)
-    z = batch_norm(y, bn, training) + shortcut
+    z = batch_norm(y, bn, training)
+    z = z if shortcut is None else z + shortcut
     return F.relu(z) if relu else z
 
 

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-
 from tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -64,7 +63,12 @@ def acc_dtype(dtype):
 def rand4d(shape, dtype, channels_last, offset=0, loc=0.0, std=1.0):
     """Random (N, C, H, W) on DEVICE, NCHW or channels_last, its storage starting `offset` elements in."""
     n, c, h, w = shape
-    flat = (torch.randn(math.prod(shape) + offset, device=DEVICE) * std + loc).to(dtype)[offset:]
+    flat = torch.randn(math.prod(shape) + offset, device=DEVICE, dtype=dtype)  # in place: 2^31 elements fit
+    if std != 1.0:
+        flat.mul_(std)
+    if loc != 0.0:
+        flat.add_(loc)
+    flat = flat[offset:]
     return flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(n, c, h, w)
 
 

@@ -67,3 +67,15 @@ def test_bn_add_relu_with_a_shortcut_bn_in_another_mode():
     out = functional.bn_add_relu(y, bn, s, s_bn)
     assert torch.allclose(out, F.relu(plain(y) + s_plain(s)), atol=1e-6)
     assert bn.num_batches_tracked.item() == 1 and s_bn.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_relu_matches_batchnorm_then_relu(training):
+    bn, ours = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+    ours.load_state_dict(bn.state_dict())
+    bn.train(training)
+    ours.train(training)
+    for _ in range(2):
+        x = torch.randn(3, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(functional.bn_relu(x, ours), torch.relu(bn(x)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.state_dict(), bn.state_dict())

@@ -73,6 +73,9 @@ def test_deepcopy_copy_and_pickle_keep_the_hierarchy():
         assert [n for n, _ in clone.named_modules()] == [n for n, _ in model.named_modules()]
         assert torch.equal(clone(x), expected)
     assert copy.copy(fused).stem[0] is fused.stem[0] and copy.deepcopy(fused).stem[0] is not fused.stem[0]
+    retraced = torch.fx.symbolic_trace(fused)  # fx tooling (feature extraction, ...) still works on it
+    assert sum(node.target is pyfast.nn.functional.conv_bn_relu for node in retraced.graph.nodes) == 5
+    assert torch.equal(retraced(x), expected)
 
 
 class SpelledBlock(nn.Module):

@@ -261,3 +261,34 @@ def test_autocast_bfloat16(case):
     assert_close(outs["fused"], ref, torch.bfloat16, eager=outs["eager"])
     for got, eager_grad, x in zip(outs["fused_grad"], outs["eager_grad"], ref_inputs):
         assert_close(got, x.grad, torch.bfloat16, eager=eager_grad, kind="backward", what="input grad")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBNReLU2d(4, 4, 3, padding=1)
+        self.b = BNReLUConv2d(4, 4, 3, padding=1)
+        self.c = BNAddReLU(4, momentum=None)
+        self.d = AddReLU()
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.d(self.c(self.b(y), y), x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
+def test_modules_compile_fullgraph():
+    """Dynamo (fullgraph) + AOTAutograd through the modules, against the same modules run eagerly in
+    float64 (which the tests above hold to plain PyTorch); inductor is exercised in test_fuse."""
+    block = _Block()
+    eager = double_copy(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 5, 5)
+    out, expected = compiled(x), eager(x.double())
+    assert_close(out, expected, torch.float32)
+    out.sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(block.named_parameters(), eager.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, kind="backward", what=name)
+    assert block.c.num_batches_tracked.item() == 1
+    assert_close(block.c.running_var, eager.c.running_var, torch.float32)

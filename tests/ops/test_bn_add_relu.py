@@ -13,11 +13,13 @@ GRID = [(shape, dtype) for shape in SHAPES for dtype in DTYPES]
 INTERPRETER_GRID = [("odd", "f32"), ("square", "bf16"), ("batch1", "f16")]
 
 
-def inputs(case: Case, shortcut_bn: bool):
-    tensors = {"y": activation(case, case.channels, torch.float32, "nchw", "cpu"),
-               "shortcut": activation(case, case.channels, torch.float32, "nchw", "cpu")}
+def inputs(case: Case, shortcut: str):
+    """shortcut: "none" (a plain BN-ReLU), "identity" or "bn" (the shortcut has its own BN)."""
+    tensors = {"y": activation(case, case.channels, torch.float32, "nchw", "cpu"), "shortcut": None}
+    if shortcut != "none":
+        tensors["shortcut"] = activation(case, case.channels, torch.float32, "nchw", "cpu")
     tensors.update({f"bn_{k}": v for k, v in bn_state(case.channels).items()})
-    if shortcut_bn:
+    if shortcut == "bn":
         tensors.update({f"s_{k}": v for k, v in bn_state(case.channels).items()})
     return tensors
 
@@ -30,10 +32,10 @@ def bn_add_relu(training: bool, relu: bool, layout: str):
         if "s_weight" in t:
             shortcut_bn = ops.BatchNormArgs(t["s_weight"], t["s_bias"], t["s_running_mean"], t["s_running_var"],
                                             t["s_num_batches_tracked"], momentum=None, eps=1e-3)
+        shortcut = None if t["shortcut"] is None else t["shortcut"].contiguous(memory_format=memory_format)
         return ops.bn_add_relu(t["y"].contiguous(memory_format=memory_format), t["bn_weight"], t["bn_bias"],
                                t["bn_running_mean"], t["bn_running_var"], t["bn_num_batches_tracked"],
-                               training=training, momentum=0.1, eps=1e-5,
-                               shortcut=t["shortcut"].contiguous(memory_format=memory_format),
+                               training=training, momentum=0.1, eps=1e-5, shortcut=shortcut,
                                shortcut_bn=shortcut_bn, relu=relu, backend=backend)
     return fn
 
@@ -41,12 +43,12 @@ def bn_add_relu(training: bool, relu: bool, layout: str):
 @pytest.mark.parametrize("backend,device,shape,dtype_name", backend_grid(GRID, INTERPRETER_GRID))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shortcut_bn", [False, True], ids=["identity", "bn-shortcut"])
-def test_bn_add_relu_matches_reference(backend, device, shape, dtype_name, layout, training, shortcut_bn):
+@pytest.mark.parametrize("shortcut", ["none", "identity", "bn"])
+def test_bn_add_relu_matches_reference(backend, device, shape, dtype_name, layout, training, shortcut):
     dtype = DTYPES[dtype_name]
     skip_unless_runs(backend, "bn_add_relu", torch.empty(1, device=device, dtype=dtype))
     relu = shape != "batch8"  # the ReLU-less variant on one shape
-    compare(bn_add_relu(training, relu, layout), inputs(SHAPES[shape], shortcut_bn), dtype, device, backend)
+    compare(bn_add_relu(training, relu, layout), inputs(SHAPES[shape], shortcut), dtype, device, backend)
 
 
 @pytest.mark.parametrize("backend,device,shape,dtype_name", backend_grid(GRID, INTERPRETER_GRID))
