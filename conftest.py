@@ -13,9 +13,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     benchmarking = config.getoption("--benchmark")
+    suites = config.rootpath / "benchmarks"
     keep, drop = [], []
     for item in items:
-        (keep if ("benchmarks" in item.path.parts) == benchmarking else drop).append(item)
+        (keep if item.path.is_relative_to(suites) == benchmarking else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -1,10 +1,23 @@
 """Small pieces every fused op's Python layer uses: autocast, grad bookkeeping, placeholders."""
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._conv import memory_format_of
+from ._conv import ConvParams, memory_format_of
+
+
+@dataclass(frozen=True)
+class ConvOpSaved:
+    """What the backward of a convolving op needs besides tensors (kept as a small dataclass on ctx
+    rather than a long positional tuple)."""
+
+    training: bool
+    eps: float
+    params: ConvParams
+    relu: bool
+    backend: str
 
 
 def autocast_inputs(*tensors: Optional[Tensor]):

@@ -33,6 +33,11 @@ class ConvParams:
             raise ValueError(f"groups must be >= 1, got {groups}")
         return params
 
+    @classmethod
+    def from_lists(cls, stride, padding, dilation, groups: int) -> "ConvParams":
+        """From the flat form the torch.library schemas take (already checked by `of`)."""
+        return cls(tuple(stride), tuple(padding), tuple(dilation), groups)
+
     def as_lists(self):
         """The flat form the torch.library schemas take."""
         return list(self.stride), list(self.padding), list(self.dilation), self.groups

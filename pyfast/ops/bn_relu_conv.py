@@ -5,7 +5,6 @@ Forward: x's statistics, then a convolution whose operand loader applies scale/s
 prologue on the Triton backend), so the normalized activation is never stored. Backward recomputes that
 activation for the weight gradient, then one reduction and one elementwise BN pass.
 """
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 from . import reference
 from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
                   scale_shift, update_running_stats)
-from ._common import autocast_inputs, like_layout, placeholder, param_grad, unplaceholder
+from ._common import ConvOpSaved, autocast_inputs, like_layout, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams
 from .backends import BACKENDS, select
 from .conv_bn_relu import conv_layout, conv_output
@@ -55,7 +54,7 @@ def _bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, biased var of x); the statistics are saved for backward."""
     chosen = BACKENDS[backend]
-    params = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+    params = ConvParams.from_lists(stride, padding, dilation, groups)
     if training:
         mean, var = chosen.bn_stats(x)
     else:
@@ -69,17 +68,9 @@ def _bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
 def _(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training, eps, stride, padding, dilation, groups,
       relu, backend):
     stats = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
-    out = conv_output(x, weight, ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups), backend)
+    out = conv_output(x, weight, ConvParams.from_lists(stride, padding, dilation, groups), backend)
     return out, stats, torch.empty_like(stats)
 
-
-@dataclass(frozen=True)
-class _Saved:
-    training: bool
-    eps: float
-    params: ConvParams
-    relu: bool
-    backend: str
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,11 +78,11 @@ def _setup_context(ctx, inputs, output):
     _, mean, var = output
     ctx.save_for_backward(x, bn_weight, bn_bias, weight, mean, var)
     ctx.has_bias = bias is not None
-    ctx.saved = _Saved(training, eps, ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups), relu, backend)
+    ctx.saved = ConvOpSaved(training, eps, ConvParams.from_lists(stride, padding, dilation, groups), relu, backend)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    s: _Saved = ctx.saved
+    s: ConvOpSaved = ctx.saved
     needs = ctx.needs_input_grad
     wanted = [needs[0], needs[1], needs[2], needs[5], needs[6] and ctx.has_bias]
     grads = torch.ops.pyfast.bn_relu_conv_backward(grad_out, *ctx.saved_tensors, s.training, s.eps,
@@ -110,7 +101,7 @@ def _bn_relu_conv_backward(grad_out: Tensor, x: Tensor, bn_weight: Optional[Tens
                            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias); placeholders where not wanted."""
     chosen = BACKENDS[backend]
-    params = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+    params = ConvParams.from_lists(stride, padding, dilation, groups)
     scale, shift, invstd = scale_shift(bn_weight, bn_bias, mean, var, eps)
     # The normalized activation was never stored: recompute it for the convolution's weight gradient.
     activation = chosen.bn_act_forward(x, scale, shift, None, None, None, relu)

@@ -7,7 +7,6 @@
   ReLU mask from y (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat),
   one elementwise pass, then the convolution backward.
 """
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 from . import reference
 from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
                   running_stats, scale_shift, update_running_stats)
-from ._common import autocast_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
+from ._common import ConvOpSaved, autocast_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams, memory_format_of
 from .backends import BACKENDS, select
 
@@ -82,14 +81,14 @@ def conv_output(x: Tensor, weight: Tensor, params: ConvParams, backend: str) -> 
 @torch.library.custom_op("pyfast::conv_bias_relu", mutates_args=())
 def _conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                     dilation: List[int], groups: int, relu: bool, backend: str) -> Tensor:
-    params = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+    params = ConvParams.from_lists(stride, padding, dilation, groups)
     out = BACKENDS[backend].conv_bias_act(x, weight, bias, params, relu)
     return out.contiguous(memory_format=conv_layout(x, weight, backend))
 
 
 @_conv_bias_relu.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, relu, backend):
-    return conv_output(x, weight, ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups), backend)
+    return conv_output(x, weight, ConvParams.from_lists(stride, padding, dilation, groups), backend)
 
 
 # -- pyfast::conv_bn_relu: training, or eval with gradients -------------------------------------------
@@ -101,7 +100,7 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                   groups: int, relu: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, y = conv output, mean, biased var); the last three are saved for backward."""
     chosen = BACKENDS[backend]
-    params = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+    params = ConvParams.from_lists(stride, padding, dilation, groups)
     if training:
         y, mean, var = chosen.conv_bn_stats(x, weight, bias, params)
     else:
@@ -115,32 +114,22 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
 @_conv_bn_relu.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding, dilation,
       groups, relu, backend):
-    y = conv_output(x, weight, ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups), backend)
+    y = conv_output(x, weight, ConvParams.from_lists(stride, padding, dilation, groups), backend)
     stats = x.new_empty(weight.shape[0], dtype=acc_dtype(x.dtype))
     return torch.empty_like(y), y, stats, torch.empty_like(stats)
 
-
-@dataclass(frozen=True)
-class _Saved:
-    """What the backward needs besides tensors."""
-
-    training: bool
-    eps: float
-    params: ConvParams
-    relu: bool
-    backend: str
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias, _, _, training, eps, stride, padding, dilation, groups, relu, backend = inputs
     _, y, mean, var = output
     ctx.save_for_backward(x, weight, y, mean, var, bn_weight, bn_bias)
-    ctx.saved = _Saved(training, eps, ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups), relu, backend)
+    ctx.saved = ConvOpSaved(training, eps, ConvParams.from_lists(stride, padding, dilation, groups), relu, backend)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     x, weight, y, mean, var, bn_weight, bn_bias = ctx.saved_tensors
-    s: _Saved = ctx.saved
+    s: ConvOpSaved = ctx.saved
     wanted = list(ctx.needs_input_grad[:5])
     grads = torch.ops.pyfast.conv_bn_relu_backward(
         grad_out, x, weight, y, mean, var, bn_weight, bn_bias, s.training, s.eps, *s.params.as_lists(), s.relu,
@@ -159,7 +148,7 @@ def _conv_bn_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tenso
                            wanted: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); placeholders where not wanted."""
     chosen = BACKENDS[backend]
-    params = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+    params = ConvParams.from_lists(stride, padding, dilation, groups)
     grad_out = like_layout(grad_out, y)
     scale, shift, invstd = scale_shift(bn_weight, bn_bias, mean, var, eps)
     sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_out, y, scale, shift, mean, invstd,
