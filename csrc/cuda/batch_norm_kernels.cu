@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(kThreads)
             if (a.relu) {
               A z = x * sc[k] + sh[k];
               if (has_res) z += r * rsc[k] + rsh[k];
-              dz = z > A(0) ? dz : A(0);
+              dz = z <= A(0) ? A(0) : dz;  // NaN z lets the gradient through, as threshold_backward does
             }
             sum[k] += dz;
             sum[NC + k] += dz * (x - mu[k]);
@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kThreads)
             if (a.relu) {
               A z = x * sc[k] + sh[k];
               if (has_res) z += r * rsc[k] + rsh[k];
-              dz = z > A(0) ? dz : A(0);
+              dz = z <= A(0) ? A(0) : dz;  // NaN z lets the gradient through, as threshold_backward does
             }
             gx.v[j] = Num<T>::store(train ? sc[k] * (dz - mdz[k] - (x - mu[k]) * kx[k]) : sc[k] * dz);
             gr.v[j] = Num<T>::store(res_train ? rsc[k] * (dz - mdz[k] - (r - rmu[k]) * krx[k]) : rsc[k] * dz);

@@ -236,6 +236,8 @@ def test_bn_act_forward_keeps_nan():
     ref = forward_reference(case, relu=True)
     assert torch.isnan(out[0, 1, 1, 1]) and torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
     check(out, ref, torch.float32)
+    grad_x, _ = OPS.bn_act_backward_elemt(torch.ones_like(case.x), case.x, *[None] * 9, True, None, None, None)
+    assert grad_x[0, 1, 1, 1].item() == 1.0  # a NaN z passes the gradient, as torch.relu's backward
 
 
 # --- bn_act_backward_reduce ------------------------------------------------------------------------------
