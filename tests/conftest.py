@@ -39,3 +39,15 @@ def _seed_and_no_tf32():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, the previous count restored after. Opt-in: a directory whose
+    tests all want it requests it from an autouse fixture of its conftest.py."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

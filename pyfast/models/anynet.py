@@ -22,10 +22,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .base import ImageClassifier, build, check_positive
+from .base import ImageClassifier, check_positive, register_preset
 from .complexity import Cost, head_cost
 from .layers import ConvNormAct, get_kit
-from .registry import register_model
 
 __all__ = ["ANYNET_CFGS", "AnyNet", "AnyNetCfg", "AnyStage", "ResBlock", "StageSpec", "VioNet", "anynet", "deresnext",
            "regnetx_32", "vionet", "vionet_b", "vionet_c", "vionet_d", "vionet_g"]
@@ -238,53 +237,22 @@ class VioNet(AnyNet):
         super().__init__(cfg, num_classes, in_chans, backend)
 
 
-def _anynet(name: str, **kwargs) -> AnyNet:
-    return build(AnyNet, ANYNET_CFGS[name], **kwargs)
+def _anynet(name: str, doc: str):
+    """The registered entry point `name`: `name`'s design; keyword arguments are num_classes, in_chans,
+    backend, or AnyNetCfg fields."""
+    return register_preset(name, AnyNet, ANYNET_CFGS, doc)
 
 
-@register_model
-def anynet(**kwargs) -> AnyNet:
-    """A generic AnyNet: any `AnyNetCfg` field may be given; defaults are the exercises' two-stage base."""
-    return _anynet("anynet", **kwargs)
-
-
-@register_model
-def regnetx_32(**kwargs) -> AnyNet:
-    """The exercises' four-stage RegNetX: stem 32, depths (4, 6, 8, 16), widths (32, 80, 128, 256), g 16, b 1."""
-    return _anynet("regnetx_32", **kwargs)
-
-
-@register_model
-def deresnext(**kwargs) -> AnyNet:
-    """AnyNet with ResNet basic blocks instead of ResNeXt ones: stem 32, depths (5, 6), widths (32, 80)."""
-    return _anynet("deresnext", **kwargs)
-
-
-@register_model
-def vionet(**kwargs) -> AnyNet:
-    """The VioNets' two-stage base: depths (4, 6), widths (32, 80), group width 16, multiplier 1."""
-    return _anynet("vionet", **kwargs)
-
-
-@register_model
-def vionet_d(**kwargs) -> AnyNet:
-    """VioNet-d: depths (6, 4), decreasing."""
-    return _anynet("vionet_d", **kwargs)
-
-
-@register_model
-def vionet_c(**kwargs) -> AnyNet:
-    """VioNet-c: widths (80, 32), decreasing."""
-    return _anynet("vionet_c", **kwargs)
-
-
-@register_model
-def vionet_g(**kwargs) -> AnyNet:
-    """VioNet-g: group widths (16, 32), varying across stages."""
-    return _anynet("vionet_g", **kwargs)
-
-
-@register_model
-def vionet_b(**kwargs) -> AnyNet:
-    """VioNet-b: bottleneck multipliers (1, 2), varying across stages."""
-    return _anynet("vionet_b", **kwargs)
+anynet = _anynet(
+    "anynet", "A generic AnyNet: any `AnyNetCfg` field may be given; defaults are the exercises' two-stage base.")
+regnetx_32 = _anynet(
+    "regnetx_32",
+    "The exercises' four-stage RegNetX: stem 32, depths (4, 6, 8, 16), widths (32, 80, 128, 256), g 16, b 1.")
+deresnext = _anynet(
+    "deresnext", "AnyNet with ResNet basic blocks instead of ResNeXt ones: stem 32, depths (5, 6), widths (32, 80).")
+vionet = _anynet(
+    "vionet", "The VioNets' two-stage base: depths (4, 6), widths (32, 80), group width 16, multiplier 1.")
+vionet_d = _anynet("vionet_d", "VioNet-d: depths (6, 4), decreasing.")
+vionet_c = _anynet("vionet_c", "VioNet-c: widths (80, 32), decreasing.")
+vionet_g = _anynet("vionet_g", "VioNet-g: group widths (16, 32), varying across stages.")
+vionet_b = _anynet("vionet_b", "VioNet-b: bottleneck multipliers (1, 2), varying across stages.")

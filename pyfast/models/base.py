@@ -1,12 +1,13 @@
 """What every pyfast model shares: input checks, its backend, its analytic complexity."""
 import dataclasses
-from typing import Iterator, Sequence, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .complexity import Complexity, complexity
 from .layers import get_kit, switch_backend
+from .registry import register_model
 
 
 def check_positive(name: str, value: int) -> int:
@@ -69,3 +70,18 @@ def build(model_cls, cfg, **kwargs):
                             f"and the fields of {type(cfg).__name__}: {sorted(names)}")
         cfg = dataclasses.replace(cfg, **kwargs)
     return model_cls(cfg, **model_args)
+
+
+def register_preset(name: str, model_cls, cfgs: Mapping, doc: str, cfg_name: Optional[str] = None) -> Callable:
+    """Register, and return, the entry point `name(**kwargs)`: `build(model_cls, cfgs[cfg_name or name],
+    **kwargs)`, with `doc` for its docstring, a function `name` of `model_cls`'s module returning one."""
+    key = name if cfg_name is None else cfg_name
+
+    def entrypoint(**kwargs):
+        return build(model_cls, cfgs[key], **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = model_cls.__module__
+    entrypoint.__doc__ = doc
+    entrypoint.__annotations__ = {"return": model_cls}
+    return register_model(entrypoint)

@@ -15,17 +15,14 @@ activation never stored; a projection block materializes its shared pre-activati
 Parameter names: conv1, bn1 (stem), layerI.J.bnK / convK (bnK normalizes convK's input),
 layerI.J.downsample, final_bn, fc.
 """
-from functools import partial
 from typing import List
 
-import torch
 from torch import Tensor, nn
 
-from .base import ImageClassifier, build, check_positive
-from .complexity import Cost, bn_cost, conv_cost, head_cost
+from .base import register_preset
+from .complexity import Cost, bn_cost, conv_cost
 from .layers import get_kit
-from .registry import register_model
-from .resnet import RESNET_CFGS, ResNetCfg, conv1x1, conv3x3, stem_cost
+from .resnet import RESNET_CFGS, ResNetBase, bottleneck_width, conv1x1, conv3x3
 
 __all__ = ["PreActBasicBlock", "PreActBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18",
            "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
@@ -88,9 +85,7 @@ class PreActBottleneck(PreActBlock):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
                  preact: bool = True, kit=None) -> None:
-        width = int(planes * (base_width / 64.0)) * groups
-        if width < 1:
-            raise ValueError(f"bottleneck width int({planes} * {base_width} / 64) * {groups} is 0")
+        width = bottleneck_width(planes, base_width, groups)
         super().__init__([conv1x1(inplanes, width), conv3x3(width, width, stride, groups),
                           conv1x1(width, planes * self.expansion)], preact, stride, kit)
 
@@ -98,95 +93,42 @@ class PreActBottleneck(PreActBlock):
 BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 
 
-class PreActResNet(ImageClassifier):
+class PreActResNet(ResNetBase):
     """conv1-bn1-relu-maxpool -> layer1..layerN (pre-activation units) -> final_bn-relu -> avgpool -> fc."""
 
-    def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
-        super().__init__(num_classes, in_chans, backend)
-        self.cfg = cfg
-        block = BLOCKS[cfg.block]
-        self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 7, 2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg.stem_width)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = cfg.stem_width
-        for i, (depth, planes) in enumerate(zip(cfg.layers, cfg.widths)):
-            blocks = []
-            for j in range(check_positive(f"layers[{i}]", depth)):
-                stride = 2 if (i > 0 and j == 0) else 1
-                preact = not (i == 0 and j == 0)  # the stem's BN-ReLU pre-activates the first unit
-                blocks.append(block(inplanes, planes, stride, cfg.groups, cfg.width_per_group, preact, self.kit))
-                inplanes = planes * block.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.final_bn = nn.BatchNorm2d(inplanes)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(inplanes, num_classes)
-        self._init_weights()
+    BLOCKS = BLOCKS
+    HEAD_KIND = "BNReLU+AvgPool+Linear"
 
-    def _init_weights(self) -> None:
+    def _make_block(self, block: type, inplanes: int, planes: int, stride: int, first: bool) -> nn.Module:
+        preact = not first  # the stem's BN-ReLU pre-activates the first unit
+        return block(inplanes, planes, stride, self.cfg.groups, self.cfg.width_per_group, preact, self.kit)
+
+    def _build_head(self, width: int, num_classes: int) -> None:
+        self.final_bn = nn.BatchNorm2d(width)
+        super()._build_head(width, num_classes)
+
+    def _zero_init_residual(self) -> None:
+        """Each unit starts as the identity: zero its last conv."""
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if self.cfg.zero_init_residual:  # each unit starts as the identity: zero its last conv
-            for m in self.modules():
-                if isinstance(m, PreActBlock):
-                    nn.init.zeros_(getattr(m, f"conv{m.depth}").weight)
+            if isinstance(m, PreActBlock):
+                nn.init.zeros_(getattr(m, f"conv{m.depth}").weight)
 
-    def stages(self):
-        return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.layers))]
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        x = self.maxpool(self.kit.conv_bn_relu(x, self.conv1, self.bn1))
-        for stage in self.stages():
-            x = stage(x)
-        x = self.kit.bn_relu(x, self.final_bn)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def _head(self, x: Tensor) -> Tensor:
+        return super()._head(self.kit.bn_relu(x, self.final_bn))
 
     def _head_cost(self, shape):
-        out, cost = head_cost(self.fc, shape)
+        out, cost = super()._head_cost(shape)
         return out, cost + bn_cost(self.final_bn)
 
-    def units(self):
-        yield "stem", "Conv7x7+MaxPool", partial(stem_cost, self.conv1, self.bn1)
-        for i, stage in enumerate(self.stages()):
-            for j, block in enumerate(stage):
-                yield f"layer{i + 1}.{j}", type(block).__name__, block.cost
-        yield "head", "BNReLU+AvgPool+Linear", self._head_cost
+
+def _preact(name: str, doc: str):
+    """The registered entry point `preact_{name}`: ResNet `name`'s configuration with pre-activation
+    units; keyword arguments as for the ResNets."""
+    return register_preset(f"preact_{name}", PreActResNet, RESNET_CFGS, doc, cfg_name=name)
 
 
-def _preact(name: str, **kwargs) -> PreActResNet:
-    """ResNet `name`'s configuration with pre-activation units; keyword arguments as for `_resnet`."""
-    return build(PreActResNet, RESNET_CFGS[name], **kwargs)
-
-
-@register_model
-def preact_resnet18(**kwargs) -> PreActResNet:
-    """Pre-activation ResNet-18: basic units (2, 2, 2, 2)."""
-    return _preact("resnet18", **kwargs)
-
-
-@register_model
-def preact_resnet34(**kwargs) -> PreActResNet:
-    """Pre-activation ResNet-34: basic units (3, 4, 6, 3)."""
-    return _preact("resnet34", **kwargs)
-
-
-@register_model
-def preact_resnet50(**kwargs) -> PreActResNet:
-    """Pre-activation ResNet-50: bottleneck units (3, 4, 6, 3)."""
-    return _preact("resnet50", **kwargs)
-
-
-@register_model
-def preact_resnet101(**kwargs) -> PreActResNet:
-    """Pre-activation ResNet-101: bottleneck units (3, 4, 23, 3)."""
-    return _preact("resnet101", **kwargs)
-
-
-@register_model
-def preact_resnet152(**kwargs) -> PreActResNet:
-    """Pre-activation ResNet-152: bottleneck units (3, 8, 36, 3)."""
-    return _preact("resnet152", **kwargs)
+preact_resnet18 = _preact("resnet18", "Pre-activation ResNet-18: basic units (2, 2, 2, 2).")
+preact_resnet34 = _preact("resnet34", "Pre-activation ResNet-34: basic units (3, 4, 6, 3).")
+preact_resnet50 = _preact("resnet50", "Pre-activation ResNet-50: bottleneck units (3, 4, 6, 3).")
+preact_resnet101 = _preact("resnet101", "Pre-activation ResNet-101: bottleneck units (3, 4, 23, 3).")
+preact_resnet152 = _preact("resnet152", "Pre-activation ResNet-152: bottleneck units (3, 8, 36, 3).")

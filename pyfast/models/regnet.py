@@ -19,8 +19,7 @@ from typing import List, Tuple
 import torch
 
 from .anynet import AnyNet, AnyNetCfg
-from .base import build, check_positive
-from .registry import register_model
+from .base import check_positive, register_preset
 
 __all__ = ["REGNETX_CFGS", "RegNet", "RegNetCfg", "adjust_widths_groups", "make_divisible", "regnet_stages",
            "regnetx_200mf", "regnetx_400mf", "regnetx_600mf", "regnetx_800mf", "regnetx_1_6gf",
@@ -115,78 +114,21 @@ class RegNet(AnyNet):
         self.regnet_cfg = cfg
 
 
-def _regnetx(name: str, **kwargs) -> RegNet:
-    """`name`'s preset; keyword arguments are num_classes, in_chans, backend, or RegNetCfg fields."""
-    return build(RegNet, REGNETX_CFGS[name], **kwargs)
+def _regnetx(name: str, doc: str):
+    """The registered entry point `name`: `name`'s preset; keyword arguments are num_classes, in_chans,
+    backend, or RegNetCfg fields."""
+    return register_preset(name, RegNet, REGNETX_CFGS, doc)
 
 
-@register_model
-def regnetx_200mf(**kwargs) -> RegNet:
-    """RegNetX-200MF."""
-    return _regnetx("regnetx_200mf", **kwargs)
-
-
-@register_model
-def regnetx_400mf(**kwargs) -> RegNet:
-    """RegNetX-400MF."""
-    return _regnetx("regnetx_400mf", **kwargs)
-
-
-@register_model
-def regnetx_600mf(**kwargs) -> RegNet:
-    """RegNetX-600MF."""
-    return _regnetx("regnetx_600mf", **kwargs)
-
-
-@register_model
-def regnetx_800mf(**kwargs) -> RegNet:
-    """RegNetX-800MF."""
-    return _regnetx("regnetx_800mf", **kwargs)
-
-
-@register_model
-def regnetx_1_6gf(**kwargs) -> RegNet:
-    """RegNetX-1.6GF."""
-    return _regnetx("regnetx_1_6gf", **kwargs)
-
-
-@register_model
-def regnetx_3_2gf(**kwargs) -> RegNet:
-    """RegNetX-3.2GF."""
-    return _regnetx("regnetx_3_2gf", **kwargs)
-
-
-@register_model
-def regnetx_4_0gf(**kwargs) -> RegNet:
-    """RegNetX-4.0GF."""
-    return _regnetx("regnetx_4_0gf", **kwargs)
-
-
-@register_model
-def regnetx_6_4gf(**kwargs) -> RegNet:
-    """RegNetX-6.4GF."""
-    return _regnetx("regnetx_6_4gf", **kwargs)
-
-
-@register_model
-def regnetx_8gf(**kwargs) -> RegNet:
-    """RegNetX-8.0GF."""
-    return _regnetx("regnetx_8gf", **kwargs)
-
-
-@register_model
-def regnetx_12gf(**kwargs) -> RegNet:
-    """RegNetX-12GF."""
-    return _regnetx("regnetx_12gf", **kwargs)
-
-
-@register_model
-def regnetx_16gf(**kwargs) -> RegNet:
-    """RegNetX-16GF."""
-    return _regnetx("regnetx_16gf", **kwargs)
-
-
-@register_model
-def regnetx_32gf(**kwargs) -> RegNet:
-    """RegNetX-32GF."""
-    return _regnetx("regnetx_32gf", **kwargs)
+regnetx_200mf = _regnetx("regnetx_200mf", "RegNetX-200MF.")
+regnetx_400mf = _regnetx("regnetx_400mf", "RegNetX-400MF.")
+regnetx_600mf = _regnetx("regnetx_600mf", "RegNetX-600MF.")
+regnetx_800mf = _regnetx("regnetx_800mf", "RegNetX-800MF.")
+regnetx_1_6gf = _regnetx("regnetx_1_6gf", "RegNetX-1.6GF.")
+regnetx_3_2gf = _regnetx("regnetx_3_2gf", "RegNetX-3.2GF.")
+regnetx_4_0gf = _regnetx("regnetx_4_0gf", "RegNetX-4.0GF.")
+regnetx_6_4gf = _regnetx("regnetx_6_4gf", "RegNetX-6.4GF.")
+regnetx_8gf = _regnetx("regnetx_8gf", "RegNetX-8.0GF.")
+regnetx_12gf = _regnetx("regnetx_12gf", "RegNetX-12GF.")
+regnetx_16gf = _regnetx("regnetx_16gf", "RegNetX-16GF.")
+regnetx_32gf = _regnetx("regnetx_32gf", "RegNetX-32GF.")

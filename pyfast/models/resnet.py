@@ -9,18 +9,18 @@ torchvision's (conv1, bn1, layer1.0.conv1, layer1.0.downsample.0/1, fc), so its 
 """
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .base import ImageClassifier, build, check_positive
+from .base import ImageClassifier, check_positive, register_preset
 from .complexity import Cost, conv_bn_cost, head_cost, pool_shape
 from .layers import get_kit
-from .registry import register_model
 
-__all__ = ["RESNET_CFGS", "BasicBlock", "Bottleneck", "ResNet", "ResNetCfg", "conv1x1", "conv3x3", "resnet18",
-           "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "stem_cost"]
+__all__ = ["RESNET_CFGS", "BasicBlock", "Bottleneck", "ResNet", "ResNetBase", "ResNetCfg", "bottleneck_width",
+           "conv1x1", "conv3x3", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+           "resnext101_32x8d", "stem_cost"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -54,6 +54,14 @@ class ResNetCfg:
             check_positive(name, getattr(self, name))
         if self.block == "basic" and (self.groups != 1 or self.width_per_group != 64):
             raise ValueError("basic blocks take groups=1 and width_per_group=64 only")
+
+
+def bottleneck_width(planes: int, base_width: int, groups: int) -> int:
+    """The width of a (ResNeXt) bottleneck's 3x3: `int(planes * base_width / 64) * groups`, at least 1."""
+    width = int(planes * (base_width / 64.0)) * groups
+    if width < 1:
+        raise ValueError(f"bottleneck width int({planes} * {base_width} / 64) * {groups} is 0")
+    return width
 
 
 def _shortcut_out(kit, y: Tensor, bn: nn.BatchNorm2d, x: Tensor, downsample: Optional[nn.Sequential]) -> Tensor:
@@ -106,9 +114,7 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, kit=None) -> None:
         super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        if width < 1:
-            raise ValueError(f"bottleneck width int({planes} * {base_width} / 64) * {groups} is 0")
+        width = bottleneck_width(planes, base_width, groups)
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, stride, groups)
@@ -133,32 +139,41 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class ResNet(ImageClassifier):
-    """conv1-bn1-relu-maxpool -> layer1..layerN -> avgpool -> fc (torchvision's names)."""
+class ResNetBase(ImageClassifier):
+    """The layout ResNet and PreActResNet share: conv1-bn1-relu-maxpool -> layer1..layerN -> head
+    (avgpool -> fc), torchvision's names and initialization. Each stage's first block takes the stage's
+    stride (1 in layer1, else 2). A subclass names its `BLOCKS` and the head's kind in `units()`, builds
+    each block (`_make_block`), zeroes each residual branch's end (`_zero_init_residual`), and may put
+    modules before the pool by extending `_build_head`, `_head` and `_head_cost`."""
+
+    BLOCKS: Dict[str, type] = {}
+    HEAD_KIND = "AvgPool+Linear"
 
     def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
         super().__init__(num_classes, in_chans, backend)
         self.cfg = cfg
-        block = BLOCKS[cfg.block]
+        block = self.BLOCKS[cfg.block]
         self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(cfg.stem_width)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = cfg.stem_width
         for i, (depth, planes) in enumerate(zip(cfg.layers, cfg.widths)):
-            stride = 1 if i == 0 else 2
             blocks = []
             for j in range(check_positive(f"layers[{i}]", depth)):
-                downsample = None
-                if j == 0 and (stride != 1 or inplanes != planes * block.expansion):
-                    downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
-                                               nn.BatchNorm2d(planes * block.expansion))
-                blocks.append(block(inplanes, planes, stride if j == 0 else 1, downsample, cfg.groups,
-                                    cfg.width_per_group, self.kit))
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(self._make_block(block, inplanes, planes, stride, first=(i == 0 and j == 0)))
                 inplanes = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(inplanes, num_classes)
+        self._build_head(inplanes, num_classes)
         self._init_weights()
+
+    def _make_block(self, block: type, inplanes: int, planes: int, stride: int, first: bool) -> nn.Module:
+        """One block of `block`'s type (`first`: the network's first block, right after the stem)."""
+        raise NotImplementedError
+
+    def _build_head(self, width: int, num_classes: int) -> None:
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width, num_classes)
 
     def _init_weights(self) -> None:
         """torchvision's ResNet initialization (the Linear keeps PyTorch's default)."""
@@ -169,11 +184,10 @@ class ResNet(ImageClassifier):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if self.cfg.zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+            self._zero_init_residual()
+
+    def _zero_init_residual(self) -> None:
+        raise NotImplementedError
 
     def stages(self):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.layers))]
@@ -183,14 +197,41 @@ class ResNet(ImageClassifier):
         x = self.maxpool(self.kit.conv_bn_relu(x, self.conv1, self.bn1))
         for stage in self.stages():
             x = stage(x)
+        return self._head(x)
+
+    def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def _head_cost(self, shape):
+        return head_cost(self.fc, shape)
 
     def units(self):
         yield "stem", "Conv7x7+MaxPool", partial(stem_cost, self.conv1, self.bn1)
         for i, stage in enumerate(self.stages()):
             for j, block in enumerate(stage):
                 yield f"layer{i + 1}.{j}", type(block).__name__, block.cost
-        yield "head", "AvgPool+Linear", partial(head_cost, self.fc)
+        yield "head", self.HEAD_KIND, self._head_cost
+
+
+class ResNet(ResNetBase):
+    """conv1-bn1-relu-maxpool -> layer1..layerN -> avgpool -> fc (torchvision's names)."""
+
+    BLOCKS = BLOCKS  # the module's table (the one ResNetCfg checks `block` against)
+
+    def _make_block(self, block: type, inplanes: int, planes: int, stride: int, first: bool) -> nn.Module:
+        downsample = None
+        if stride != 1 or inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        return block(inplanes, planes, stride, downsample, self.cfg.groups, self.cfg.width_per_group, self.kit)
+
+    def _zero_init_residual(self) -> None:
+        """Zero gamma of each block's last BN (Goyal et al. 2017)."""
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
 RESNET_CFGS = {
@@ -204,48 +245,18 @@ RESNET_CFGS = {
 }
 
 
-def _resnet(name: str, **kwargs) -> ResNet:
-    """`name`'s configuration; keyword arguments are num_classes, in_chans, backend, or ResNetCfg fields."""
-    return build(ResNet, RESNET_CFGS[name], **kwargs)
+def _resnet(name: str, doc: str):
+    """The registered entry point `name`: `name`'s configuration; keyword arguments are num_classes,
+    in_chans, backend, or ResNetCfg fields."""
+    return register_preset(name, ResNet, RESNET_CFGS, doc)
 
 
-@register_model
-def resnet18(**kwargs) -> ResNet:
-    """ResNet-18: basic blocks (2, 2, 2, 2)."""
-    return _resnet("resnet18", **kwargs)
-
-
-@register_model
-def resnet34(**kwargs) -> ResNet:
-    """ResNet-34: basic blocks (3, 4, 6, 3)."""
-    return _resnet("resnet34", **kwargs)
-
-
-@register_model
-def resnet50(**kwargs) -> ResNet:
-    """ResNet-50: bottleneck blocks (3, 4, 6, 3)."""
-    return _resnet("resnet50", **kwargs)
-
-
-@register_model
-def resnet101(**kwargs) -> ResNet:
-    """ResNet-101: bottleneck blocks (3, 4, 23, 3)."""
-    return _resnet("resnet101", **kwargs)
-
-
-@register_model
-def resnet152(**kwargs) -> ResNet:
-    """ResNet-152: bottleneck blocks (3, 8, 36, 3)."""
-    return _resnet("resnet152", **kwargs)
-
-
-@register_model
-def resnext50_32x4d(**kwargs) -> ResNet:
-    """ResNeXt-50 (32x4d): ResNet-50 with 32 groups of width 4 in conv2_x's 3x3."""
-    return _resnet("resnext50_32x4d", **kwargs)
-
-
-@register_model
-def resnext101_32x8d(**kwargs) -> ResNet:
-    """ResNeXt-101 (32x8d): ResNet-101 with 32 groups of width 8 in conv2_x's 3x3."""
-    return _resnet("resnext101_32x8d", **kwargs)
+resnet18 = _resnet("resnet18", "ResNet-18: basic blocks (2, 2, 2, 2).")
+resnet34 = _resnet("resnet34", "ResNet-34: basic blocks (3, 4, 6, 3).")
+resnet50 = _resnet("resnet50", "ResNet-50: bottleneck blocks (3, 4, 6, 3).")
+resnet101 = _resnet("resnet101", "ResNet-101: bottleneck blocks (3, 4, 23, 3).")
+resnet152 = _resnet("resnet152", "ResNet-152: bottleneck blocks (3, 8, 36, 3).")
+resnext50_32x4d = _resnet("resnext50_32x4d",
+                          "ResNeXt-50 (32x4d): ResNet-50 with 32 groups of width 4 in conv2_x's 3x3.")
+resnext101_32x8d = _resnet("resnext101_32x8d",
+                           "ResNeXt-101 (32x8d): ResNet-101 with 32 groups of width 8 in conv2_x's 3x3.")

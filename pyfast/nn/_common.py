@@ -1,5 +1,5 @@
-"""What the module files share: argument checks, the BN a module builds, the backend its repr shows, and
-the one-time initialization of lazy children."""
+"""What the module files share: argument checks, the conv and BN a module builds, the backend its repr
+shows, the one-time initialization of lazy children, and the base of the two conv+BN sequences."""
 from typing import Optional
 
 import torch
@@ -32,6 +32,18 @@ def make_batch_norm(num_features: int, eps: float, momentum: Optional[float], af
     return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats, **factory)
 
 
+def make_conv(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int, bias: bool,
+              padding_mode: str, factory: dict) -> nn.Module:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                     **factory)
+
+
+def make_lazy_conv(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+                   bias: bool, padding_mode: str, factory: dict) -> nn.Module:
+    """nn.LazyConv2d: `in_channels` is ignored, the first input tells it."""
+    return nn.LazyConv2d(out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, **factory)
+
+
 def backend_repr(requested: Optional[str], op: str, module: nn.Module) -> str:
     """'cpu', or 'auto→cpu': the backend that runs this module's op for tensors on its device and dtype."""
     name = requested or ops.get_backend()
@@ -61,3 +73,27 @@ def initialize_lazy(module: nn.Module, x: torch.Tensor) -> None:
             module(x[:0])
         finally:
             module.train(training)
+
+
+class ConvBNSequential(nn.Sequential):
+    """The base of ConvBNReLU2d and BNReLUConv2d: an nn.Sequential of the plain modules, a conv, a BN and
+    an optional nn.ReLU (so the state_dict is the plain sequence's), whose forward is the fused op `OP`
+    with this module's `backend`."""
+
+    OP = ""
+    _make_conv = staticmethod(make_conv)
+
+    @classmethod
+    def _over(cls, children, backend: Optional[str]):
+        """An instance holding `children`, the very modules (for `from_modules`)."""
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, *children)
+        module.backend = check_backend(backend)
+        return module
+
+    @property
+    def has_relu(self) -> bool:
+        return len(self._modules) > 2
+
+    def extra_repr(self) -> str:
+        return f"backend={backend_repr(self.backend, self.OP, self)}"

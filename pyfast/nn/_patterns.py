@@ -152,6 +152,16 @@ class GraphFuser:
             return node.args[0], node.args[1], node.target in INPLACE_ADDS
         return None
 
+    def _relu_of_add(self, relu) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, bool]]:
+        """(add, a, b, in place into a) when `relu` is a ReLU of a tensor-tensor add that has no other user."""
+        if not self._is_relu(relu):
+            return None
+        add = relu.args[0]
+        operands = self._add(add)
+        if operands is None or len(add.users) != 1:
+            return None
+        return (add, *operands)
+
     def _label(self, node) -> str:
         if node.op == "call_module":
             return node.target
@@ -211,13 +221,10 @@ class GraphFuser:
 
     # -- the patterns: each looks at one node and fuses or records why not --
     def _bn_add_relu(self, relu) -> None:
-        if not self._is_relu(relu):
+        matched = self._relu_of_add(relu)
+        if matched is None:
             return
-        add = relu.args[0]
-        operands = self._add(add)
-        if operands is None or len(add.users) != 1:
-            return
-        a, b, inplace = operands
+        add, a, b, inplace = matched
         candidates = [(a, b)] if inplace else [(a, b), (b, a)]  # an in-place add must write into bn(y)
         reasons = []
         for main, other in candidates:
@@ -294,13 +301,10 @@ class GraphFuser:
                       (bn_node.args[0], _Attr(bn_node.target), _Attr(conv_node.target)), {"relu": True})
 
     def _add_relu(self, relu) -> None:
-        if not self._is_relu(relu):
+        matched = self._relu_of_add(relu)
+        if matched is None:
             return
-        add = relu.args[0]
-        operands = self._add(add)
-        if operands is None or len(add.users) != 1:
-            return
-        a, b, inplace = operands
+        add, a, b, inplace = matched
         nodes = [add, relu]
         reason = relu_problem(self._label(relu), self._relu_module(relu))
         if inplace:

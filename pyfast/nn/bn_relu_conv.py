@@ -6,10 +6,10 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import functional
-from ._common import backend_repr, check_backend, check_conv, initialize_lazy, make_batch_norm
+from ._common import ConvBNSequential, check_backend, check_conv, initialize_lazy, make_batch_norm, make_lazy_conv
 
 
-class BNReLUConv2d(nn.Sequential):
+class BNReLUConv2d(ConvBNSequential):
     """`nn.Sequential(nn.BatchNorm2d, nn.ReLU, nn.Conv2d)` whose forward is `pyfast.ops.bn_relu_conv`
     (He et al. 2016, "Identity Mappings in Deep Residual Networks").
 
@@ -18,6 +18,9 @@ class BNReLUConv2d(nn.Sequential):
     normalizes its `in_channels`) and nn.BatchNorm2d's, plus `relu` (False: no ReLU child, conv(bn(x))),
     `backend`, and `sync_bn` / `process_group` (an nn.SyncBatchNorm child).
     """
+
+    OP = "bn_relu_conv"
+    _make_bn = staticmethod(make_batch_norm)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
@@ -32,17 +35,6 @@ class BNReLUConv2d(nn.Sequential):
         super().__init__(bn, *([nn.ReLU()] if relu else []), conv)
         self.backend = check_backend(backend)
 
-    @staticmethod
-    def _make_bn(num_features, eps, momentum, affine, track_running_stats, sync_bn, process_group, factory):
-        return make_batch_norm(num_features, eps, momentum, affine, track_running_stats, sync_bn, process_group,
-                               factory)
-
-    @staticmethod
-    def _make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                   factory):
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, **factory)
-
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, relu: bool = True,
                      backend: Optional[str] = None) -> "BNReLUConv2d":
@@ -54,10 +46,7 @@ class BNReLUConv2d(nn.Sequential):
         check_conv(conv.padding_mode, conv.padding, conv.kernel_size, conv.dilation)
         if conv.in_channels != bn.num_features:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.in_channels} input channels")
-        module = cls.__new__(cls)
-        nn.Sequential.__init__(module, bn, *([nn.ReLU()] if relu else []), conv)
-        module.backend = check_backend(backend)
-        return module
+        return cls._over([bn, *([nn.ReLU()] if relu else []), conv], backend)
 
     @property
     def bn(self) -> nn.BatchNorm2d:
@@ -67,15 +56,8 @@ class BNReLUConv2d(nn.Sequential):
     def conv(self) -> nn.Conv2d:
         return self._modules[str(len(self._modules) - 1)]
 
-    @property
-    def has_relu(self) -> bool:
-        return len(self._modules) > 2
-
     def forward(self, x: Tensor) -> Tensor:
         return functional.bn_relu_conv(x, self.bn, self.conv, relu=self.has_relu, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={backend_repr(self.backend, 'bn_relu_conv', self)}"
 
 
 class LazyBNReLUConv2d(LazyModuleMixin, BNReLUConv2d):
@@ -84,6 +66,7 @@ class LazyBNReLUConv2d(LazyModuleMixin, BNReLUConv2d):
     lazy form): convert after the first call with `pyfast.nn.convert_sync_batchnorm`."""
 
     cls_to_become = BNReLUConv2d
+    _make_conv = staticmethod(make_lazy_conv)
 
     def __init__(self, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
                  bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
@@ -95,12 +78,6 @@ class LazyBNReLUConv2d(LazyModuleMixin, BNReLUConv2d):
     @staticmethod
     def _make_bn(num_features, eps, momentum, affine, track_running_stats, sync_bn, process_group, factory):
         return nn.LazyBatchNorm2d(eps, momentum, affine, track_running_stats, **factory)
-
-    @staticmethod
-    def _make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                   factory):
-        return nn.LazyConv2d(out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                             **factory)
 
     def initialize_parameters(self, x: Tensor) -> None:
         initialize_lazy(self.bn, x)

@@ -5,10 +5,10 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import functional
-from ._common import backend_repr, check_backend, check_conv, initialize_lazy, make_batch_norm
+from ._common import ConvBNSequential, check_backend, check_conv, initialize_lazy, make_batch_norm, make_lazy_conv
 
 
-class ConvBNReLU2d(nn.Sequential):
+class ConvBNReLU2d(ConvBNSequential):
     """`nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)` whose forward is `pyfast.ops.conv_bn_relu`.
 
     The children are the plain modules, so the state_dict keys are the sequence's (`0.weight`,
@@ -21,6 +21,8 @@ class ConvBNReLU2d(nn.Sequential):
 
     Only zero padding (padding_mode='zeros') and symmetric padding are fused; anything else raises.
     """
+
+    OP = "conv_bn_relu"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
@@ -36,12 +38,6 @@ class ConvBNReLU2d(nn.Sequential):
         super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
         self.backend = check_backend(backend)
 
-    @staticmethod
-    def _make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                   factory):
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, **factory)
-
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True,
                      backend: Optional[str] = None) -> "ConvBNReLU2d":
@@ -54,10 +50,7 @@ class ConvBNReLU2d(nn.Sequential):
         check_conv(conv.padding_mode, conv.padding, conv.kernel_size, conv.dilation)
         if conv.out_channels != bn.num_features:
             raise ValueError(f"conv has {conv.out_channels} output channels but bn has {bn.num_features} features")
-        module = cls.__new__(cls)
-        nn.Sequential.__init__(module, conv, bn, *([nn.ReLU()] if relu else []))
-        module.backend = check_backend(backend)
-        return module
+        return cls._over([conv, bn, *([nn.ReLU()] if relu else [])], backend)
 
     @property
     def conv(self) -> nn.Conv2d:
@@ -67,15 +60,8 @@ class ConvBNReLU2d(nn.Sequential):
     def bn(self) -> nn.BatchNorm2d:
         return self._modules["1"]
 
-    @property
-    def has_relu(self) -> bool:
-        return len(self._modules) > 2
-
     def forward(self, x: Tensor) -> Tensor:
         return functional.conv_bn_relu(x, self.conv, self.bn, relu=self.has_relu, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={backend_repr(self.backend, 'conv_bn_relu', self)}"
 
 
 class LazyConvBNReLU2d(LazyModuleMixin, ConvBNReLU2d):
@@ -83,6 +69,7 @@ class LazyConvBNReLU2d(LazyModuleMixin, ConvBNReLU2d):
     call it is a ConvBNReLU2d."""
 
     cls_to_become = ConvBNReLU2d
+    _make_conv = staticmethod(make_lazy_conv)
 
     def __init__(self, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
                  bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
@@ -92,12 +79,6 @@ class LazyConvBNReLU2d(LazyModuleMixin, ConvBNReLU2d):
         super().__init__(0, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, eps,
                          momentum, affine, track_running_stats, relu, backend, sync_bn, process_group, device,
                          dtype)
-
-    @staticmethod
-    def _make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                   factory):
-        return nn.LazyConv2d(out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                             **factory)
 
     def initialize_parameters(self, x: Tensor) -> None:
         initialize_lazy(self.conv, x)

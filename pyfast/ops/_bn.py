@@ -81,20 +81,20 @@ def running_stats(bn: BatchNormArgs, dtype: torch.dtype):
 
 def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
     """nn.BatchNorm2d's update after a training step: num_batches_tracked += 1, then an exponential
-    (momentum) or cumulative (momentum=None) average with the unbiased batch variance. Tensor-only
-    arithmetic, so no host sync and nothing that breaks a torch.compile graph."""
+    (momentum) or cumulative (momentum=None: weight 1/num_batches_tracked) average with the unbiased
+    batch variance. Device-side arithmetic only: no host sync, nothing that breaks a torch.compile
+    graph or a CUDA graph capture."""
     with torch.no_grad():
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
         if bn.running_mean is None or count == 0:
             return
-        if bn.momentum is None:
-            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
-        else:
-            factor = torch.tensor(bn.momentum, dtype=mean.dtype, device=mean.device)
         unbiased = var * (count / max(count - 1, 1))
         for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-            running.copy_(running * (1 - factor) + batch * factor)
+            weight = bn.momentum
+            if weight is None:
+                weight = 1.0 / bn.num_batches_tracked.to(running.dtype)
+            running.lerp_(batch.to(running.dtype), weight)
 
 
 def reduction_count(x: Tensor) -> int:
