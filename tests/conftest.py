@@ -1,4 +1,5 @@
-"""Shared test set-up: seeds, the GPU marker, Triton's interpreter on machines without a GPU."""
+"""Shared test set-up: seeds, the GPU marker, Triton's interpreter on machines without a GPU, and an
+opt-in one-thread fixture."""
 import os
 
 import pytest

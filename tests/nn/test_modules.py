@@ -42,21 +42,18 @@ def load_into_double(plain, fused):
     return plain
 
 
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
-@pytest.mark.parametrize("conv", CONV_CONFIGS)
-@pytest.mark.parametrize("bn", BN_CONFIGS)
-def test_conv_bn_relu_trains_like_the_plain_sequence(bn, conv, relu):
-    fused = ConvBNReLU2d(4, 6, **CONV_CONFIGS[conv], **BN_CONFIGS[bn], relu=relu)
-    plain = load_into_double(plain_conv_bn_relu(4, 6, CONV_CONFIGS[conv], BN_CONFIGS[bn], relu), fused)
-    train_and_compare(fused, plain, lambda: torch.randn(3, 4, 7, 7))
+# each fused sequence module and the plain sequence it replaces
+SEQUENCES = {"conv_bn_relu": (ConvBNReLU2d, plain_conv_bn_relu), "bn_relu_conv": (BNReLUConv2d, plain_bn_relu_conv)}
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("conv", CONV_CONFIGS)
 @pytest.mark.parametrize("bn", BN_CONFIGS)
-def test_bn_relu_conv_trains_like_the_plain_sequence(bn, conv, relu):
-    fused = BNReLUConv2d(4, 6, **CONV_CONFIGS[conv], **BN_CONFIGS[bn], relu=relu)
-    plain = load_into_double(plain_bn_relu_conv(4, 6, CONV_CONFIGS[conv], BN_CONFIGS[bn], relu), fused)
+@pytest.mark.parametrize("sequence", SEQUENCES)
+def test_sequence_trains_like_the_plain_sequence(sequence, bn, conv, relu):
+    fused_cls, make_plain = SEQUENCES[sequence]
+    fused = fused_cls(4, 6, **CONV_CONFIGS[conv], **BN_CONFIGS[bn], relu=relu)
+    plain = load_into_double(make_plain(4, 6, CONV_CONFIGS[conv], BN_CONFIGS[bn], relu), fused)
     train_and_compare(fused, plain, lambda: torch.randn(3, 4, 7, 7))
 
 
