@@ -10,7 +10,8 @@ fusable steps of DESIGN.md. A block's forward is written once against the kit:
     kit.bn_relu(x, bn)                                 relu(bn(x))
 
 `EagerKit` runs them as separate PyTorch ops (torchvision's forwards: the benchmark baseline);
-`FastKit` hands the same modules to `pyfast.nn.functional`. `switch_backend(model, "fast")` swaps the kit of an existing model in place; its weights
+`FastKit` hands the same modules to `pyfast.nn.functional`. `switch_backend(model, "fast")` swaps the
+kit of an existing model in place; its weights
 are untouched.
 """
 import torch.nn.functional as F

@@ -11,7 +11,8 @@ block to block. Layout of the authors' ImageNet code (fb.resnet.torch `preresnet
 - a final BN-ReLU before the average pool.
 
 Fast backend: every BN-ReLU-conv of an identity block is one `bn_relu_conv`, the normalized
-activation never stored; a projection block materializes its shared pre-activation once (`bn_relu`, a fused BN-ReLU pass).
+activation never stored; a projection block materializes its shared pre-activation once (`bn_relu`, a
+fused BN-ReLU pass).
 Parameter names: conv1, bn1 (stem), layerI.J.bnK / convK (bnK normalizes convK's input),
 layerI.J.downsample, final_bn, fc.
 """

@@ -23,7 +23,8 @@ from .base import check_positive, register_preset
 
 __all__ = ["REGNETX_CFGS", "RegNet", "RegNetCfg", "adjust_widths_groups", "make_divisible", "regnet_stages",
            "regnetx_200mf", "regnetx_400mf", "regnetx_600mf", "regnetx_800mf", "regnetx_1_6gf",
-           "regnetx_3_2gf", "regnetx_4_0gf", "regnetx_6_4gf", "regnetx_8gf", "regnetx_12gf", "regnetx_16gf", "regnetx_32gf"]
+           "regnetx_3_2gf", "regnetx_4_0gf", "regnetx_6_4gf", "regnetx_8gf", "regnetx_12gf", "regnetx_16gf",
+           "regnetx_32gf"]
 
 QUANT = 8
 

@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._bn import check_activation, check_like
 from ._conv import ConvParams, memory_format_of
 
 
@@ -55,3 +56,17 @@ def param_grad(grad: Tensor, param: Optional[Tensor]) -> Tensor:
     C-length tensor: a custom op's outputs may not alias each other (kernels may return the sums as
     views of one buffer, and bn_add_relu hands sum dz to both BNs)."""
     return grad.to(grad.dtype if param is None else param.dtype, copy=True)
+
+
+def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stride, padding, dilation, groups):
+    """Checks a convolving op's input and convolution arguments (after autocast's casts); returns
+    (x, weight, bias, ConvParams)."""
+    check_activation("x", x)
+    if weight is None:
+        raise ValueError("weight is required")
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    check_like("weight", weight, x, "x")
+    check_like("bias", bias, x, "x")
+    params = ConvParams.of(stride, padding, dilation, groups)
+    params.check(x, weight)
+    return x, weight, bias, params

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
+from ._bn import (BatchNormArgs, acc_dtype, check_batch_norm, reduction_count,
                   scale_shift, update_running_stats)
-from ._common import ConvOpSaved, autocast_inputs, like_layout, placeholder, param_grad, unplaceholder
+from ._common import ConvOpSaved, conv_inputs, like_layout, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams
 from .backends import BACKENDS, select
 from .conv_bn_relu import conv_layout, conv_output
@@ -26,14 +26,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
                  groups: int = 1, relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """F.conv2d(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum,
     eps)), weight, bias, stride, padding, dilation, groups); `relu=False` drops the ReLU."""
-    check_activation("x", x)
-    if weight is None:
-        raise ValueError("weight is required")
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    check_like("weight", weight, x, "x")
-    check_like("bias", bias, x, "x")
-    params = ConvParams.of(stride, padding, dilation, groups)
-    params.check(x, weight)
+    x, weight, bias, params = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", x.shape, x.device, bn, training)
 

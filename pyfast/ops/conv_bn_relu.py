@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
-                  running_stats, scale_shift, update_running_stats)
-from ._common import ConvOpSaved, autocast_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
+from ._bn import (BatchNormArgs, acc_dtype, check_batch_norm, reduction_count, running_stats, scale_shift,
+                  update_running_stats)
+from ._common import ConvOpSaved, conv_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams, memory_format_of
 from .backends import BACKENDS, select
 
@@ -29,12 +29,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
-    check_activation("x", x)
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    check_like("weight", weight, x, "x")
-    check_like("bias", bias, x, "x")
-    params = ConvParams.of(stride, padding, dilation, groups)
-    params.check(x, weight)
+    x, weight, bias, params = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", params.output_shape(x, weight), x.device, bn, training)
 

@@ -3,7 +3,8 @@ formats, every dtype, training and eval (with gradients) and inference (BN folde
 import pytest
 import torch
 
-from harness import Case, activation, backend_grid, backend_params, bn_state, cast, compare, conv_weight, skip_unless_runs
+from harness import (Case, activation, backend_grid, backend_params, bn_state, cast, compare, conv_weight,
+                     skip_unless_runs)
 from pyfast import ops
 from tolerances import assert_close
 
