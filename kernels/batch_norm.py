@@ -295,14 +295,18 @@ def bn_stats(x):
 
 
 @triton.jit
-def _elementwise_tile(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Row g, channels c, positions l and masks of elementwise program (program_id(0), program_id(1))."""
+def _elementwise_tile(C, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Channels c, channel mask, tile mask and element offsets of elementwise program (program_id(0),
+    program_id(1)): program_id(1) picks the channels, program_id(0) the row and the positions in it."""
+    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
     pid = tl.program_id(0)
     tiles_l = tl.cdiv(L, BLOCK_L)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     l = (pid % tiles_l) * BLOCK_L + tl.arange(0, BLOCK_L)
     cmask = c < C
-    return pid // tiles_l, c, l, cmask, cmask[:, None] & (l < L)[None, :]
+    offs = _offsets(pid // tiles_l, c, l, C, L, CHANNELS_LAST, INT64)
+    return c, cmask, cmask[:, None] & (l < L)[None, :], offs
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
@@ -320,9 +324,7 @@ def _bn_act_forward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
 ):
     """out = relu?(x*scale[c] + shift[c] + residual*res_scale[c] + res_shift[c]), one read per input."""
-    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
-    g, c, l, cmask, mask = _elementwise_tile(C, L, BLOCK_C, BLOCK_L)
-    offs = _offsets(g, c, l, C, L, CHANNELS_LAST, INT64)
+    c, cmask, mask, offs = _elementwise_tile(C, L, CHANNELS_LAST, INT64, ALIGN, BLOCK_C, BLOCK_L)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     r = x  # placeholder, read only when HAS_RES
     if HAS_RES:
@@ -467,9 +469,7 @@ def _bn_act_backward_elemt_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
 ):
     """grad_x and grad_residual from dz (see _bn_input_grad); x and residual are read only when needed."""
-    C, L = _aligned_sizes(C, L, CHANNELS_LAST, ALIGN)
-    g, c, l, cmask, mask = _elementwise_tile(C, L, BLOCK_C, BLOCK_L)
-    offs = _offsets(g, c, l, C, L, CHANNELS_LAST, INT64)
+    c, cmask, mask, offs = _elementwise_tile(C, L, CHANNELS_LAST, INT64, ALIGN, BLOCK_C, BLOCK_L)
     dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = dz  # placeholders, read only when loaded below
     r = dz

@@ -115,6 +115,28 @@ T* mutable_elem_ptr(const Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
+// The inputs the two backward launchers share (kern::BnActBackwardInputs), from the checked tensors;
+// undefined tensors become nullptr.
+template <typename T>
+void set_backward_inputs(kern::BnActBackwardInputs<T>& a, const Tensor& grad_out, const Tensor& x,
+                         const Tensor& scale, const Tensor& shift, const Tensor& mean, const Tensor& invstd,
+                         const Tensor& residual, const Tensor& res_scale, const Tensor& res_shift,
+                         const Tensor& res_mean, const Tensor& res_invstd, bool relu) {
+  using A = kern::acc_t<T>;
+  a.grad_out = elem_ptr<T>(grad_out);
+  a.x = elem_ptr<T>(x);
+  a.scale = ptr<A>(scale);
+  a.shift = ptr<A>(shift);
+  a.mean = ptr<A>(mean);
+  a.invstd = ptr<A>(invstd);
+  a.residual = elem_ptr<T>(residual);
+  a.res_scale = ptr<A>(res_scale);
+  a.res_shift = ptr<A>(res_shift);
+  a.res_mean = ptr<A>(res_mean);
+  a.res_invstd = ptr<A>(res_invstd);
+  a.relu = relu;
+}
+
 // x is dense (in_layout): empty_like keeps its strides, so outputs keep x's memory format.
 Tensor empty_like_x(const Tensor& x) { return at::empty_like(x); }
 
@@ -221,18 +243,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
     using T = typename CudaScalar<scalar_t>::type;
     using A = kern::acc_t<T>;
     kern::BnActBackwardReduceArgs<T> args{};
-    args.grad_out = elem_ptr<T>(grad_out);
-    args.x = elem_ptr<T>(x);
-    args.scale = ptr<A>(scale);
-    args.shift = ptr<A>(shift);
-    args.mean = ptr<A>(mean);
-    args.invstd = ptr<A>(invstd);
-    args.residual = elem_ptr<T>(residual);
-    args.res_scale = ptr<A>(res_scale);
-    args.res_shift = ptr<A>(res_shift);
-    args.res_mean = ptr<A>(res_mean);
-    args.res_invstd = ptr<A>(res_invstd);
-    args.relu = relu;
+    set_backward_inputs<T>(args, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
+                           res_invstd, relu);
     args.sum_dz = sum_dz.mutable_data_ptr<A>();
     args.sum_dz_xhat = sum_dz_xhat.mutable_data_ptr<A>();
     args.sum_dz_rhat = res_mean.defined() ? sum_dz_rhat.mutable_data_ptr<A>() : nullptr;
@@ -290,18 +302,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     using T = typename CudaScalar<scalar_t>::type;
     using A = kern::acc_t<T>;
     kern::BnActBackwardElemtArgs<T> args{};
-    args.grad_out = elem_ptr<T>(grad_out);
-    args.x = elem_ptr<T>(x);
-    args.scale = ptr<A>(scale);
-    args.shift = ptr<A>(shift);
-    args.mean = ptr<A>(mean);
-    args.invstd = ptr<A>(invstd);
-    args.residual = elem_ptr<T>(residual);
-    args.res_scale = ptr<A>(res_scale);
-    args.res_shift = ptr<A>(res_shift);
-    args.res_mean = ptr<A>(res_mean);
-    args.res_invstd = ptr<A>(res_invstd);
-    args.relu = relu;
+    set_backward_inputs<T>(args, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
+                           res_invstd, relu);
     args.mean_dz = ptr<A>(mean_dz);
     args.mean_dz_xhat = ptr<A>(mean_dz_xhat);
     args.mean_dz_rhat = ptr<A>(mean_dz_rhat);

@@ -698,6 +698,7 @@ cudaError_t make_plan(Kernel kernel, Kind kind, Layout layout, const Sizes& s, i
 }
 
 dim3 finalize_grid(int64_t C) { return dim3(unsigned(std::min<int64_t>(ceil_div(C, kFinalizeX), kMaxGridY))); }
+constexpr dim3 kFinalizeBlock(kFinalizeX, kFinalizeY);  // of the finalize kernels
 
 // Widest vectors, in elements: 16 bytes. The NHWC backward kernels keep 9 (elemt) or 6 (reduce) per-channel
 // parameters for each of their VEC channels in registers; at 8 channels they would exceed 128 registers and
@@ -752,6 +753,33 @@ bool is_empty(int64_t N, int64_t C, int64_t HW) { return N * HW == 0 || C == 0; 
 
 // The reductions plan and launch in one function so that the workspace size a caller asks for
 // (need != nullptr: nothing is launched) is the one the launch uses.
+//
+// What the two share, for one instantiated main kernel: plan it, size the workspace (`quantities` per-channel
+// partials of each of the P = grid.x blocks, laid out [quantities][P][C], when P > 1; none otherwise), then
+// either report that size or check the caller's workspace, launch the kernel and, when P > 1, call
+// finalize(w, P) to launch the kernel that combines the partials in w.
+template <typename A, typename Kernel, typename Args, typename Finalize>
+cudaError_t launch_reduction(Kernel kernel, const Args& a, Layout layout, const Sizes& s, int vec,
+                             int64_t quantities, void* ws, size_t ws_bytes, size_t* need, cudaStream_t stream,
+                             const Finalize& finalize) {
+  Plan plan;
+  cudaError_t err = make_plan(kernel, Kind::kReduce, layout, s, vec, &plan);
+  if (err != cudaSuccess) return err;
+  const int64_t P = plan.grid.x;
+  const size_t bytes = P > 1 ? size_t(quantities * P * s.C) * sizeof(A) : 0;
+  if (need != nullptr) {
+    *need = bytes;
+    return cudaSuccess;
+  }
+  if (ws_bytes < bytes || (bytes > 0 && ws == nullptr)) return cudaErrorInvalidValue;
+  A* w = P > 1 ? static_cast<A*>(ws) : nullptr;
+  kernel<<<plan.grid, plan.block, 0, stream>>>(a, s, w);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || P == 1) return err;
+  finalize(static_cast<const A*>(w), P);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t run_stats(const BnStatsArgs<T>& a, const Sizes& s, Layout layout, void* ws, size_t ws_bytes,
                       size_t* need, cudaStream_t stream) {
@@ -762,24 +790,11 @@ cudaError_t run_stats(const BnStatsArgs<T>& a, const Sizes& s, Layout layout, vo
   return dispatch<kMaxVec<T>, kMaxVec<T>>(layout, vec, [&](auto v, auto l) -> cudaError_t {
     constexpr int VEC = decltype(v)::value;
     constexpr Layout LAYOUT = decltype(l)::value;
-    const auto kernel = bn_stats_kernel<T, VEC, LAYOUT>;
-    Plan plan;
-    cudaError_t err = make_plan(kernel, Kind::kReduce, LAYOUT, s, VEC, &plan);
-    if (err != cudaSuccess) return err;
-    const int64_t P = plan.grid.x;
-    const size_t bytes = P > 1 ? size_t(3 * P * s.C) * sizeof(A) : 0;
-    if (need != nullptr) {
-      *need = bytes;
-      return cudaSuccess;
-    }
-    if (ws_bytes < bytes || (bytes > 0 && ws == nullptr)) return cudaErrorInvalidValue;
-    A* w = P > 1 ? static_cast<A*>(ws) : nullptr;
-    kernel<<<plan.grid, plan.block, 0, stream>>>(a, s, w);
-    err = cudaGetLastError();
-    if (err != cudaSuccess || P == 1) return err;
-    bn_stats_finalize_kernel<A><<<finalize_grid(s.C), dim3(kFinalizeX, kFinalizeY), 0, stream>>>(
-        w, P, s.C, a.mean, a.var);
-    return cudaGetLastError();
+    const auto finalize = [&](const A* w, int64_t P) {
+      bn_stats_finalize_kernel<A><<<finalize_grid(s.C), kFinalizeBlock, 0, stream>>>(w, P, s.C, a.mean, a.var);
+    };
+    return launch_reduction<A>(bn_stats_kernel<T, VEC, LAYOUT>, a, LAYOUT, s, VEC, 3, ws, ws_bytes, need, stream,
+                               finalize);
   });
 }
 
@@ -794,25 +809,12 @@ cudaError_t run_backward_reduce(const BnActBackwardReduceArgs<T>& a, const Sizes
   return dispatch<kMaxVec<T>, kMaxVecNhwcBackward<T>>(layout, vec, [&](auto v, auto l) -> cudaError_t {
     constexpr int VEC = decltype(v)::value;
     constexpr Layout LAYOUT = decltype(l)::value;
-    const auto kernel = bn_act_backward_reduce_kernel<T, VEC, LAYOUT>;
-    Plan plan;
-    cudaError_t err = make_plan(kernel, Kind::kReduce, LAYOUT, s, VEC, &plan);
-    if (err != cudaSuccess) return err;
-    const int64_t P = plan.grid.x;
     const int64_t quantities = a.res_mean != nullptr ? 3 : 2;
-    const size_t bytes = P > 1 ? size_t(quantities * P * s.C) * sizeof(A) : 0;
-    if (need != nullptr) {
-      *need = bytes;
-      return cudaSuccess;
-    }
-    if (ws_bytes < bytes || (bytes > 0 && ws == nullptr)) return cudaErrorInvalidValue;
-    A* w = P > 1 ? static_cast<A*>(ws) : nullptr;
-    kernel<<<plan.grid, plan.block, 0, stream>>>(a, s, w);
-    err = cudaGetLastError();
-    if (err != cudaSuccess || P == 1) return err;
-    bn_act_backward_reduce_finalize_kernel<T><<<finalize_grid(s.C), dim3(kFinalizeX, kFinalizeY), 0, stream>>>(
-        a, w, P, s.C);
-    return cudaGetLastError();
+    const auto finalize = [&](const A* w, int64_t P) {
+      bn_act_backward_reduce_finalize_kernel<T><<<finalize_grid(s.C), kFinalizeBlock, 0, stream>>>(a, w, P, s.C);
+    };
+    return launch_reduction<A>(bn_act_backward_reduce_kernel<T, VEC, LAYOUT>, a, LAYOUT, s, VEC, quantities, ws,
+                               ws_bytes, need, stream, finalize);
   });
 }
 

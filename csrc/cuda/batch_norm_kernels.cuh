@@ -61,22 +61,32 @@ struct BnActForwardArgs {
   T* out;  // like x
 };
 
-// bn_act_backward_reduce: with dz = grad_out masked by the recomputed ReLU (when relu),
-// sum_dz = sum dz, sum_dz_xhat = sum dz*(x-mean)*invstd, sum_dz_rhat = sum dz*(r-res_mean)*res_invstd.
+// The inputs the two backward primitives share: grad_out; what defines the forward's pre-activation
+// z = x*scale + shift [+ residual*res_scale + res_shift] and whether a ReLU followed (dz is grad_out masked
+// by z > 0 when relu); and the statistics that normalize x and the residual (each primitive says which of
+// these it requires).
 template <typename T>
-struct BnActBackwardReduceArgs {
+struct BnActBackwardInputs {
   const T* grad_out;
   const T* x;
-  const acc_t<T>* scale;       // [C] or nullptr (1), for the ReLU mask
-  const acc_t<T>* shift;       // [C] or nullptr (0), for the ReLU mask
-  const acc_t<T>* mean;        // [C] required
-  const acc_t<T>* invstd;      // [C] required
+  const acc_t<T>* scale;       // [C] or nullptr (1)
+  const acc_t<T>* shift;       // [C] or nullptr (0)
+  const acc_t<T>* mean;        // [C]
+  const acc_t<T>* invstd;      // [C]
   const T* residual;           // like x, or nullptr
-  const acc_t<T>* res_scale;   // [C] or nullptr (1), for the ReLU mask
-  const acc_t<T>* res_shift;   // [C] or nullptr (0), for the ReLU mask
-  const acc_t<T>* res_mean;    // [C] or nullptr: no sum_dz_rhat
-  const acc_t<T>* res_invstd;  // [C], given exactly when res_mean is
+  const acc_t<T>* res_scale;   // [C] or nullptr (1)
+  const acc_t<T>* res_shift;   // [C] or nullptr (0)
+  const acc_t<T>* res_mean;    // [C]
+  const acc_t<T>* res_invstd;  // [C]
   bool relu;
+};
+
+// bn_act_backward_reduce: with dz = grad_out masked by the recomputed ReLU (when relu),
+// sum_dz = sum dz, sum_dz_xhat = sum dz*(x-mean)*invstd, sum_dz_rhat = sum dz*(r-res_mean)*res_invstd.
+// scale/shift/res_scale/res_shift serve only the ReLU mask; mean and invstd are required; res_mean is
+// optional (nullptr: no sum_dz_rhat) and res_invstd is given exactly when res_mean is.
+template <typename T>
+struct BnActBackwardReduceArgs : BnActBackwardInputs<T> {
   acc_t<T>* sum_dz;       // [C] out
   acc_t<T>* sum_dz_xhat;  // [C] out
   acc_t<T>* sum_dz_rhat;  // [C] out, nullptr when res_mean is nullptr
@@ -86,20 +96,9 @@ struct BnActBackwardReduceArgs {
 //   grad_x   = scale * (dz - mean_dz - xhat*mean_dz_xhat)      (mean_dz given), scale * dz otherwise;
 //   grad_res = res_scale * (dz - mean_dz - rhat*mean_dz_rhat)  (mean_dz and mean_dz_rhat given),
 //              res_scale * dz otherwise (res_scale nullptr: the identity shortcut, dz).
+// mean/invstd are read only when mean_dz is given, res_mean/res_invstd only when mean_dz_rhat is.
 template <typename T>
-struct BnActBackwardElemtArgs {
-  const T* grad_out;
-  const T* x;
-  const acc_t<T>* scale;         // [C] or nullptr (1)
-  const acc_t<T>* shift;         // [C] or nullptr (0)
-  const acc_t<T>* mean;          // [C], read only when mean_dz is given
-  const acc_t<T>* invstd;        // [C], read only when mean_dz is given
-  const T* residual;             // like x, or nullptr
-  const acc_t<T>* res_scale;     // [C] or nullptr (1)
-  const acc_t<T>* res_shift;     // [C] or nullptr (0)
-  const acc_t<T>* res_mean;      // [C], read only when mean_dz_rhat is given
-  const acc_t<T>* res_invstd;    // [C], read only when mean_dz_rhat is given
-  bool relu;
+struct BnActBackwardElemtArgs : BnActBackwardInputs<T> {
   const acc_t<T>* mean_dz;       // [C] or nullptr (eval: running statistics)
   const acc_t<T>* mean_dz_xhat;  // [C], required when mean_dz is given
   const acc_t<T>* mean_dz_rhat;  // [C] or nullptr; needs mean_dz and the residual
