@@ -305,8 +305,8 @@ def _elementwise_tile(C, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, AL
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     l = (pid % tiles_l) * BLOCK_L + tl.arange(0, BLOCK_L)
     cmask = c < C
-    offs = _offsets(pid // tiles_l, c, l, C, L, CHANNELS_LAST, INT64)
-    return c, cmask, cmask[:, None] & (l < L)[None, :], offs
+    mask = cmask[:, None] & (l < L)[None, :]
+    return c, cmask, mask, _offsets(pid // tiles_l, c, l, C, L, CHANNELS_LAST, INT64)
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
