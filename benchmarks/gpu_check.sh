@@ -66,7 +66,10 @@ step info "$OUT/setup.log" 30 $PY -m pyfast info
 # 2. tests: every gpu-marked test, then a smoke run of the pytest-benchmark suites on the GPU
 TIMEOUT_ARGS=()
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 90)
-wanted tests && step tests-gpu "$OUT/tests.log" 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE \
+# One Triton config per kernel in the tests (PYFAST_TRITON_AUTOTUNE=0): correctness does not need the
+# tuning, and tuning every test shape would eat the step's time.
+wanted tests && PYFAST_TRITON_AUTOTUNE=0 step tests-gpu "$OUT/tests.log" 150 $PY -m pytest -q -m gpu tests \
+    -p no:cacheprovider -rfE \
     ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
 wanted tests && step bench-suites "$OUT/tests.log" 60 $PY -m pytest --benchmark -q -p no:cacheprovider \
     benchmarks/test_ops.py benchmarks/test_models.py \

@@ -20,13 +20,19 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
+# shape would cost more than the tests themselves.
+_AUTOTUNE = os.environ.get("PYFAST_TRITON_AUTOTUNE", "1") != "0"
 _MAX_INT32 = 2**31 - 1
 
 
-def _configs(tiles):
-    """Autotune configs from (BLOCK_C, BLOCK_L, num_warps); one small tile under the interpreter."""
+def _configs(tiles, untuned):
+    """Autotune configs from (BLOCK_C, BLOCK_L, num_warps); one small tile under the interpreter, and
+    only tiles[untuned] when autotuning is off."""
     if _INTERPRET:  # the interpreter neither benchmarks nor needs big tiles: one config, few programs
         tiles = [(16, 32, 1)]
+    elif not _AUTOTUNE:
+        tiles = [tiles[untuned]]
     return [triton.Config({"BLOCK_C": c, "BLOCK_L": l}, num_warps=w) for c, l, w in tiles]
 
 
@@ -35,13 +41,13 @@ def _configs(tiles):
 _ELEMENTWISE_CONFIGS = _configs([
     (4, 1024, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4),
     (8, 1024, 8), (16, 512, 8), (64, 128, 8), (128, 64, 8), (256, 32, 8),
-])
+], untuned=3)
 # Reduction tiles keep per-lane accumulators in registers. BLOCK_L must divide _SPLIT_ALIGN so that
 # only the last chunk of a row of the [G, C, L] view has a partial tile.
 _REDUCTION_CONFIGS = _configs([
     (4, 256, 4), (8, 256, 4), (16, 128, 4), (32, 64, 4), (64, 32, 4), (128, 16, 4),
     (16, 256, 8), (64, 64, 8), (128, 32, 8),
-])
+], untuned=2)
 # A reduction program covers one chunk of _SPLIT_ALIGN-multiple positions along L holding about
 # _SPLIT_WORK elements of its channel block: enough work per program, and the partials stay ~1% of x.
 _SPLIT_ALIGN = 32 if _INTERPRET else 256

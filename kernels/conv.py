@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
+# shape would cost more than the tests themselves.
+_AUTOTUNE = os.environ.get("PYFAST_TRITON_AUTOTUNE", "1") != "0"
 # Beyond this many elements in x or out, the kernel computes its offsets in int64.
 _MAX_INT32_NUMEL = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,10 +52,13 @@ _MMA_K = 16  # smallest K of tl.dot: narrower groups take the direct path
 _INTERPRETER_FIXES = tl.constexpr(_INTERPRET)
 
 
-def _configs(blocks, interpret_blocks):
-    """Autotune configs; one fixed config in the interpreter, where each tuning run costs seconds."""
+def _configs(blocks, interpret_blocks, untuned):
+    """Autotune configs; one fixed config in the interpreter, where each tuning run costs seconds, and
+    only blocks[untuned] when autotuning is off."""
     if _INTERPRET:
         return [triton.Config(interpret_blocks)]
+    if not _AUTOTUNE:
+        blocks = [blocks[untuned]]
     return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), b[:3])), num_warps=b[3], num_stages=b[4])
             for b in blocks]
 
@@ -62,12 +68,12 @@ _DOT_CONFIGS = _configs(
     [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (256, 64, 32, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
      (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (128, 32, 16, 4, 4),
      (128, 16, 16, 4, 4), (64, 16, 16, 2, 4)],
-    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, untuned=6)
 # BLOCK_K is unused on the direct path.
 _DIRECT_CONFIGS = _configs(
     [(64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (256, 32, 1, 8, 2), (64, 64, 1, 4, 2), (128, 64, 1, 8, 2),
      (32, 128, 1, 4, 2), (64, 128, 1, 8, 2), (128, 16, 1, 4, 2)],
-    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 1})
+    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 1}, untuned=0)
 
 
 def _prune_configs(configs, named_args, **kwargs):
