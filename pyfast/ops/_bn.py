@@ -74,9 +74,10 @@ def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, 
     return scale, shift, invstd
 
 
-def running_stats(bn: BatchNormArgs, dtype: torch.dtype):
-    """The statistics an eval-mode BN normalizes with, in the accumulation dtype."""
-    return bn.running_mean.to(dtype), bn.running_var.to(dtype)
+def running_stats(running_mean: Tensor, running_var: Tensor, dtype: torch.dtype):
+    """The statistics an eval-mode BN normalizes with, in the accumulation dtype. Always fresh copies:
+    a custom op's outputs may not alias its inputs."""
+    return running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
 
 
 def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import reference
 from ._bn import (BatchNormArgs, acc_dtype, check_activation, check_batch_norm, check_like, reduction_count,
-                  scale_shift, update_running_stats)
+                  running_stats, scale_shift, update_running_stats)
 from ._common import like_layout, placeholder, param_grad, unplaceholder
 from .backends import BACKENDS, select
 
@@ -87,7 +87,7 @@ def _stats(t: Optional[Tensor], has_bn: bool, bn: BatchNormArgs, training: bool,
         return empty, empty.clone()
     if training:
         return chosen.bn_stats(t)
-    return tuple(s.to(acc_dtype(t.dtype), copy=True) for s in (bn.running_mean, bn.running_var))
+    return running_stats(bn.running_mean, bn.running_var, acc_dtype(t.dtype))
 
 
 def _affine(weight, bias, mean, var, eps, present: bool):

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_batch_norm, reduction_count,
-                  scale_shift, update_running_stats)
+from ._bn import (BatchNormArgs, acc_dtype, check_batch_norm, reduction_count, running_stats, scale_shift,
+                  update_running_stats)
 from ._common import ConvOpSaved, conv_inputs, like_layout, placeholder, param_grad, unplaceholder
 from ._conv import ConvParams
 from .backends import BACKENDS, select
@@ -51,7 +51,7 @@ def _bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
     if training:
         mean, var = chosen.bn_stats(x)
     else:
-        mean, var = (s.to(acc_dtype(x.dtype), copy=True) for s in (running_mean, running_var))
+        mean, var = running_stats(running_mean, running_var, acc_dtype(x.dtype))
     scale, shift, _ = scale_shift(bn_weight, bn_bias, mean, var, eps)
     out = chosen.bn_act_conv(x, scale, shift, relu, weight, bias, params)
     return out.contiguous(memory_format=conv_layout(x, weight, backend)), mean, var

@@ -51,7 +51,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
 def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
     """Eval-mode BN folded into the convolution: w*scale and (b - running_mean)*scale + beta, computed
     in float32 (the stored parameters are not touched)."""
-    mean, var = running_stats(bn, acc_dtype(weight.dtype))
+    mean, var = running_stats(bn.running_mean, bn.running_var, acc_dtype(weight.dtype))
     scale, shift, _ = scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
     folded_bias = shift if bias is None else shift + bias.to(scale.dtype) * scale
     return (weight * scale.view(-1, 1, 1, 1)).to(weight.dtype), folded_bias.to(weight.dtype)
@@ -100,7 +100,7 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
         y, mean, var = chosen.conv_bn_stats(x, weight, bias, params)
     else:
         y = chosen.conv(x, weight, bias, params)
-        mean, var = (s.to(acc_dtype(x.dtype), copy=True) for s in (running_mean, running_var))
+        mean, var = running_stats(running_mean, running_var, acc_dtype(x.dtype))
     y = y.contiguous(memory_format=conv_layout(x, weight, backend))
     scale, shift, _ = scale_shift(bn_weight, bn_bias, mean, var, eps)
     return chosen.bn_act_forward(y, scale, shift, None, None, None, relu), y, mean, var
