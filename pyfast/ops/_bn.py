@@ -1,10 +1,13 @@
-"""Batch-norm bookkeeping shared by the three fused ops: argument checks, the per-channel
-scale/shift, and the running-statistics update, with exactly `nn.BatchNorm2d`'s semantics."""
+"""Batch-norm bookkeeping shared by the three fused ops: argument checks and the per-channel affine map
+(training: from batch statistics, updating the running ones; eval: from the running ones, cached), with
+exactly `nn.BatchNorm2d`'s semantics."""
 import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from ._cache import cached
 
 
 class BatchNormArgs(NamedTuple):
@@ -33,13 +36,13 @@ def check_activation(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
-    """`t` (when given) must share `ref`'s device and dtype."""
+def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str, dtype: bool = True) -> None:
+    """`t` (when given) must share `ref`'s device and (unless dtype=False) dtype."""
     if t is None:
         return
     if t.device != ref.device:
         raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: tensors must share a device")
-    if t.dtype != ref.dtype:
+    if dtype and t.dtype != ref.dtype:
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
@@ -66,22 +69,43 @@ def check_batch_norm(prefix: str, x_shape, device: torch.device, bn: BatchNormAr
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_shape)}")
 
 
-def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float):
-    """BN as an affine map per channel: bn(x) = x*scale + shift, with invstd = 1/sqrt(var+eps)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-    return scale, shift, invstd
+class Affine(NamedTuple):
+    """One BN as the elementwise kernels apply it: bn(x) = x*scale + shift per channel, with the mean and
+    invstd = 1/sqrt(var + eps) its backward needs (all in the accumulation dtype)."""
+
+    scale: Tensor
+    shift: Tensor
+    mean: Tensor
+    invstd: Tensor
 
 
-def running_stats(running_mean: Tensor, running_var: Tensor, dtype: torch.dtype):
-    """The statistics an eval-mode BN normalizes with, in the accumulation dtype. Always fresh copies:
-    a custom op's outputs may not alias its inputs."""
-    return running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
+def batch_affine(chosen, bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> Affine:
+    """Training: the BN of batch statistics (mean, biased var) over `count` values per channel. The same
+    finalize kernel updates the running statistics and num_batches_tracked in place."""
+    scale, shift, invstd = chosen.bn_finalize(mean, var, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                              bn.num_batches_tracked, count, bn.momentum, bn.eps, True)
+    return Affine(scale, shift, mean, invstd)
+
+
+def eval_affine(chosen, bn: BatchNormArgs, acc: torch.dtype, reuse: bool) -> Affine:
+    """Eval: the BN of the running statistics. With `reuse` (inference: the call records no autograd graph)
+    it is computed once and reused until a parameter or running statistic changes (pyfast.ops._cache); under
+    torch.compile the graph computes it instead."""
+    def compute():
+        mean = bn.running_mean.to(acc)
+        scale, shift, invstd = chosen.bn_finalize(mean, bn.running_var, bn.weight, bn.bias, None, None, None, 0,
+                                                  bn.momentum, bn.eps, False)
+        return Affine(scale, shift, mean, invstd)
+
+    if not reuse or torch.compiler.is_compiling():
+        return compute()
+    inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    return cached(bn.running_var, inputs, (bn.eps, chosen.name, acc, "affine"), compute)
 
 
 def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
-    """nn.BatchNorm2d's update after a training step: num_batches_tracked += 1, then an exponential
+    """The running-statistics update as ATen ops, for composite paths that have no finalize kernel (sync BN
+    over a process group). nn.BatchNorm2d's update after a training step: num_batches_tracked += 1, then an exponential
     (momentum) or cumulative (momentum=None: weight 1/num_batches_tracked) average with the unbiased
     batch variance. Device-side arithmetic only: no host sync, nothing that breaks a torch.compile
     graph or a CUDA graph capture."""

@@ -1,22 +1,25 @@
 """conv_bn_relu: relu(batch_norm(conv2d(x))) in fewer passes over memory.
 
-- inference: BN folded into the convolution's weight and bias; one convolution whose epilogue adds
-  the bias and applies the ReLU (`pyfast::conv_bias_relu`);
-- training (or eval with gradients): the convolution produces its output y and y's batch statistics
-  (one kernel on the Triton backend), one pass applies scale/shift + ReLU. The backward recomputes the
-  ReLU mask from y (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat),
-  one elementwise pass, then the convolution backward.
+- inference (no autograd): BN folded into the convolution's weight and bias once (cached until a parameter
+  or running statistic changes), then one convolution whose epilogue adds the bias and applies the ReLU;
+- training (or eval with gradients): the convolution produces its output y and y's batch statistics (one
+  kernel on the Triton backend), one finalize kernel turns them into the per-channel affine map and updates
+  the running statistics, one pass applies scale/shift + ReLU. The backward recomputes the ReLU mask from y
+  (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat, which are also the BN
+  parameter gradients), one elementwise pass, then the convolution backward.
 """
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
-from ._bn import (BatchNormArgs, acc_dtype, check_batch_norm, reduction_count, running_stats, scale_shift,
-                  update_running_stats)
-from ._common import ConvOpSaved, conv_inputs, like_layout, needs_grad, placeholder, param_grad, unplaceholder
-from ._conv import ConvParams, memory_format_of
+from ._autograd import double_backward_unsupported
+from ._bn import Affine, BatchNormArgs, acc_dtype, batch_affine, check_batch_norm, eval_affine, reduction_count
+from ._cache import cached
+from ._common import conv_inputs, like_layout, needs_grad, param_grad
+from ._conv import ConvParams
 from .backends import BACKENDS, select
 
 
@@ -37,131 +40,88 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     if chosen.name == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
     if not training and not needs_grad(x, weight, bias, bn_weight, bn_bias):
-        folded_weight, folded_bias = fold_batch_norm(weight, bias, bn)
-        return torch.ops.pyfast.conv_bias_relu(x, folded_weight, folded_bias, *params.as_lists(), relu, chosen.name)
-    out, y, mean, var = torch.ops.pyfast.conv_bn_relu(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, *params.as_lists(), relu,
-        chosen.name,
-    )
-    if training:
-        update_running_stats(bn, mean, var, reduction_count(y))
-    return out
+        folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn)
+        return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
+    config = _Config(training, momentum, eps, params, relu, chosen.name,
+                     not torch.is_grad_enabled())
+    return _ConvBNReLU.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                             config)
 
 
-def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BN folded into the convolution: w*scale and (b - running_mean)*scale + beta, computed
-    in float32 (the stored parameters are not touched)."""
-    mean, var = running_stats(bn.running_mean, bn.running_var, acc_dtype(weight.dtype))
-    scale, shift, _ = scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
-    folded_bias = shift if bias is None else shift + bias.to(scale.dtype) * scale
-    return (weight * scale.view(-1, 1, 1, 1)).to(weight.dtype), folded_bias.to(weight.dtype)
+def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, backend: Optional[str] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BN folded into the convolution: (w*scale, (b - running_mean)*scale + beta) in the
+    convolution's dtype, computed in float32 (the stored parameters are not touched)."""
+    return _fold(select("conv_bn_relu", weight, backend), weight, bias, bn)
 
 
-def conv_layout(x: Tensor, weight: Tensor, backend: str) -> torch.memory_format:
-    """The memory format a backend's convolution produces; outputs are pinned to it so that the fake
-    implementations (torch.compile) and the real ones agree."""
-    if memory_format_of(weight) == torch.channels_last:
-        return torch.channels_last  # ATen's convolutions answer a channels_last weight in kind
-    return BACKENDS[backend].output_memory_format(x)
+def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
+    """fold_batch_norm, computed once per change of the weights or statistics (pyfast.ops._cache)."""
+    if torch.compiler.is_compiling():
+        return _fold(chosen, weight, bias, bn)
+    inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return cached(weight, inputs, (bn.eps, chosen.name, "fold"), lambda: _fold(chosen, weight, bias, bn))
 
 
-def conv_output(x: Tensor, weight: Tensor, params: ConvParams, backend: str) -> Tensor:
-    """An empty convolution output as the backend lays it out (for the fake implementations)."""
-    return torch.empty(params.output_shape(x, weight), dtype=x.dtype, device=x.device,
-                       memory_format=conv_layout(x, weight, backend))
+def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
+    affine = eval_affine(chosen, bn, acc_dtype(weight.dtype), reuse=False)  # the fold is what is cached
+    folded_bias = affine.shift if bias is None else affine.shift + bias.to(affine.scale.dtype) * affine.scale
+    folded_weight = weight * affine.scale.to(weight.dtype).view(-1, 1, 1, 1)
+    return folded_weight, folded_bias.to(weight.dtype)
 
 
-# -- pyfast::conv_bias_relu: inference -----------------------------------------------------------------
+@dataclass(frozen=True)
+class _Config:
+    """The non-tensor arguments of one call, kept on the autograd context by name."""
 
-@torch.library.custom_op("pyfast::conv_bias_relu", mutates_args=())
-def _conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-                    dilation: List[int], groups: int, relu: bool, backend: str) -> Tensor:
-    params = ConvParams.from_lists(stride, padding, dilation, groups)
-    out = BACKENDS[backend].conv_bias_act(x, weight, bias, params, relu)
-    return out.contiguous(memory_format=conv_layout(x, weight, backend))
-
-
-@_conv_bias_relu.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, relu, backend):
-    return conv_output(x, weight, ConvParams.from_lists(stride, padding, dilation, groups), backend)
+    training: bool
+    momentum: Optional[float]
+    eps: float
+    params: ConvParams
+    relu: bool
+    backend: str
+    reuse: bool  # eval: affine maps may come from the cache (the call records no autograd graph)
 
 
-# -- pyfast::conv_bn_relu: training, or eval with gradients -------------------------------------------
+class _ConvBNReLU(torch.autograd.Function):
+    """Training conv_bn_relu (or eval with gradients). One autograd.Function serves eager mode and
+    torch.compile (Dynamo traces it; the backend primitives it calls have fake implementations)."""
 
-@torch.library.custom_op("pyfast::conv_bn_relu", mutates_args=())
-def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
-                  bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  training: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
-                  groups: int, relu: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, y = conv output, mean, biased var); the last three are saved for backward."""
-    chosen = BACKENDS[backend]
-    params = ConvParams.from_lists(stride, padding, dilation, groups)
-    if training:
-        y, mean, var = chosen.conv_bn_stats(x, weight, bias, params)
-    else:
-        y = chosen.conv(x, weight, bias, params)
-        mean, var = running_stats(running_mean, running_var, acc_dtype(x.dtype))
-    y = y.contiguous(memory_format=conv_layout(x, weight, backend))
-    scale, shift, _ = scale_shift(bn_weight, bn_bias, mean, var, eps)
-    return chosen.bn_act_forward(y, scale, shift, None, None, None, relu), y, mean, var
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                config: _Config):
+        chosen = BACKENDS[config.backend]
+        bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
+                           config.eps)
+        if config.training:
+            y, mean, var = chosen.conv_bn_stats(x, weight, bias, config.params)
+            affine = batch_affine(chosen, bn, mean, var, reduction_count(y))
+        else:
+            y = chosen.conv(x, weight, bias, config.params)
+            affine = eval_affine(chosen, bn, acc_dtype(y.dtype), config.reuse)
+        ctx.save_for_backward(x, weight, y, *affine)
+        ctx.config = config
+        ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        return chosen.bn_act_forward(y, affine.scale, affine.shift, None, None, None, config.relu)
 
-
-@_conv_bn_relu.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, stride, padding, dilation,
-      groups, relu, backend):
-    y = conv_output(x, weight, ConvParams.from_lists(stride, padding, dilation, groups), backend)
-    stats = x.new_empty(weight.shape[0], dtype=acc_dtype(x.dtype))
-    return torch.empty_like(y), y, stats, torch.empty_like(stats)
-
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, _, _, training, eps, stride, padding, dilation, groups, relu, backend = inputs
-    _, y, mean, var = output
-    ctx.save_for_backward(x, weight, y, mean, var, bn_weight, bn_bias)
-    ctx.saved = ConvOpSaved(training, eps, ConvParams.from_lists(stride, padding, dilation, groups), relu, backend)
-
-
-def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
-    x, weight, y, mean, var, bn_weight, bn_bias = ctx.saved_tensors
-    s: ConvOpSaved = ctx.saved
-    wanted = list(ctx.needs_input_grad[:5])
-    grads = torch.ops.pyfast.conv_bn_relu_backward(
-        grad_out, x, weight, y, mean, var, bn_weight, bn_bias, s.training, s.eps, *s.params.as_lists(), s.relu,
-        wanted, s.backend,
-    )
-    return (*unplaceholder(grads, wanted), *([None] * 10))
-
-
-_conv_bn_relu.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("pyfast::conv_bn_relu_backward", mutates_args=())
-def _conv_bn_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, var: Tensor,
-                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool, eps: float,
-                           stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
-                           wanted: List[bool], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); placeholders where not wanted."""
-    chosen = BACKENDS[backend]
-    params = ConvParams.from_lists(stride, padding, dilation, groups)
-    grad_out = like_layout(grad_out, y)
-    scale, shift, invstd = scale_shift(bn_weight, bn_bias, mean, var, eps)
-    sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_out, y, scale, shift, mean, invstd,
-                                                           None, None, None, None, None, relu)
-    count = reduction_count(y)
-    mean_dz, mean_dz_xhat = (sum_dz / count, sum_dz_xhat / count) if training else (None, None)
-    grad_y, _ = chosen.bn_act_backward_elemt(grad_out, y, scale, shift, mean, invstd, None, None, None, None, None,
-                                             relu, mean_dz, mean_dz_xhat, None)
-    grad_x, grad_weight, grad_bias = chosen.conv_backward(grad_y, x, weight, params, wanted[:3])
-    grads = (grad_x, grad_weight, grad_bias, param_grad(sum_dz_xhat, bn_weight), param_grad(sum_dz, bn_bias))
-    return tuple(g if want else placeholder(x) for g, want in zip(grads, wanted))
-
-
-@_conv_bn_relu_backward.register_fake
-def _(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training, eps, stride, padding, dilation, groups,
-      relu, wanted, backend):
-    channels = weight.shape[0]
-    grads = (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(channels),
-             mean.new_empty(channels, dtype=mean.dtype if bn_weight is None else bn_weight.dtype),
-             mean.new_empty(channels, dtype=mean.dtype if bn_bias is None else bn_bias.dtype))
-    return tuple(g if want else placeholder(x) for g, want in zip(grads, wanted))
+    @staticmethod
+    @double_backward_unsupported("conv_bn_relu")
+    def backward(ctx, grad_out):
+        x, weight, y, *affine = ctx.saved_tensors
+        affine, config = Affine(*affine), ctx.config
+        chosen = BACKENDS[config.backend]
+        needs = ctx.needs_input_grad
+        grad_out = like_layout(grad_out, y)
+        sum_dz = sum_dz_xhat = None
+        if config.training or needs[3] or needs[4]:
+            sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_out, y, affine.scale, affine.shift,
+                                                                   affine.mean, affine.invstd, None, None, None,
+                                                                   None, None, config.relu)
+        batch = (sum_dz, sum_dz_xhat) if config.training else (None, None)
+        grad_y, _ = chosen.bn_act_backward_elemt(grad_out, y, affine.scale, affine.shift, affine.mean,
+                                                 affine.invstd, None, None, None, None, None, config.relu, *batch,
+                                                 None, reduction_count(y))
+        grad_x, grad_weight, grad_bias = chosen.conv_backward(grad_y, x, weight, config.params, needs[:3])
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return (grad_x, grad_weight, grad_bias, param_grad(sum_dz_xhat, weight_dtype, needs[3]),
+                param_grad(sum_dz, bias_dtype, needs[4]), None, None, None, None)

@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._bn import BatchNormArgs, update_running_stats
 from .._conv import ConvParams, memory_format_of
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -51,6 +52,20 @@ class Backend:
                               res_mean, res_invstd, relu: bool, mean_dz, mean_dz_xhat, mean_dz_rhat):
         raise NotImplementedError
 
+    def bn_finalize(self, mean, var, weight, bias, running_mean, running_var, num_batches_tracked, count: int,
+                    momentum, eps: float, update: bool):
+        """(scale, shift, invstd) of a BN from (mean, biased var), and with `update` nn.BatchNorm2d's
+        running-statistics update in place. This composite of ATen ops is the semantics; each kernel backend
+        overrides it with one kernel."""
+        acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        scale = invstd if weight is None else weight.to(acc) * invstd
+        shift = -mean.to(acc) * scale if bias is None else bias.to(acc) - mean.to(acc) * scale
+        if update:
+            running = BatchNormArgs(None, None, running_mean, running_var, num_batches_tracked, momentum, eps)
+            update_running_stats(running, mean, var, count)
+        return scale, shift, invstd
+
     # -- convolution (ATen: cuDNN on CUDA, oneDNN on CPU) --------------------------------------
     def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], params: ConvParams) -> Tensor:
         stride, padding, dilation, groups = params.as_lists()
@@ -77,7 +92,13 @@ class Backend:
         y = self.conv(x, weight, bias, params)
         return torch.relu_(y) if relu else y
 
-    def bn_act_conv(self, x, scale, shift, relu: bool, weight, bias, params: ConvParams) -> Tensor:
-        """bn_relu_conv's forward: conv(act(x*scale + shift))."""
-        activation = self.bn_act_forward(x, scale, shift, None, None, None, relu)
-        return self.conv(activation, weight, bias, params)
+    def bn_act_conv(self, x, scale, shift, relu: bool, weight, bias, params: ConvParams):
+        """bn_relu_conv's forward: (conv(a), a) with a = act(x*scale + shift) in the convolution's dtype; a is
+        None where the backend never materializes it (a fused prologue) and the backward recomputes it."""
+        activation = self.conv_operand(x, scale, shift, relu, weight.dtype)
+        return self.conv(activation, weight, bias, params), activation
+
+    def conv_operand(self, x, scale, shift, relu: bool, dtype: torch.dtype) -> Tensor:
+        """act(x*scale + shift) as the convolution reads it: cast to its dtype under autocast, as eager
+        PyTorch casts only the convolution's input."""
+        return self.bn_act_forward(x, scale, shift, None, None, None, relu).to(dtype)

@@ -8,6 +8,16 @@ from ... import _extension
 from .base import Backend
 
 
+def _onednn_conv_relu():
+    """oneDNN's convolution with a ReLU post-op (what inductor emits on CPU), where this PyTorch has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise", None), "default", None)
+
+
+_ONEDNN_CONV_RELU = _onednn_conv_relu()
+
+
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfast::{op}", dispatch_key)
 
@@ -44,8 +54,11 @@ class ExtensionBackend(Backend):
         return torch.ops.pyfast.bn_act_backward_elemt(*args)
 
     def conv_bias_act(self, x, weight, bias, params, relu):
-        # cuDNN's own fused convolution + bias + ReLU: one kernel instead of a conv and an extra pass.
-        if relu and self.name == "cuda" and x.dtype != torch.float64:
+        # The vendor library's own fused convolution + bias + ReLU: one kernel instead of a conv and a pass.
+        if relu and x.dtype == torch.float32 or relu and x.dtype != torch.float64 and self.name == "cuda":
             stride, padding, dilation, groups = params.as_lists()
-            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+            if self.name == "cuda":
+                return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+            if _ONEDNN_CONV_RELU is not None:
+                return _ONEDNN_CONV_RELU(x, weight, bias, padding, stride, dilation, groups, "relu", [], "")
         return super().conv_bias_act(x, weight, bias, params, relu)

@@ -83,4 +83,7 @@ class TritonBackend(Backend):
         return self._conv.conv2d(x, weight, bias, *params.as_lists(), relu=relu)
 
     def bn_act_conv(self, x, scale, shift, relu, weight, bias, params):
-        return self._conv.conv2d(x, weight, bias, *params.as_lists(), in_scale=scale, in_shift=shift, in_relu=relu)
+        if x.dtype != weight.dtype:  # autocast: the prologue reads and multiplies in one dtype
+            return super().bn_act_conv(x, scale, shift, relu, weight, bias, params)
+        out = self._conv.conv2d(x, weight, bias, *params.as_lists(), in_scale=scale, in_shift=shift, in_relu=relu)
+        return out, None

@@ -1,0 +1,37 @@
+"""What the fused ops' autograd.Functions share."""
+import functools
+
+import torch
+
+
+def double_backward_unsupported(op: str):
+    """Wraps a Function's backward like torch.autograd.function.once_differentiable: the backward runs
+    without recording a graph, and only if a second backward (create_graph=True) actually reaches its
+    results does it raise, with an error naming the op and the fallback (the fused backward kernels are not
+    themselves differentiable; the reference backend is plain PyTorch)."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            with torch.no_grad():
+                results = backward(ctx, *grads)
+            if not (torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads)):
+                return results
+            tensors = [r for r in results if r is not None]
+            guarded = iter(_Unsupported.apply(op, *tensors))
+            return tuple(None if r is None else next(guarded) for r in results)
+        return checked
+    return wrap
+
+
+class _Unsupported(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, *tensors):
+        ctx.op = op
+        return tuple(t.clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"pyfast.ops.{ctx.op} does not support double backward (a gradient of its gradient): its backward "
+            f"kernels are not differentiable. Run it with backend='reference' (plain PyTorch, e.g. inside "
+            f"`with pyfast.use_backend('reference'):`) where you need higher-order gradients.")

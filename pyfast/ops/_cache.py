@@ -1,0 +1,54 @@
+"""Values derived from parameters and buffers, computed once and reused until one of them changes.
+
+Inference folds each BN into its convolution (or into a per-channel scale/shift); the inputs of that fold
+change only when someone writes to them (an optimizer step, `load_state_dict`, a training-mode call that
+updates running statistics). Every in-place write bumps a tensor's version counter, and rebinding a
+parameter gives a new tensor, so (identity, version) of each input is an exact key: a stale entry can never
+be returned. Entries live as long as the tensor that owns them (a weak reference), so a deleted model
+leaves nothing behind.
+
+Only for calls that record no autograd graph: a cached result carries no history back to its inputs.
+Writes through `tensor.data` bypass the version counter (PyTorch gives `.data` a counter of its own): after
+such a write call `pyfast.ops.clear_cache()`, or make the write the ordinary way (`with torch.no_grad():
+param.copy_(...)`), which every PyTorch optimizer, initializer and `load_state_dict` does.
+"""
+import weakref
+from typing import Callable, Dict, Optional, Sequence
+
+from torch import Tensor
+
+_entries: Dict[int, tuple] = {}  # id(owner) -> (stamp, weak references to the inputs, value)
+
+
+def _versions(tensors: Sequence[Optional[Tensor]]) -> tuple:
+    """Version counter and storage address of each input: `param.data = other` keeps the tensor and its
+    counter but moves its storage."""
+    return tuple((-1, 0) if t is None else (t._version, t.data_ptr()) for t in tensors)
+
+
+def _same(refs: tuple, tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Identity, not id(): an id can be reused by a new tensor once the old one is freed."""
+    return len(refs) == len(tensors) and all((r is None and t is None) or (r is not None and r() is t)
+                                             for r, t in zip(refs, tensors))
+
+
+def cached(owner: Tensor, inputs: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], tuple]) -> tuple:
+    """compute()'s result for these inputs, reused while every input is the same tensor at the same version
+    and `extra` (hashable settings such as eps) is unchanged. `owner` (one of the inputs) holds the entry:
+    it is dropped when the owner is freed. (A plain dict keyed by id: a WeakKeyDictionary would compare
+    tensors with ==, which is elementwise.)"""
+    stamp = _versions(inputs) + extra
+    key = id(owner)
+    entry = _entries.get(key)
+    if entry is not None and entry[0] == stamp and _same(entry[1], inputs):
+        return entry[2]
+    value = compute()
+    if entry is None:
+        weakref.finalize(owner, _entries.pop, key, None)
+    _entries[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in inputs), value)
+    return value
+
+
+def clear() -> None:
+    """Drops every entry (tests; a user never needs it)."""
+    _entries.clear()
