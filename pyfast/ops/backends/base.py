@@ -1,4 +1,4 @@
-"""What a backend is: capabilities that answer *why not*, the four BN primitives, convolution, and
+"""What a backend is: capabilities that answer *why not*, the five BN primitives, convolution, and
 three fusable steps whose composite defaults a backend overrides with a fused kernel."""
 from typing import Optional, Sequence, Tuple
 
@@ -48,7 +48,13 @@ class Backend:
         raise NotImplementedError
 
     def bn_act_backward_elemt(self, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift,
-                              res_mean, res_invstd, relu: bool, mean_dz, mean_dz_xhat, mean_dz_rhat):
+                              res_mean, res_invstd, relu: bool, sum_dz, sum_dz_xhat, sum_dz_rhat, count: int):
+        raise NotImplementedError
+
+    def bn_finalize(self, mean, var, weight, bias, running_mean, running_var, num_batches_tracked, count: int,
+                    momentum: Optional[float], eps: float, update: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift, invstd) from the per-channel mean and biased var; with `update`, the running
+        statistics and num_batches_tracked are updated in place as nn.BatchNorm2d does."""
         raise NotImplementedError
 
     # -- convolution (ATen: cuDNN on CUDA, oneDNN on CPU) --------------------------------------
