@@ -15,6 +15,10 @@ TORCH_LIBRARY(pyfast, m) {
   m.def(
       "bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor? scale, Tensor? shift, Tensor? mean, "
       "Tensor? invstd, Tensor? residual, Tensor? res_scale, Tensor? res_shift, Tensor? res_mean, "
-      "Tensor? res_invstd, bool relu, Tensor? mean_dz, Tensor? mean_dz_xhat, Tensor? mean_dz_rhat) "
+      "Tensor? res_invstd, bool relu, Tensor? sum_dz, Tensor? sum_dz_xhat, Tensor? sum_dz_rhat, int count) "
       "-> (Tensor grad_x, Tensor grad_residual)");
+  m.def(
+      "bn_finalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, int count, float? momentum, float eps, "
+      "bool update) -> (Tensor scale, Tensor shift, Tensor invstd)");
 }

@@ -1,4 +1,4 @@
-"""Triton kernels for the four batch-norm primitives of docs/ARCHITECTURE.md, section 1.
+"""Triton kernels for the five batch-norm primitives of docs/ARCHITECTURE.md, section 1.
 
 Every pass walks a 4-D tensor (N, C, H, W) as a [G, C, L] view in tiles of [BLOCK_C, BLOCK_L]:
 
@@ -53,6 +53,7 @@ _REDUCTION_CONFIGS = _configs([
 _SPLIT_ALIGN = 32 if _INTERPRET else 256
 _SPLIT_WORK = 512 if _INTERPRET else 32768
 _COMBINE_BLOCK_C, _COMBINE_BLOCK_S = (16, 8) if _INTERPRET else (64, 64)
+_FINALIZE_BLOCK_C = 1024  # channels per step of the one bn_finalize program
 
 
 def _prune(configs, named_args, **kwargs):
@@ -420,6 +421,35 @@ def _bn_act_backward_reduce_kernel(
         tl.store(out + 2 * stride_k, tl.sum(sum_dz_r, 1) * tl.load(res_invstd_ptr + c, mask=cmask), mask=cmask)
 
 
+@triton.jit
+def _sum_combine_kernel(
+    partial_ptr,  # [2 or 3, S, C]: per-program sums of dz, dz*xhat (, dz*rhat)
+    sum_dz_ptr, sum_dz_xhat_ptr, sum_dz_rhat_ptr,  # out: [C] each; sum_dz_rhat_ptr written when HAS_RHAT
+    C, S,  # channels, partials per channel
+    HAS_RHAT: tl.constexpr,  # the partials hold a third sum
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile of the partials
+):
+    """The S partials of each channel summed in a fixed order (deterministic), into three separate outputs."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc_ty = partial_ptr.dtype.element_ty
+    sum_dz = tl.zeros([BLOCK_C], acc_ty)
+    sum_dz_xhat = tl.zeros([BLOCK_C], acc_ty)
+    sum_dz_rhat = tl.zeros([BLOCK_C], acc_ty)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        ptrs = partial_ptr + s[:, None] * C + c[None, :]
+        sum_dz += tl.sum(tl.load(ptrs, mask=mask, other=0.0), 0)
+        sum_dz_xhat += tl.sum(tl.load(ptrs + S * C, mask=mask, other=0.0), 0)
+        if HAS_RHAT:
+            sum_dz_rhat += tl.sum(tl.load(ptrs + 2 * S * C, mask=mask, other=0.0), 0)
+    tl.store(sum_dz_ptr + c, sum_dz, mask=cmask)
+    tl.store(sum_dz_xhat_ptr + c, sum_dz_xhat, mask=cmask)
+    if HAS_RHAT:
+        tl.store(sum_dz_rhat_ptr + c, sum_dz_rhat, mask=cmask)
+
+
 def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
                            res_invstd, relu):
     """(sum dz, sum dz*xhat, sum dz*rhat) per channel; the last is empty when res_mean is None."""
@@ -433,27 +463,34 @@ def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, re
     grad_out, residual = args.like("grad_out", grad_out), args.like("residual", residual)
     channels = args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift, mean=mean,
                              invstd=invstd, res_mean=res_mean, res_invstd=res_invstd)
-    sums = torch.zeros((3 if has_rhat else 2, view.C), dtype=_acc_dtype(x), device=x.device)
-    if view.G * view.L:
-        splits_per_g, chunk = view.splits()
-        num_splits = view.G * splits_per_g
-        partial = sums.new_empty((sums.shape[0], num_splits, view.C))
-        sizes, layout = view.args()
-        _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
-            grad_out, x, residual, *channels, partial, *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat,
-            RELU=relu, **layout, ACC=args.acc)
-        torch.sum(partial, dim=1, out=sums)  # a fixed-order reduction over S: deterministic
-    return sums[0], sums[1], sums[2] if has_rhat else sums.new_empty(0)
+    acc = _acc_dtype(x)
+    # Three separate tensors, not views of one buffer: they become BN parameter gradients as they are.
+    sums = [torch.empty(view.C if k < 2 or has_rhat else 0, dtype=acc, device=x.device) for k in range(3)]
+    if view.G * view.L == 0:
+        return tuple(s.zero_() for s in sums)
+    splits_per_g, chunk = view.splits()
+    num_splits = view.G * splits_per_g
+    partial = torch.empty((3 if has_rhat else 2, num_splits, view.C), dtype=acc, device=x.device)
+    sizes, layout = view.args()
+    _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+        grad_out, x, residual, *channels, partial, *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat,
+        RELU=relu, **layout, ACC=args.acc)
+    _sum_combine_kernel[(triton.cdiv(view.C, _COMBINE_BLOCK_C),)](
+        partial, sums[0], sums[1], sums[2] if has_rhat else None, view.C, num_splits, HAS_RHAT=has_rhat,
+        BLOCK_C=_COMBINE_BLOCK_C, BLOCK_S=_COMBINE_BLOCK_S)
+    return tuple(sums)
 
 
 @triton.jit
-def _bn_input_grad(dz, v, scale, c, cmask, mean_ptr, invstd_ptr, mean_dz_ptr, mean_dz_vhat_ptr, TRAIN: tl.constexpr):
+def _bn_input_grad(dz, v, scale, c, cmask, mean_ptr, invstd_ptr, sum_dz_ptr, sum_dz_vhat_ptr, count,
+                   TRAIN: tl.constexpr):
     """Gradient through z = scale*(v - mean)*invstd + ...: scale*(dz - mean_dz - vhat*mean_dz_vhat) with
-    batch statistics (TRAIN), scale*dz with fixed ones."""
+    batch statistics (TRAIN; mean_dz = sum_dz / count, likewise mean_dz_vhat), scale*dz with fixed ones."""
     grad = dz
     if TRAIN:
         vhat = (v - _per_channel(mean_ptr, c, cmask)) * _per_channel(invstd_ptr, c, cmask)
-        grad = dz - _per_channel(mean_dz_ptr, c, cmask) - vhat * _per_channel(mean_dz_vhat_ptr, c, cmask)
+        mean_dz = _per_channel(sum_dz_ptr, c, cmask) / count
+        grad = dz - mean_dz - vhat * (_per_channel(sum_dz_vhat_ptr, c, cmask) / count)
     return grad * scale
 
 
@@ -464,8 +501,9 @@ def _bn_act_backward_elemt_kernel(
     grad_x_ptr, grad_res_ptr,  # outputs, same layout; grad_res_ptr written when HAS_RES
     scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # [C] acc dtype, optional as in the forward
     mean_ptr, invstd_ptr, res_mean_ptr, res_invstd_ptr,  # [C] statistics, read in training
-    mean_dz_ptr, mean_dz_xhat_ptr, mean_dz_rhat_ptr,  # [C] reduced sums / count, read in training
+    sum_dz_ptr, sum_dz_xhat_ptr, sum_dz_rhat_ptr,  # [C] sums of bn_act_backward_reduce, read in training
     G, C, L,  # sizes of the view (G is also part of the autotune key)
+    count,  # the values each channel's statistics were taken over (sums / count are the means)
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,  # which optional
     HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,  # inputs exist
     X_TRAIN: tl.constexpr, RES_TRAIN: tl.constexpr,  # x / residual were normalized with batch statistics
@@ -487,36 +525,145 @@ def _bn_act_backward_elemt_kernel(
                                                       HAS_SCALE, HAS_SHIFT, HAS_RES_SCALE, HAS_RES_SHIFT)
     if RELU:
         dz = _relu_grad(dz, _pre_activation(x, r, scale, shift, res_scale, res_shift, HAS_RES))
-    grad_x = _bn_input_grad(dz, x, scale, c, cmask, mean_ptr, invstd_ptr, mean_dz_ptr, mean_dz_xhat_ptr, X_TRAIN)
+    count = tl.cast(count, ACC)
+    grad_x = _bn_input_grad(dz, x, scale, c, cmask, mean_ptr, invstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, count,
+                            X_TRAIN)
     tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if HAS_RES:
-        grad_r = _bn_input_grad(dz, r, res_scale, c, cmask, res_mean_ptr, res_invstd_ptr, mean_dz_ptr,
-                                mean_dz_rhat_ptr, RES_TRAIN)
+        grad_r = _bn_input_grad(dz, r, res_scale, c, cmask, res_mean_ptr, res_invstd_ptr, sum_dz_ptr,
+                                sum_dz_rhat_ptr, count, RES_TRAIN)
         tl.store(grad_res_ptr + offs, grad_r.to(grad_res_ptr.dtype.element_ty), mask=mask)
 
 
 def bn_act_backward_elemt(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
-                          res_invstd, relu, mean_dz, mean_dz_xhat, mean_dz_rhat):
-    """(grad_x, grad_residual); training formulas where mean_dz / mean_dz_rhat are given, eval otherwise."""
+                          res_invstd, relu, sum_dz, sum_dz_xhat, sum_dz_rhat, count):
+    """(grad_x, grad_residual); training formulas where sum_dz / sum_dz_rhat are given (divided by `count`
+    per channel in the kernel), eval otherwise."""
     x, view = _prepare_input(x)
     args = _Args(x, view)
     flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
-    x_train, res_train = mean_dz is not None, mean_dz_rhat is not None
-    _require(not x_train or None not in (mean, invstd, mean_dz_xhat), "mean_dz needs mean, invstd and mean_dz_xhat")
-    _require(not res_train or None not in (residual, res_mean, res_invstd, mean_dz),
-             "mean_dz_rhat needs residual, res_mean, res_invstd and mean_dz")
+    x_train, res_train = sum_dz is not None, sum_dz_rhat is not None
+    _require(not x_train or None not in (mean, invstd, sum_dz_xhat), "sum_dz needs mean, invstd and sum_dz_xhat")
+    _require(not res_train or None not in (residual, res_mean, res_invstd, sum_dz),
+             "sum_dz_rhat needs residual, res_mean, res_invstd and sum_dz")
+    _require(not x_train or count > 0 or x.numel() == 0, f"count must be positive when sum_dz is given, got {count}")
     grad_out, residual = args.like("grad_out", grad_out), args.like("residual", residual)
     channels = args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift, mean=mean,
-                             invstd=invstd, res_mean=res_mean, res_invstd=res_invstd, mean_dz=mean_dz,
-                             mean_dz_xhat=mean_dz_xhat, mean_dz_rhat=mean_dz_rhat)
+                             invstd=invstd, res_mean=res_mean, res_invstd=res_invstd, sum_dz=sum_dz,
+                             sum_dz_xhat=sum_dz_xhat, sum_dz_rhat=sum_dz_rhat)
     grad_x = torch.empty_like(x)
     grad_res = torch.empty_like(x) if residual is not None else x.new_empty(0)
     if x.numel():
         sizes, layout = view.args()
         _bn_act_backward_elemt_kernel[_elementwise_grid(view)](
-            grad_out, x, residual, grad_x, grad_res if residual is not None else None, *channels, *sizes,
+            grad_out, x, residual, grad_x, grad_res if residual is not None else None, *channels, *sizes, count,
             **flags, X_TRAIN=x_train, RES_TRAIN=res_train, RELU=relu, **layout, ACC=args.acc)
     return grad_x, grad_res
+
+
+# ----------------------------------------------------------------------------------------------
+# Finalize: batch statistics -> scale, shift, invstd and the running-statistics update, one kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scalar_in(value, ACC: tl.constexpr):
+    """A float64 scalar argument in ACC, added to an ACC zero rather than cast: the interpreter passes the
+    argument as a Python float, which a cast would round to float32 first."""
+    return (tl.zeros([], ACC) + value).to(ACC)
+
+
+@triton.jit(do_not_specialize=["count"])
+def _bn_finalize_kernel(
+    mean_ptr, var_ptr,  # [C] per-channel mean and biased variance (any float dtype, the same for both)
+    weight_ptr, bias_ptr,  # [C] any float dtype, read when HAS_WEIGHT / HAS_BIAS
+    running_mean_ptr, running_var_ptr,  # [C] updated in place in their own dtype when UPDATE_RUNNING
+    num_batches_tracked_ptr,  # int64 scalar, incremented when TRACK
+    scale_ptr, shift_ptr, invstd_ptr,  # out: [C] acc dtype
+    C,  # channels
+    count,  # values per channel behind mean/var: the unbiased variance is var * count / max(count - 1, 1)
+    momentum: tl.float64, eps: tl.float64,  # float64 arguments: a float32 momentum would skew float64 statistics
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, TRACK: tl.constexpr,
+    CUMULATIVE: tl.constexpr,  # momentum None: weight 1 / num_batches_tracked (after the increment); needs TRACK
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_C: tl.constexpr,  # channels per step
+):
+    """invstd = 1/sqrt(var + eps); scale = weight*invstd; shift = bias - mean*scale; then nn.BatchNorm2d's
+    update: num_batches_tracked += 1, running += f*(batch - running) with f = momentum or 1/num_batches_tracked.
+
+    One program walks every channel: num_batches_tracked is read and written by that program alone, so the
+    weight every channel uses comes from the one increment (several programs would race on it).
+    """
+    tracked = 0
+    if TRACK:
+        tracked = tl.load(num_batches_tracked_ptr) + 1
+        tl.store(num_batches_tracked_ptr, tracked)
+    f = _scalar_in(momentum, ACC)
+    if CUMULATIVE:
+        f = 1.0 / tl.cast(tracked, ACC)
+    bessel = tl.cast(count, ACC) / tl.cast(tl.maximum(count - 1, 1), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+        var = tl.load(var_ptr + c, mask=cmask, other=0.0).to(ACC)
+        invstd = 1.0 / tl.sqrt(var + _scalar_in(eps, ACC))
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC) * invstd
+        shift = -mean * scale
+        if HAS_BIAS:
+            shift = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC) - mean * scale
+        tl.store(invstd_ptr + c, invstd, mask=cmask)
+        tl.store(scale_ptr + c, scale, mask=cmask)
+        tl.store(shift_ptr + c, shift, mask=cmask)
+        if UPDATE_RUNNING:
+            running_mean = tl.load(running_mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+            running_var = tl.load(running_var_ptr + c, mask=cmask, other=0.0).to(ACC)
+            running_mean += f * (mean - running_mean)
+            running_var += f * (var * bessel - running_var)
+            tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=cmask)
+            tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=cmask)
+
+
+def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum, eps,
+                update):
+    """(scale, shift, invstd) of a BN from its per-channel mean and biased var, in the acc dtype of mean; with
+    `update`, nn.BatchNorm2d's running-statistics update in place (docs/ARCHITECTURE.md, section 1)."""
+    _require(isinstance(mean, torch.Tensor) and mean.dim() == 1, f"mean must be 1-D (C,), got {mean!r:.80}")
+    _require(mean.dtype in _DTYPES, f"mean must be float16, bfloat16, float32 or float64, got {mean.dtype}")
+    _require(_INTERPRET or mean.is_cuda, f"mean must be a CUDA tensor (or set TRITON_INTERPRET=1), got {mean.device}")
+    c = mean.numel()
+    vectors = dict(var=var, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    for name, v in vectors.items():
+        if v is not None:
+            _require(isinstance(v, torch.Tensor) and v.shape == (c,), f"{name} must be 1-D of length C={c}")
+            _require(v.dtype in _DTYPES, f"{name} must be float16, bfloat16, float32 or float64, got {v.dtype}")
+            _require(v.device == mean.device, f"{name} must be on mean's device {mean.device}, got {v.device}")
+    _require(var is not None and var.dtype == mean.dtype, "var must have mean's dtype")
+    _require((running_mean is None) == (running_var is None), "running_mean and running_var must be given together")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        _require(v is None or v.is_contiguous(), f"{name} must be contiguous (it is updated in place)")
+    if num_batches_tracked is not None:
+        _require(num_batches_tracked.numel() == 1 and num_batches_tracked.dtype == torch.int64
+                 and num_batches_tracked.device == mean.device,
+                 "num_batches_tracked must be a one-element int64 tensor on mean's device")
+    _require(count >= 0, f"count must be >= 0, got {count}")
+    track = update and num_batches_tracked is not None
+    update_running = update and running_mean is not None
+    _require(not update_running or momentum is not None or track,
+             "momentum=None (cumulative average) needs num_batches_tracked")
+    acc = _acc_dtype(mean)
+    scale, shift, invstd = (torch.empty(c, dtype=acc, device=mean.device) for _ in range(3))
+    if c or track:
+        _bn_finalize_kernel[(1,)](
+            mean.contiguous(), var.contiguous(), _contiguous(weight), _contiguous(bias), running_mean, running_var,
+            num_batches_tracked, scale, shift, invstd, c, count, 0.0 if momentum is None else momentum, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running and count > 0,
+            TRACK=track, CUMULATIVE=update_running and momentum is None, ACC=_tl_dtype(acc),
+            BLOCK_C=min(triton.next_power_of_2(max(c, 1)), _FINALIZE_BLOCK_C))
+    return scale, shift, invstd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +676,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _require(ok, message):
     if not ok:
         raise ValueError(message)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
 def _acc_dtype(x):

@@ -1,4 +1,4 @@
-// CPU kernels of the four BN primitives; their semantics are docs/ARCHITECTURE.md, section 1.
+// CPU kernels of the five BN primitives; their semantics are docs/ARCHITECTURE.md, section 1.
 //
 // Memory is walked as [outer][C][inner] (Layout): NCHW as planes holding one channel each,
 // channels_last as rows holding every channel. Both walks give the per-vector math of an op a
@@ -22,13 +22,14 @@
 #include <tuple>
 #include <vector>
 
+#include "../batch_norm_args.h"
+
 namespace pyfast {
 namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
 using at::vec::VectorizedN;
-using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, ATen's own grain size
 constexpr int64_t kRowBlock = 65536;  // elements per block of rows in a channels_last reduction
@@ -282,7 +283,7 @@ Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_type(const Tensor& x) { return pyfast::acc_type(x.scalar_type()); }
 
 void check_input(const Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");
@@ -381,7 +382,7 @@ PreActInputs pre_act_inputs(const Tensor& x, const Layout& lay, const OptTensor&
   return in;
 }
 
-// The gradient through one BN input v (x or the residual):
+// The gradient through one BN input v (x or the residual), mean_dz = sum_dz / count etc.:
 //   scale * (dz - mean_dz - (v - mean) * invstd * mean_dz_vhat)   with batch statistics,
 //   scale * dz                                                     without (mean_dz_vhat null).
 template <typename acc_t>
@@ -502,44 +503,64 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
   return {sum_dz, sum_dz_xhat, sum_dz_rhat};
 }
 
+// sums[c] / count as a host vector of the accumulation type; empty for an undefined tensor.
+template <typename acc_t>
+std::vector<acc_t> per_element(const Tensor& sums, int64_t count) {
+  std::vector<acc_t> out(sums.defined() ? sums.numel() : 0);
+  const acc_t* s = ptr_or_null<acc_t>(sums);
+  for (size_t c = 0; c < out.size(); ++c) out[c] = s[c] / static_cast<acc_t>(count);
+  return out;
+}
+
+template <typename T>
+const T* data_or_null(const std::vector<T>& v) {
+  return v.empty() ? nullptr : v.data();
+}
+
 std::tuple<Tensor, Tensor> bn_act_backward_elemt(
     const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& mean,
     const OptTensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
-    const OptTensor& res_mean, const OptTensor& res_invstd, bool relu, const OptTensor& mean_dz,
-    const OptTensor& mean_dz_xhat, const OptTensor& mean_dz_rhat) {
+    const OptTensor& res_mean, const OptTensor& res_invstd, bool relu, const OptTensor& sum_dz,
+    const OptTensor& sum_dz_xhat, const OptTensor& sum_dz_rhat, int64_t count) {
   check_input(x);
   check_like(grad_out, x, "grad_out");
   const Layout lay = layout_of(x);
   const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
   const Tensor g = in_layout(grad_out, lay);
-  // Batch statistics for x when mean_dz is given; for the residual when mean_dz_rhat is too.
-  Tensor mdz, x_stats[3], r_stats[3];  // {mean, invstd, mean_dz_vhat}
-  TORCH_CHECK(mean_dz || (!mean_dz_xhat && !mean_dz_rhat), "mean_dz_xhat/mean_dz_rhat given without mean_dz");
-  if (mean_dz) {
-    mdz = channel_vector(*mean_dz, "mean_dz", x);
-    const char* when = "mean_dz is given";
+  // Batch statistics for x when sum_dz is given; for the residual when sum_dz_rhat is too.
+  Tensor sdz, x_stats[3], r_stats[3];  // {mean, invstd, sum_dz_vhat}
+  TORCH_CHECK(sum_dz || (!sum_dz_xhat && !sum_dz_rhat), "sum_dz_xhat/sum_dz_rhat given without sum_dz");
+  if (sum_dz) {
+    TORCH_CHECK(count > 0 || x.numel() == 0, "count must be positive when sum_dz is given, got ", count);
+    sdz = channel_vector(*sum_dz, "sum_dz", x);
+    const char* when = "sum_dz is given";
     x_stats[0] = required_channel_vector(mean, "mean", when, x);
     x_stats[1] = required_channel_vector(invstd, "invstd", when, x);
-    x_stats[2] = required_channel_vector(mean_dz_xhat, "mean_dz_xhat", when, x);
+    x_stats[2] = required_channel_vector(sum_dz_xhat, "sum_dz_xhat", when, x);
   }
-  if (mean_dz_rhat) {
-    TORCH_CHECK(residual, "mean_dz_rhat given without residual");
-    const char* when = "mean_dz_rhat is given";
+  if (sum_dz_rhat) {
+    TORCH_CHECK(residual, "sum_dz_rhat given without residual");
+    const char* when = "sum_dz_rhat is given";
     r_stats[0] = required_channel_vector(res_mean, "res_mean", when, x);
     r_stats[1] = required_channel_vector(res_invstd, "res_invstd", when, x);
-    r_stats[2] = channel_vector(*mean_dz_rhat, "mean_dz_rhat", x);
+    r_stats[2] = channel_vector(*sum_dz_rhat, "sum_dz_rhat", x);
   }
   Tensor grad_x = at::empty_like(in.x);
   Tensor grad_residual = residual ? at::empty_like(in.x) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {grad_x, grad_residual};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_elemt", [&] {
     using L = Lanes<scalar_t>;
     using acc_t = typename L::acc_t;
     const auto pre = in.pointers<scalar_t>(relu);
-    const auto grad = [&](const acc_t* bn_scale, const Tensor (&stats)[3]) {
+    // The per-channel means sum / count, divided once here rather than by the caller.
+    const auto mean_dz = per_element<acc_t>(sdz, count);
+    const auto mean_dz_xhat = per_element<acc_t>(x_stats[2], count);
+    const auto mean_dz_rhat = per_element<acc_t>(r_stats[2], count);
+    const auto grad = [&](const acc_t* bn_scale, const Tensor (&stats)[3], const std::vector<acc_t>& mean_dz_vhat) {
       return BnGrad<acc_t>{bn_scale, ptr_or_null<acc_t>(stats[0]), ptr_or_null<acc_t>(stats[1]),
-                           ptr_or_null<acc_t>(mdz), ptr_or_null<acc_t>(stats[2])};
+                           data_or_null(mean_dz), data_or_null(mean_dz_vhat)};
     };
-    const auto x_grad = grad(pre.scale, x_stats), r_grad = grad(pre.res_scale, r_stats);
+    const auto x_grad = grad(pre.scale, x_stats, mean_dz_xhat), r_grad = grad(pre.res_scale, r_stats, mean_dz_rhat);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* gr = pre.residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
@@ -553,6 +574,63 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt(
   return {grad_x, grad_residual};
 }
 
+// t's values in the accumulation type A, whatever t's floating dtype (t is contiguous).
+template <typename A>
+std::vector<A> values_as(const Tensor& t) {
+  std::vector<A> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bn_finalize", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<A>(p[i]);
+  });
+  return out;
+}
+
+// Stores v into t (contiguous), rounded to t's dtype.
+template <typename A>
+void store_values(const Tensor& t, const std::vector<A>& v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bn_finalize", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                               const OptTensor& bias, const OptTensor& running_mean,
+                                               const OptTensor& running_var, const OptTensor& num_batches_tracked,
+                                               int64_t count, std::optional<double> momentum, double eps,
+                                               bool update) {
+  const FinalizeArgs a = finalize_args("pyfast.bn_finalize", mean, var, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, count, momentum, eps, update);
+  int64_t tracked = 0;  // num_batches_tracked after this call's increment
+  if (a.num_batches_tracked.defined()) tracked = ++*a.num_batches_tracked.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(a.scale.scalar_type(), "bn_finalize", [&] {
+    using A = scalar_t;
+    const auto m = values_as<A>(a.mean), v = values_as<A>(a.var);
+    const auto w = a.weight.defined() ? values_as<A>(a.weight) : std::vector<A>();
+    const auto b = a.bias.defined() ? values_as<A>(a.bias) : std::vector<A>();
+    A* scale = a.scale.mutable_data_ptr<A>();
+    A* shift = a.shift.mutable_data_ptr<A>();
+    A* invstd = a.invstd.mutable_data_ptr<A>();
+    for (size_t c = 0; c < m.size(); ++c) {
+      invstd[c] = A(1) / std::sqrt(v[c] + static_cast<A>(a.eps));
+      scale[c] = w.empty() ? invstd[c] : w[c] * invstd[c];
+      shift[c] = (b.empty() ? A(0) : b[c]) - m[c] * scale[c];
+    }
+    if (!a.running_mean.defined()) return;
+    // nn.BatchNorm2d's update: an exponential (momentum) or cumulative average, with the unbiased variance.
+    const A f = a.momentum ? static_cast<A>(*a.momentum) : A(1) / static_cast<A>(tracked);
+    const A bessel = static_cast<A>(a.count) / static_cast<A>(std::max<int64_t>(a.count - 1, 1));
+    auto rm = values_as<A>(a.running_mean), rv = values_as<A>(a.running_var);
+    for (size_t c = 0; c < m.size(); ++c) {
+      rm[c] += f * (m[c] - rm[c]);
+      rv[c] += f * (v[c] * bessel - rv[c]);
+    }
+    store_values(a.running_mean, rm);
+    store_values(a.running_var, rv);
+  });
+  return {a.scale, a.shift, a.invstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
@@ -560,6 +638,7 @@ TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
   m.impl("bn_act_backward_elemt", &bn_act_backward_elemt);
+  m.impl("bn_finalize", &bn_finalize);
 }
 
 }  // namespace pyfast

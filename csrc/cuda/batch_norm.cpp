@@ -13,13 +13,13 @@
 #include <optional>
 #include <tuple>
 
+#include "../batch_norm_args.h"
 #include "batch_norm_kernels.cuh"
 
 namespace pyfast {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 namespace kern = pyfast::cuda;
 
 // ATen's element types -> the CUDA types the launchers are instantiated for (same bits).
@@ -36,7 +36,7 @@ struct CudaScalar<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_type(const Tensor& x) { return pyfast::acc_type(x.scalar_type()); }
 
 bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
 
@@ -97,8 +97,6 @@ Tensor required_channel_vector(const char* op, const char* name, const OptTensor
   TORCH_CHECK(t.has_value() && t->defined(), op, ": ", name, " is required when ", when);
   return channel_vector(op, name, t, x);
 }
-
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 template <typename A>
 const A* ptr(const Tensor& t) {
@@ -261,8 +259,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
     const OptTensor& mean_in, const OptTensor& invstd_in, const OptTensor& residual_in,
     const OptTensor& res_scale_in, const OptTensor& res_shift_in, const OptTensor& res_mean_in,
-    const OptTensor& res_invstd_in, bool relu, const OptTensor& mean_dz_in, const OptTensor& mean_dz_xhat_in,
-    const OptTensor& mean_dz_rhat_in) {
+    const OptTensor& res_invstd_in, bool relu, const OptTensor& sum_dz_in, const OptTensor& sum_dz_xhat_in,
+    const OptTensor& sum_dz_rhat_in, int64_t count) {
   constexpr const char* op = "pyfast.bn_act_backward_elemt";
   const Geometry g = geometry_of(op, x_in);
   const Tensor x = in_layout(x_in, g);
@@ -274,24 +272,25 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
   const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
   TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
               ": res_scale/res_shift given without residual");
-  // Batch statistics enter for x when mean_dz is given, for the residual when mean_dz_rhat is too; otherwise
+  // Batch statistics enter for x when sum_dz is given, for the residual when sum_dz_rhat is too; otherwise
   // mean/invstd/res_mean/res_invstd are not used (eval: running statistics are folded into scale/shift).
-  TORCH_CHECK(given(mean_dz_in) || (!given(mean_dz_xhat_in) && !given(mean_dz_rhat_in)), op,
-              ": mean_dz_xhat/mean_dz_rhat given without mean_dz");
-  Tensor mean_dz, mean, invstd, mean_dz_xhat, res_mean, res_invstd, mean_dz_rhat;
-  if (given(mean_dz_in)) {
-    constexpr const char* when = "mean_dz is given";
-    mean_dz = channel_vector(op, "mean_dz", mean_dz_in, x);
+  TORCH_CHECK(given(sum_dz_in) || (!given(sum_dz_xhat_in) && !given(sum_dz_rhat_in)), op,
+              ": sum_dz_xhat/sum_dz_rhat given without sum_dz");
+  Tensor sum_dz, mean, invstd, sum_dz_xhat, res_mean, res_invstd, sum_dz_rhat;
+  if (given(sum_dz_in)) {
+    constexpr const char* when = "sum_dz is given";
+    TORCH_CHECK(count > 0 || x.numel() == 0, op, ": count must be positive when sum_dz is given, got ", count);
+    sum_dz = channel_vector(op, "sum_dz", sum_dz_in, x);
     mean = required_channel_vector(op, "mean", mean_in, x, when);
     invstd = required_channel_vector(op, "invstd", invstd_in, x, when);
-    mean_dz_xhat = required_channel_vector(op, "mean_dz_xhat", mean_dz_xhat_in, x, when);
+    sum_dz_xhat = required_channel_vector(op, "sum_dz_xhat", sum_dz_xhat_in, x, when);
   }
-  if (given(mean_dz_rhat_in)) {
-    constexpr const char* when = "mean_dz_rhat is given";
-    TORCH_CHECK(residual.defined(), op, ": mean_dz_rhat given without residual");
+  if (given(sum_dz_rhat_in)) {
+    constexpr const char* when = "sum_dz_rhat is given";
+    TORCH_CHECK(residual.defined(), op, ": sum_dz_rhat given without residual");
     res_mean = required_channel_vector(op, "res_mean", res_mean_in, x, when);
     res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, x, when);
-    mean_dz_rhat = channel_vector(op, "mean_dz_rhat", mean_dz_rhat_in, x);
+    sum_dz_rhat = channel_vector(op, "sum_dz_rhat", sum_dz_rhat_in, x);
   }
   Tensor grad_x = empty_like_x(x);
   Tensor grad_residual = residual.defined() ? empty_like_x(x) : at::empty({0}, x.options());
@@ -304,14 +303,71 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     kern::BnActBackwardElemtArgs<T> args{};
     set_backward_inputs<T>(args, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
                            res_invstd, relu);
-    args.mean_dz = ptr<A>(mean_dz);
-    args.mean_dz_xhat = ptr<A>(mean_dz_xhat);
-    args.mean_dz_rhat = ptr<A>(mean_dz_rhat);
+    args.sum_dz = ptr<A>(sum_dz);
+    args.sum_dz_xhat = ptr<A>(sum_dz_xhat);
+    args.sum_dz_rhat = ptr<A>(sum_dz_rhat);
+    args.count = count;
     args.grad_x = mutable_elem_ptr<T>(grad_x);
     args.grad_residual = residual.defined() ? mutable_elem_ptr<T>(grad_residual) : nullptr;
     C10_CUDA_CHECK(kern::bn_act_backward_elemt<T>(args, g.N, g.C, g.HW, g.layout, stream));
   });
   return {grad_x, grad_residual};
+}
+
+kern::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return kern::DType::kFloat64;
+    case at::kHalf:
+      return kern::DType::kFloat16;
+    case at::kBFloat16:
+      return kern::DType::kBFloat16;
+    default:
+      return kern::DType::kFloat32;  // finalize_args admits only these four
+  }
+}
+
+kern::AnyVector any_vector(const Tensor& t) {
+  return t.defined() ? kern::AnyVector{t.const_data_ptr(), kernel_dtype(t.scalar_type())}
+                     : kern::AnyVector{nullptr, kern::DType::kFloat32};
+}
+
+kern::MutableAnyVector mutable_any_vector(const Tensor& t) {
+  return t.defined() ? kern::MutableAnyVector{t.mutable_data_ptr(), kernel_dtype(t.scalar_type())}
+                     : kern::MutableAnyVector{nullptr, kern::DType::kFloat32};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                                    const OptTensor& bias, const OptTensor& running_mean,
+                                                    const OptTensor& running_var,
+                                                    const OptTensor& num_batches_tracked, int64_t count,
+                                                    std::optional<double> momentum, double eps, bool update) {
+  constexpr const char* op = "pyfast.bn_finalize";
+  TORCH_CHECK(mean.is_cuda(), op, ": mean must be a CUDA tensor, got one on ", mean.device());
+  const FinalizeArgs a = finalize_args(op, mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
+                                       count, momentum, eps, update);
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(mean.get_device());
+  AT_DISPATCH_FLOATING_TYPES(a.scale.scalar_type(), "pyfast.bn_finalize", [&] {
+    kern::BnFinalizeArgs<scalar_t> args{};
+    args.mean = any_vector(a.mean);
+    args.var = any_vector(a.var);
+    args.weight = any_vector(a.weight);
+    args.bias = any_vector(a.bias);
+    args.running_mean = mutable_any_vector(a.running_mean);
+    args.running_var = mutable_any_vector(a.running_var);
+    args.num_batches_tracked =
+        a.num_batches_tracked.defined() ? a.num_batches_tracked.mutable_data_ptr<int64_t>() : nullptr;
+    args.scale = a.scale.mutable_data_ptr<scalar_t>();
+    args.shift = a.shift.mutable_data_ptr<scalar_t>();
+    args.invstd = a.invstd.mutable_data_ptr<scalar_t>();
+    args.count = a.count;
+    args.cumulative = !a.momentum.has_value();
+    args.momentum = a.momentum.value_or(0.0);
+    args.eps = a.eps;
+    C10_CUDA_CHECK(kern::bn_finalize<scalar_t>(args, mean.size(0), stream));
+  });
+  return {a.scale, a.shift, a.invstd};
 }
 
 }  // namespace
@@ -321,6 +377,7 @@ TORCH_LIBRARY_IMPL(pyfast, CUDA, m) {
   m.impl("bn_act_forward", TORCH_FN(bn_act_forward_cuda));
   m.impl("bn_act_backward_reduce", TORCH_FN(bn_act_backward_reduce_cuda));
   m.impl("bn_act_backward_elemt", TORCH_FN(bn_act_backward_elemt_cuda));
+  m.impl("bn_finalize", TORCH_FN(bn_finalize_cuda));
 }
 
 }  // namespace pyfast

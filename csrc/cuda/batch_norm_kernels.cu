@@ -554,33 +554,37 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int K = VEC / NC;
   const G g(s);
   const bool has_res = a.residual != nullptr;
-  const bool train = a.mean_dz != nullptr;
-  const bool res_train = train && has_res && a.mean_dz_rhat != nullptr;
+  const bool train = a.sum_dz != nullptr;
+  const bool res_train = train && has_res && a.sum_dz_rhat != nullptr;
   const bool need_x = a.relu || train;
   const bool need_r = has_res && (a.relu || res_train);
   const bool write_gr = a.grad_residual != nullptr;
   for (int64_t tile = blockIdx.y; tile < g.num_tiles(); tile += gridDim.y) {
     const int64_t c0 = g.channel(tile);
     if (c0 < 0) continue;
-    // grad_x = sc*(dz - mdz - (x - mu)*kx) with kx = invstd*mean_dz_xhat; likewise for the residual.
+    // grad_x = sc*(dz - mdz - (x - mu)*kx) with mdz = sum_dz/count, kx = invstd*sum_dz_xhat/count; likewise
+    // for the residual.
     A sc[NC], sh[NC], rsc[NC], rsh[NC], mu[NC], mdz[NC], kx[NC], rmu[NC], krx[NC];
     load_channels(a.scale, c0, A(1), sc);
     load_channels(a.shift, c0, A(0), sh);
     load_channels(a.res_scale, c0, A(1), rsc);
     load_channels(a.res_shift, c0, A(0), rsh);
     load_channels(train ? a.mean : nullptr, c0, A(0), mu);
-    load_channels(a.mean_dz, c0, A(0), mdz);
+    load_channels(a.sum_dz, c0, A(0), mdz);
     load_channels(train ? a.invstd : nullptr, c0, A(0), kx);
     load_channels(res_train ? a.res_mean : nullptr, c0, A(0), rmu);
     load_channels(res_train ? a.res_invstd : nullptr, c0, A(0), krx);
-    {
-      A t[NC];
-      load_channels(train ? a.mean_dz_xhat : nullptr, c0, A(0), t);
+    if (train) {
+      const A count = A(a.count);
+      A t[NC], rt[NC];
+      load_channels(a.sum_dz_xhat, c0, A(0), t);
+      load_channels(res_train ? a.sum_dz_rhat : nullptr, c0, A(0), rt);
 #pragma unroll
-      for (int k = 0; k < NC; ++k) kx[k] *= t[k];
-      load_channels(res_train ? a.mean_dz_rhat : nullptr, c0, A(0), t);
-#pragma unroll
-      for (int k = 0; k < NC; ++k) krx[k] *= t[k];
+      for (int k = 0; k < NC; ++k) {
+        mdz[k] /= count;
+        kx[k] *= t[k] / count;
+        krx[k] *= rt[k] / count;
+      }
     }
     auto cur = g.cursor(tile);
     while (cur.valid()) {
@@ -617,6 +621,80 @@ __global__ void __launch_bounds__(kThreads)
           if (write_gr) store_pack<T, VEC>(a.grad_residual, off[u], gr);
         }
       }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bn_finalize
+
+constexpr int kFinalizeThreads = 256;
+constexpr int64_t kMaxFinalizeBlocks = 1024;
+
+template <typename A>
+__device__ __forceinline__ A load_any(const AnyVector& v, int64_t i) {
+  switch (v.dtype) {
+    case DType::kFloat64:
+      return A(static_cast<const double*>(v.data)[i]);
+    case DType::kFloat16:
+      return A(Num<__half>::load(static_cast<const __half*>(v.data)[i]));
+    case DType::kBFloat16:
+      return A(Num<__nv_bfloat16>::load(static_cast<const __nv_bfloat16*>(v.data)[i]));
+    default:
+      return A(static_cast<const float*>(v.data)[i]);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A load_any(const MutableAnyVector& v, int64_t i) {
+  return load_any<A>(AnyVector{v.data, v.dtype}, i);
+}
+
+template <typename A>
+__device__ __forceinline__ void store_any(const MutableAnyVector& v, int64_t i, A value) {
+  switch (v.dtype) {
+    case DType::kFloat64:
+      static_cast<double*>(v.data)[i] = double(value);
+      return;
+    case DType::kFloat16:
+      static_cast<__half*>(v.data)[i] = Num<__half>::store(float(value));
+      return;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(v.data)[i] = Num<__nv_bfloat16>::store(float(value));
+      return;
+    default:
+      static_cast<float*>(v.data)[i] = float(value);
+  }
+}
+
+// Grid-stride over the channels. When it counts num_batches_tracked it runs as one block: every thread reads
+// the old count before thread 0 stores the new one, so all channels use the same weight.
+template <typename A>
+__global__ void __launch_bounds__(kFinalizeThreads) bn_finalize_kernel(const BnFinalizeArgs<A> a, int64_t C) {
+  int64_t tracked = 0;
+  if (a.num_batches_tracked != nullptr) {
+    tracked = *a.num_batches_tracked + 1;
+    __syncthreads();
+    if (threadIdx.x == 0) *a.num_batches_tracked = tracked;
+  }
+  const bool update = a.running_mean.data != nullptr;
+  const A f = a.cumulative ? A(1) / A(tracked) : A(a.momentum);
+  const A bessel = A(a.count) / A(a.count > 1 ? a.count - 1 : 1);
+  const A eps = A(a.eps);
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
+    const A mean = load_any<A>(a.mean, c);
+    const A var = load_any<A>(a.var, c);
+    const A invstd = A(1) / sqrt(var + eps);
+    const A scale = a.weight.data != nullptr ? load_any<A>(a.weight, c) * invstd : invstd;
+    const A bias = a.bias.data != nullptr ? load_any<A>(a.bias, c) : A(0);
+    a.invstd[c] = invstd;
+    a.scale[c] = scale;
+    a.shift[c] = bias - mean * scale;
+    if (update) {
+      const A running_mean = load_any<A>(a.running_mean, c);
+      const A running_var = load_any<A>(a.running_var, c);
+      store_any<A>(a.running_mean, c, running_mean + f * (mean - running_mean));
+      store_any<A>(a.running_var, c, running_var + f * (var * bessel - running_var));
     }
   }
 }
@@ -885,6 +963,18 @@ cudaError_t bn_act_backward_elemt(const BnActBackwardElemtArgs<T>& args, int64_t
     return cudaGetLastError();
   });
 }
+
+template <typename A>
+cudaError_t bn_finalize(const BnFinalizeArgs<A>& args, int64_t C, cudaStream_t stream) {
+  const bool counts = args.num_batches_tracked != nullptr;
+  if (C == 0 && !counts) return cudaSuccess;
+  const int64_t blocks = counts ? 1 : std::min(ceil_div(C, kFinalizeThreads), kMaxFinalizeBlocks);
+  bn_finalize_kernel<A><<<dim3(unsigned(blocks)), dim3(kFinalizeThreads), 0, stream>>>(args, C);
+  return cudaGetLastError();
+}
+
+template cudaError_t bn_finalize<float>(const BnFinalizeArgs<float>&, int64_t, cudaStream_t);
+template cudaError_t bn_finalize<double>(const BnFinalizeArgs<double>&, int64_t, cudaStream_t);
 
 #define PYFAST_INSTANTIATE(T)                                                                                 \
   template cudaError_t bn_stats_workspace_bytes<T>(const BnStatsArgs<T>&, int64_t, int64_t, int64_t, Layout, \

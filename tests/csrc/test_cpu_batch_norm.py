@@ -1,4 +1,4 @@
-"""csrc/cpu/batch_norm.cpp: the four CPU BN primitives against plain PyTorch in float64.
+"""csrc/cpu/batch_norm.cpp: the five CPU BN primitives against plain PyTorch in float64.
 
 Every primitive of docs/ARCHITECTURE.md section 1 is checked on fresh random inputs over dtypes,
 NCHW / channels_last memory, odd shapes, ReLU on/off and residual none / identity / BN'd; then the
@@ -8,6 +8,7 @@ bf16/fp16 to the multiple of eager PyTorch's own error in that dtype.
 """
 import itertools
 
+import finalize_checks
 import pytest
 import torch
 from tolerances import assert_close
@@ -51,8 +52,9 @@ class Case:
         bn = residual == "bn"
         self.res_scale, self.res_shift = (torch.randn(c, dtype=a), torch.randn(c, dtype=a)) if bn else (None, None)
         self.res_mean, self.res_invstd = (torch.randn(c, dtype=a), torch.rand(c, dtype=a) + 0.5) if bn else (None, None)
-        self.mean_dz, self.mean_dz_xhat = torch.randn(c, dtype=a), torch.randn(c, dtype=a)
-        self.mean_dz_rhat = torch.randn(c, dtype=a) if bn else None
+        self.count = 12  # bn_act_backward_elemt divides the sums by it
+        self.sum_dz, self.sum_dz_xhat = torch.randn(c, dtype=a) * 12, torch.randn(c, dtype=a) * 12
+        self.sum_dz_rhat = torch.randn(c, dtype=a) * 12 if bn else None
 
     def act(self):
         return (self.scale, self.shift, self.residual, self.res_scale, self.res_shift)
@@ -73,9 +75,10 @@ class Case:
     def hat(self, v, mean, invstd, ct):
         return (v.to(ct) - col(mean, ct)) * col(invstd, ct)
 
-    def bn_grad(self, dz, v, scale, mean, invstd, mean_dz_vhat, ct):
-        if mean_dz_vhat is not None:
-            dz = dz - col(self.mean_dz, ct) - self.hat(v, mean, invstd, ct) * col(mean_dz_vhat, ct)
+    def bn_grad(self, dz, v, scale, mean, invstd, sum_dz_vhat, ct):
+        if sum_dz_vhat is not None:
+            mean_dz, mean_dz_vhat = col(self.sum_dz / self.count, ct), col(sum_dz_vhat / self.count, ct)
+            dz = dz - mean_dz - self.hat(v, mean, invstd, ct) * mean_dz_vhat
         return dz * col(scale, ct) if scale is not None else dz
 
 
@@ -142,6 +145,8 @@ def test_act_backward_reduce(shape, dtype, fmt, residual, relu):
     for name, actual, ref in zip(["sum_dz", "sum_dz_xhat", "sum_dz_rhat"], sums, expected):
         assert actual.dtype == acc(dtype)
         assert_close(actual, ref, dtype=acc(dtype), what=name)
+    if residual == "bn":  # they become parameter gradients as they are: no views of one buffer
+        assert len({t.untyped_storage().data_ptr() for t in sums}) == 3
 
 
 @pytest.mark.parametrize("shape,dtype,fmt,residual,relu_training",
@@ -152,17 +157,17 @@ def test_act_backward_elemt(shape, dtype, fmt, residual, relu_training):
     grad_x, grad_r = ops.bn_act_backward_elemt(
         case.grad_out, case.x, case.scale, case.shift, case.mean if training else None,
         case.invstd if training else None, case.residual, case.res_scale, case.res_shift, case.res_mean,
-        case.res_invstd, relu, case.mean_dz if training else None, case.mean_dz_xhat if training else None,
-        case.mean_dz_rhat if training else None)
+        case.res_invstd, relu, case.sum_dz if training else None, case.sum_dz_xhat if training else None,
+        case.sum_dz_rhat if training else None, case.count)
     assert grad_x.stride() == case.x.stride()
     check(grad_x, lambda ct: case.bn_grad(case.dz(relu, ct), case.x, case.scale, case.mean, case.invstd,
-                                          case.mean_dz_xhat if training else None, ct), dtype, "backward", "grad_x")
+                                          case.sum_dz_xhat if training else None, ct), dtype, "backward", "grad_x")
     if residual == "none":
         assert grad_r.numel() == 0
         return
     assert grad_r.stride() == case.x.stride()
     check(grad_r, lambda ct: case.bn_grad(case.dz(relu, ct), case.residual, case.res_scale, case.res_mean,
-                                          case.res_invstd, case.mean_dz_rhat if training else None, ct),
+                                          case.res_invstd, case.sum_dz_rhat if training else None, ct),
           dtype, "backward", "grad_residual")
 
 
@@ -176,7 +181,7 @@ def test_nan_propagates_like_torch():
         for relu in (False, True):
             out = ops.bn_act_forward(xf, None, None, None, None, None, relu)
             assert torch.equal(torch.isnan(out), torch.isnan(x))  # relu(NaN) = NaN
-            grad_x, _ = ops.bn_act_backward_elemt(torch.ones_like(xf), xf, *[None] * 9, relu, None, None, None)
+            grad_x, _ = ops.bn_act_backward_elemt(torch.ones_like(xf), xf, *[None] * 9, relu, None, None, None, 0)
             assert grad_x[0, 1, 2, 3].item() == 1.0  # a NaN z passes the gradient, as torch.relu's backward
 
 
@@ -188,8 +193,10 @@ def test_empty_batch():
     sums = ops.bn_act_backward_reduce(x, x, None, None, torch.zeros(3), torch.ones(3), None, None, None, None,
                                       None, True)
     assert torch.equal(sums[0], torch.zeros(3)) and torch.equal(sums[1], torch.zeros(3))
-    grad_x, grad_r = ops.bn_act_backward_elemt(x, x, *[None] * 4, x, *[None] * 4, True, None, None, None)
+    grad_x, grad_r = ops.bn_act_backward_elemt(x, x, *[None] * 4, x, *[None] * 4, True, None, None, None, 0)
     assert grad_x.shape == grad_r.shape == x.shape
+    grad_x, _ = ops.bn_act_backward_elemt(x, x, None, None, C3, C3 + 1, *[None] * 5, True, C3, C3, None, 0)
+    assert grad_x.shape == x.shape  # count 0 with sums: nothing to divide
 
 
 def test_mixed_formats_and_odd_strides_match_contiguous():
@@ -252,8 +259,11 @@ BAD = {
                      "invstd"),
     "res_invstd missing": (lambda: ops.bn_act_backward_reduce(X, X, None, None, C3, C3, X, None, None, C3, None,
                                                               True), "res_invstd"),
-    "mean missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, C3, C3, None), "mean is required"),
-    "mean_dz missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, None, C3, None), "mean_dz"),
+    "mean missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, C3, C3, None, 32),
+                     "mean is required"),
+    "sum_dz missing": (lambda: ops.bn_act_backward_elemt(X, X, *[None] * 9, True, None, C3, None, 32), "sum_dz"),
+    "count zero": (lambda: ops.bn_act_backward_elemt(X, X, None, None, C3, C3, *[None] * 5, True, C3, C3, None, 0),
+                   "count must be positive"),
 }
 
 
@@ -262,3 +272,29 @@ def test_bad_arguments_raise_naming_them(name):
     call, message = BAD[name]
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+# -- bn_finalize (the checks are shared with the CUDA and Triton implementations: tests/finalize_checks.py) --
+
+
+@pytest.mark.parametrize("stats_dtype", DTYPES)
+@pytest.mark.parametrize("param_dtype,affine", [(f32, True), (bf16, True), (f32, False)])
+def test_finalize_outputs(stats_dtype, param_dtype, affine):
+    finalize_checks.check_outputs(ops.bn_finalize, "cpu", stats_dtype, param_dtype, affine)
+
+
+@pytest.mark.parametrize("running_dtype", [f32, bf16, f64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_finalize_updates_like_batch_norm(running_dtype, momentum):
+    finalize_checks.check_matches_batch_norm(ops.bn_finalize, "cpu", running_dtype, momentum)
+
+
+def test_finalize_count_edge_cases():
+    finalize_checks.check_empty_batch(ops.bn_finalize, "cpu")
+    finalize_checks.check_one_value_per_channel(ops.bn_finalize, "cpu")
+    finalize_checks.check_without_running_statistics(ops.bn_finalize, "cpu")
+
+
+@pytest.mark.parametrize("name", finalize_checks.BAD_CALLS)
+def test_finalize_bad_arguments(name):
+    finalize_checks.check_bad_call(ops.bn_finalize, "cpu", name)

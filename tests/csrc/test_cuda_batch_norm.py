@@ -8,6 +8,7 @@ scalar fallback of storage offset by one element.
 """
 import math
 
+import finalize_checks
 import pytest
 import torch
 from tolerances import assert_close
@@ -236,7 +237,7 @@ def test_bn_act_forward_keeps_nan():
     ref = forward_reference(case, relu=True)
     assert torch.isnan(out[0, 1, 1, 1]) and torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
     check(out, ref, torch.float32)
-    grad_x, _ = OPS.bn_act_backward_elemt(torch.ones_like(case.x), case.x, *[None] * 9, True, None, None, None)
+    grad_x, _ = OPS.bn_act_backward_elemt(torch.ones_like(case.x), case.x, *[None] * 9, True, None, None, None, 0)
     assert grad_x[0, 1, 1, 1].item() == 1.0  # a NaN z passes the gradient, as torch.relu's backward
 
 
@@ -280,23 +281,26 @@ def test_bn_act_backward_reduce(dtype, channels_last, shape, residual, relu):
         check(actual, ref, acc, what=name)
     if res_mean is None:
         assert sums[2].numel() == 0
+    else:  # they become parameter gradients as they are: no views of one buffer
+        assert len({t.untyped_storage().data_ptr() for t in sums}) == 3
 
 
 # --- bn_act_backward_elemt -------------------------------------------------------------------------------
 
 
 def elemt_inputs(case, relu, training):
-    """(grad_out, the per-channel statistics, mean_dz, mean_dz_xhat, mean_dz_rhat) of one elemt call."""
+    """(grad_out, the per-channel statistics, sum_dz, sum_dz_xhat, sum_dz_rhat, count) of one elemt call."""
     g = case.grad_out()
     mean, invstd, res_mean, res_invstd = backward_stats(case)
     c, dt = case.x.shape[1], case.dtype
-    mean_dz = rand_channels(c, dt, -0.3, 0.3) if training else None
-    mean_dz_xhat = rand_channels(c, dt, -0.3, 0.3) if training else None
-    mean_dz_rhat = rand_channels(c, dt, -0.3, 0.3) if training and res_mean is not None else None
-    return g, mean, invstd, res_mean, res_invstd, mean_dz, mean_dz_xhat, mean_dz_rhat
+    count = case.x.numel() // c
+    sum_dz = rand_channels(c, dt, -0.3 * count, 0.3 * count) if training else None
+    sum_dz_xhat = rand_channels(c, dt, -0.3 * count, 0.3 * count) if training else None
+    sum_dz_rhat = rand_channels(c, dt, -0.3 * count, 0.3 * count) if training and res_mean is not None else None
+    return g, mean, invstd, res_mean, res_invstd, sum_dz, sum_dz_xhat, sum_dz_rhat, count
 
 
-def elemt_reference(case, relu, g, mean, invstd, res_mean, res_invstd, mean_dz, mean_dz_xhat, mean_dz_rhat,
+def elemt_reference(case, relu, g, mean, invstd, res_mean, res_invstd, sum_dz, sum_dz_xhat, sum_dz_rhat, count,
                     dtype=None):
     """(grad_x, grad_residual) in float64 on the CPU, or eager on the device in `dtype`."""
     if dtype is None:
@@ -306,15 +310,18 @@ def elemt_reference(case, relu, g, mean, invstd, res_mean, res_invstd, mean_dz, 
     z, g = case.z(dtype), t(g)
     dz = torch.where(z > 0, g, torch.zeros_like(g)) if relu else g
 
-    def grad(scale, x, m, istd, mean_dz_hat):
-        d = dz if mean_dz is None else dz - pc(mean_dz) - (t(x) - pc(m)) * pc(istd) * pc(mean_dz_hat)
+    def grad(scale, x, m, istd, sum_dz_hat):
+        if sum_dz is None:
+            d = dz
+        else:
+            d = dz - pc(sum_dz / count) - (t(x) - pc(m)) * pc(istd) * pc(sum_dz_hat / count)
         return d if scale is None else pc(scale) * d
 
-    grad_x = grad(case.scale, case.x, mean, invstd, mean_dz_xhat)
+    grad_x = grad(case.scale, case.x, mean, invstd, sum_dz_xhat)
     if case.residual is None:
         return grad_x, None
-    if mean_dz is not None and res_mean is not None:
-        return grad_x, grad(case.res_scale, case.residual, res_mean, res_invstd, mean_dz_rhat)
+    if sum_dz is not None and res_mean is not None:
+        return grad_x, grad(case.res_scale, case.residual, res_mean, res_invstd, sum_dz_rhat)
     return grad_x, dz if case.res_scale is None else pc(case.res_scale) * dz
 
 
@@ -327,10 +334,10 @@ def elemt_reference(case, relu, g, mean, invstd, res_mean, res_invstd, mean_dz, 
 def test_bn_act_backward_elemt(dtype, channels_last, shape, residual, relu, training):
     case = Case(shape, dtype, channels_last, residual)
     args = elemt_inputs(case, relu, training)
-    g, mean, invstd, res_mean, res_invstd, mean_dz, mean_dz_xhat, mean_dz_rhat = args
+    g, mean, invstd, res_mean, res_invstd, sum_dz, sum_dz_xhat, sum_dz_rhat, count = args
     grad_x, grad_res = OPS.bn_act_backward_elemt(g, case.x, case.scale, case.shift, mean, invstd, case.residual,
                                                  case.res_scale, case.res_shift, res_mean, res_invstd, relu,
-                                                 mean_dz, mean_dz_xhat, mean_dz_rhat)
+                                                 sum_dz, sum_dz_xhat, sum_dz_rhat, count)
     ref_x, ref_res = elemt_reference(case, relu, *args)
     eager_x, eager_res = elemt_reference(case, relu, *args, dtype=dtype)
     assert_same_format(grad_x, case.x)
@@ -340,6 +347,61 @@ def test_bn_act_backward_elemt(dtype, channels_last, shape, residual, relu, trai
     else:
         assert_same_format(grad_res, case.x)
         check(grad_res, ref_res, dtype, eager=eager_res, kind="backward", what="grad_residual")
+
+
+# --- bn_finalize (the checks are shared with the CPU and Triton implementations: tests/finalize_checks.py) --------
+
+
+@pytest.mark.parametrize("stats_dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("param_dtype,affine", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)],
+                         ids=["float32", "bfloat16", "no-affine"])
+def test_bn_finalize_outputs(stats_dtype, param_dtype, affine):
+    finalize_checks.check_outputs(OPS.bn_finalize, DEVICE, stats_dtype, param_dtype, affine)
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_finalize_updates_like_batch_norm(running_dtype, momentum):
+    finalize_checks.check_matches_batch_norm(OPS.bn_finalize, DEVICE, running_dtype, momentum)
+
+
+def test_bn_finalize_count_edge_cases():
+    finalize_checks.check_empty_batch(OPS.bn_finalize, DEVICE)
+    finalize_checks.check_one_value_per_channel(OPS.bn_finalize, DEVICE)
+    finalize_checks.check_without_running_statistics(OPS.bn_finalize, DEVICE)
+
+
+def test_bn_finalize_many_channels_grid_stride():
+    """More channels than one block (with num_batches_tracked) or one wave of blocks (without) covers."""
+    finalize_checks.check_matches_batch_norm(OPS.bn_finalize, DEVICE, torch.float32, None, steps=2, channels=3000)
+    finalize_checks.check_matches_batch_norm(OPS.bn_finalize, DEVICE, torch.float32, 0.1, steps=1, channels=300_000)
+
+
+def test_bn_finalize_replays_in_a_cuda_graph():
+    """No host sync: the call captures into a CUDA graph, and each replay counts one more batch on the device."""
+    c = 8
+    mean, var = rand_channels(c, torch.float32), rand_channels(c, torch.float32, 0.5, 2.0)
+    running_mean, running_var = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+    tracked = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a host sync inside would make the capture fail
+        OPS.bn_finalize(mean, var, None, None, running_mean, running_var, tracked, 16, None, EPS, True)
+    assert tracked.item() == 0  # capturing runs nothing
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert tracked.item() == 3
+    expected_mean, expected_var = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+    for n in (1, 2, 3):  # the cumulative average: weight 1/n at the n-th batch
+        expected_mean += (mean - expected_mean) / n
+        expected_var += (var * 16 / 15 - expected_var) / n
+    torch.testing.assert_close(running_mean, expected_mean)
+    torch.testing.assert_close(running_var, expected_var)
+
+
+@pytest.mark.parametrize("name", finalize_checks.BAD_CALLS)
+def test_bn_finalize_bad_arguments(name):
+    finalize_checks.check_bad_call(OPS.bn_finalize, DEVICE, name)
 
 
 # --- storage offsets, grid limits, large tensors ---------------------------------------------------------
@@ -358,15 +420,15 @@ def test_misaligned_storage(dtype, channels_last, offset):
     check(mean, ref_mean, torch.float32, what="mean")
     check(var, ref_var, torch.float32, what="var")
     args = elemt_inputs(case, True, True)
-    g, mean, invstd, res_mean, res_invstd, mean_dz, mean_dz_xhat, mean_dz_rhat = args
+    g, mean, invstd, res_mean, res_invstd, sum_dz, sum_dz_xhat, sum_dz_rhat, count = args
     sums = OPS.bn_act_backward_reduce(g, case.x, case.scale, case.shift, mean, invstd, case.residual,
                                       case.res_scale, case.res_shift, res_mean, res_invstd, True)
     for name, actual, ref in zip(("sum_dz", "sum_dz_xhat", "sum_dz_rhat"), sums,
                                  reduce_reference(case, g, True, mean, invstd, res_mean, res_invstd)):
         check(actual, ref, torch.float32, what=name)
     grads = OPS.bn_act_backward_elemt(g, case.x, case.scale, case.shift, mean, invstd, case.residual,
-                                      case.res_scale, case.res_shift, res_mean, res_invstd, True, mean_dz,
-                                      mean_dz_xhat, mean_dz_rhat)
+                                      case.res_scale, case.res_shift, res_mean, res_invstd, True, sum_dz,
+                                      sum_dz_xhat, sum_dz_rhat, count)
     for name, actual, ref, eager in zip(("grad_x", "grad_residual"), grads, elemt_reference(case, True, *args),
                                         elemt_reference(case, True, *args, dtype=dtype)):
         check(actual, ref, dtype, eager=eager, kind="backward", what=name)
@@ -467,15 +529,18 @@ def _bad_calls():
                          "invstd"),
         "res_invstd missing": (lambda: OPS.bn_act_backward_reduce(x, x, None, None, c3, c3, x, None, None, c3, None,
                                                                   True), "res_invstd"),
-        "mean missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, c3, c3, None), "mean is required"),
-        "mean_dz missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, None, c3, None), "mean_dz"),
+        "mean missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, c3, c3, None, 32),
+                         "mean is required"),
+        "sum_dz missing": (lambda: OPS.bn_act_backward_elemt(x, x, *[None] * 9, True, None, c3, None, 32), "sum_dz"),
+        "count zero": (lambda: OPS.bn_act_backward_elemt(x, x, None, None, c3, c3, *[None] * 5, True, c3, c3, None,
+                                                         0), "count must be positive"),
         "device": (lambda: OPS.bn_act_forward(x, c3.cpu(), None, None, None, None, True), "device"),
     }
 
 
 BAD_CALLS = ["x rank", "x dtype", "scale length", "shift dtype", "residual shape", "residual dtype",
              "res_scale alone", "grad_out dtype", "invstd dtype", "res_invstd missing", "mean missing",
-             "mean_dz missing", "device"]
+             "sum_dz missing", "count zero", "device"]
 
 
 @pytest.mark.parametrize("name", BAD_CALLS)

@@ -9,6 +9,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Optional
 
+import finalize_checks
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,10 @@ class Problem:
     invstd: torch.Tensor
     res_mean: Optional[torch.Tensor]
     res_invstd: Optional[torch.Tensor]
-    mean_dz: torch.Tensor
-    mean_dz_xhat: torch.Tensor
-    mean_dz_rhat: Optional[torch.Tensor]
+    sum_dz: torch.Tensor
+    sum_dz_xhat: torch.Tensor
+    sum_dz_rhat: Optional[torch.Tensor]
+    count: int = 12  # what bn_act_backward_elemt divides the sums by
 
 
 def _problem(shape, dtype, fmt, residual="bn", affine=True):
@@ -77,8 +79,8 @@ def _problem(shape, dtype, fmt, residual="bn", affine=True):
         scale=vector(-1.5, 1.5) if affine else None, shift=vector(-1, 1) if affine else None,
         res_scale=vector(-1.5, 1.5) if has_bn else None, res_shift=vector(-1, 1) if has_bn else None,
         mean=vector(0, 1), invstd=vector(0.5, 2), res_mean=vector(0, 1) if has_bn else None,
-        res_invstd=vector(0.5, 2) if has_bn else None, mean_dz=vector(-1, 1), mean_dz_xhat=vector(-1, 1),
-        mean_dz_rhat=vector(-1, 1) if has_bn else None,
+        res_invstd=vector(0.5, 2) if has_bn else None, sum_dz=vector(-12, 12), sum_dz_xhat=vector(-12, 12),
+        sum_dz_rhat=vector(-12, 12) if has_bn else None,
     )
 
 
@@ -109,20 +111,21 @@ def _dz(p, relu, dtype):
     return torch.where(_z(p, dtype) <= 0, torch.zeros_like(g), g) if relu else g
 
 
-def _input_grad(dz, v, scale, mean, invstd, mean_dz_v, mean_dz, train, dtype):
+def _input_grad(dz, v, scale, mean, invstd, sum_dz_v, sum_dz, count, train, dtype):
     grad = dz
     if train:
-        grad = dz - _v(mean_dz, dtype) - (v.to(dtype) - _v(mean, dtype)) * _v(invstd, dtype) * _v(mean_dz_v, dtype)
+        mean_dz, mean_dz_v = _v(sum_dz / count, dtype), _v(sum_dz_v / count, dtype)
+        grad = dz - mean_dz - (v.to(dtype) - _v(mean, dtype)) * _v(invstd, dtype) * mean_dz_v
     return grad if scale is None else grad * _v(scale, dtype)
 
 
 def _reference_elemt(p, relu, train, dtype):
     dz = _dz(p, relu, dtype)
-    grad_x = _input_grad(dz, p.x, p.scale, p.mean, p.invstd, p.mean_dz_xhat, p.mean_dz, train, dtype)
+    grad_x = _input_grad(dz, p.x, p.scale, p.mean, p.invstd, p.sum_dz_xhat, p.sum_dz, p.count, train, dtype)
     grad_r = None
     if p.residual is not None:
         res_train = train and p.res_mean is not None
-        grad_r = _input_grad(dz, p.residual, p.res_scale, p.res_mean, p.res_invstd, p.mean_dz_rhat, p.mean_dz,
+        grad_r = _input_grad(dz, p.residual, p.res_scale, p.res_mean, p.res_invstd, p.sum_dz_rhat, p.sum_dz, p.count,
                              res_train, dtype)
     return grad_x, grad_r
 
@@ -191,7 +194,7 @@ def test_relu_propagates_nan():
     out = bn.bn_act_forward(p.x, p.scale, p.shift, None, None, None, True)
     assert torch.equal(out.isnan(), p.x.isnan())
     grad_x, _ = bn.bn_act_backward_elemt(p.grad_out, p.x, p.scale, p.shift, None, None, None, None, None, None,
-                                         None, True, None, None, None)
+                                         None, True, None, None, None, 0)
     assert grad_x[0, 1, 2, 3] == p.grad_out[0, 1, 2, 3] * p.scale[1]  # torch's ReLU lets the gradient pass NaN
 
 
@@ -203,6 +206,7 @@ def test_bn_act_backward_reduce(shape, dtype, fmt, residual, relu):
     p, relu = _problem(shape, dtype, fmt, residual), relu == "relu"
     sums = bn.bn_act_backward_reduce(p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, p.residual, p.res_scale,
                                      p.res_shift, p.res_mean, p.res_invstd, relu)
+    assert len({t.untyped_storage().data_ptr() for t in sums if t.numel()}) == len([t for t in sums if t.numel()])
     dz = _dz(p, relu, f64)
     dims = (0, 2, 3)
     assert_close(sums[0], dz.sum(dims), f32, what="sum_dz")
@@ -222,10 +226,10 @@ def test_bn_act_backward_reduce(shape, dtype, fmt, residual, relu):
 def test_bn_act_backward_elemt(shape, dtype, fmt, residual, relu, train):
     p, relu, train = _problem(shape, dtype, fmt, residual), relu == "relu", train == "train"
     if not train:  # eval: fixed statistics, nothing reduced
-        p.mean = p.invstd = p.res_mean = p.res_invstd = p.mean_dz = p.mean_dz_xhat = p.mean_dz_rhat = None
+        p.mean = p.invstd = p.res_mean = p.res_invstd = p.sum_dz = p.sum_dz_xhat = p.sum_dz_rhat = None
     grad_x, grad_r = bn.bn_act_backward_elemt(
         p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, p.residual, p.res_scale, p.res_shift, p.res_mean,
-        p.res_invstd, relu, p.mean_dz, p.mean_dz_xhat, p.mean_dz_rhat)
+        p.res_invstd, relu, p.sum_dz, p.sum_dz_xhat, p.sum_dz_rhat, p.count)
     expected, eager = (_reference_elemt(p, relu, train, d) for d in (f64, dtype))
     _assert_like(grad_x, p.x)
     assert_close(grad_x, expected[0], dtype, eager=eager[0], kind="backward", what="grad_x")
@@ -236,37 +240,43 @@ def test_bn_act_backward_elemt(shape, dtype, fmt, residual, relu, train):
         assert_close(grad_r, expected[1], dtype, eager=eager[1], kind="backward", what="grad_residual")
 
 
-# ---- the four together, layouts, offsets ----
+# ---- the five together, layouts, offsets ----
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_primitives_compose_to_batch_norm_training(fmt):
-    """relu(bn(y) + bn_r(r)) with batch statistics, forward and backward, against torch's autograd."""
+    """relu(bn(y) + bn_r(r)) with batch statistics, forward and backward and the running statistics, against
+    torch's autograd and F.batch_norm's update."""
     y, r, grad_out = (torch.randn(3, 6, 5, 7, device=DEVICE, dtype=f64).contiguous(memory_format=FORMATS[fmt])
                       for _ in range(3))
     w, b, w_r, b_r = (torch.randn(6, device=DEVICE, dtype=f64) for _ in range(4))
-    eps, count = 1e-5, y.numel() // y.shape[1]
+    running = [torch.rand(6, device=DEVICE, dtype=f64) for _ in range(4)]
+    expected_running = [t.clone() for t in running]
+    eps, momentum, count = 1e-5, 0.1, y.numel() // y.shape[1]
 
-    def normalize(t, weight, bias):
+    def normalize(t, weight, bias, running_mean, running_var):
         mean, var = bn.bn_stats(t)
-        invstd = (var + eps).rsqrt()
-        return weight * invstd, bias - mean * weight * invstd, mean, invstd
+        scale, shift, invstd = bn.bn_finalize(mean, var, weight, bias, running_mean, running_var, None, count,
+                                              momentum, eps, True)
+        return scale, shift, mean, invstd
 
-    scale, shift, mean, invstd = normalize(y, w, b)
-    res_scale, res_shift, res_mean, res_invstd = normalize(r, w_r, b_r)
+    scale, shift, mean, invstd = normalize(y, w, b, *running[:2])
+    res_scale, res_shift, res_mean, res_invstd = normalize(r, w_r, b_r, *running[2:])
     out = bn.bn_act_forward(y, scale, shift, r, res_scale, res_shift, True)
     sums = bn.bn_act_backward_reduce(grad_out, y, scale, shift, mean, invstd, r, res_scale, res_shift, res_mean,
                                      res_invstd, True)
     grad_y, grad_r = bn.bn_act_backward_elemt(grad_out, y, scale, shift, mean, invstd, r, res_scale, res_shift,
-                                              res_mean, res_invstd, True, *(s / count for s in sums))
+                                              res_mean, res_invstd, True, *sums, count)
 
     leaves = [t.detach().requires_grad_() for t in (y, r)]
-    expected = F.relu(F.batch_norm(leaves[0], None, None, w, b, True, eps=eps)
-                      + F.batch_norm(leaves[1], None, None, w_r, b_r, True, eps=eps))
+    expected = F.relu(F.batch_norm(leaves[0], *expected_running[:2], w, b, True, momentum, eps)
+                      + F.batch_norm(leaves[1], *expected_running[2:], w_r, b_r, True, momentum, eps))
     expected.backward(grad_out)
     assert_close(out, expected)
     assert_close(grad_y, leaves[0].grad, what="grad_y")
     assert_close(grad_r, leaves[1].grad, what="grad_residual")
+    for actual, reference in zip(running, expected_running):
+        assert_close(actual, reference, what="running statistics")
 
 
 def test_mixed_and_strided_layouts():
@@ -274,7 +284,7 @@ def test_mixed_and_strided_layouts():
     p = _problem((2, 5, 6, 7), f32, "nhwc")
     p.grad_out = p.grad_out.contiguous()
     args = (p.scale, p.shift, p.mean, p.invstd, p.residual, p.res_scale, p.res_shift, p.res_mean, p.res_invstd, True)
-    grad_x, _ = bn.bn_act_backward_elemt(p.grad_out, p.x, *args, p.mean_dz, p.mean_dz_xhat, p.mean_dz_rhat)
+    grad_x, _ = bn.bn_act_backward_elemt(p.grad_out, p.x, *args, p.sum_dz, p.sum_dz_xhat, p.sum_dz_rhat, p.count)
     _assert_like(grad_x, p.x)
     assert_close(grad_x, _reference_elemt(p, True, True, f64)[0])
     wide = torch.randn(2, 5, 6, 9, device=DEVICE)
@@ -290,7 +300,7 @@ def test_int64_offsets_give_the_same_result(monkeypatch, fmt):
     bwd = (p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, p.residual, p.res_scale, p.res_shift, p.res_mean,
            p.res_invstd, True)
     calls = [lambda: [bn.bn_act_forward(*fwd)], lambda: bn.bn_stats(p.x), lambda: bn.bn_act_backward_reduce(*bwd),
-             lambda: bn.bn_act_backward_elemt(*bwd, p.mean_dz, p.mean_dz_xhat, p.mean_dz_rhat)]
+             lambda: bn.bn_act_backward_elemt(*bwd, p.sum_dz, p.sum_dz_xhat, p.sum_dz_rhat, p.count)]
     int32 = [call() for call in calls]
     monkeypatch.setattr(bn, "_MAX_INT32", 0)
     for expected, call in zip(int32, calls):
@@ -305,6 +315,38 @@ def test_empty_batch():
     zero = torch.zeros(3, device=DEVICE)
     sums = bn.bn_act_backward_reduce(x, x, None, None, zero, zero + 1, None, None, None, None, None, True)
     assert all(s.eq(0).all() for s in sums)
+
+
+# ---- bn_finalize (the checks are shared with the C++ and CUDA implementations: tests/finalize_checks.py) ----
+
+
+@pytest.mark.parametrize("stats_dtype", [f32, bf16, f16])
+@pytest.mark.parametrize("param_dtype,affine", [(f32, True), (bf16, True), (f32, False)])
+def test_bn_finalize_outputs(stats_dtype, param_dtype, affine):
+    finalize_checks.check_outputs(bn.bn_finalize, DEVICE, stats_dtype, param_dtype, affine)
+
+
+@pytest.mark.parametrize("running_dtype", [f32, bf16])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_finalize_updates_like_batch_norm(running_dtype, momentum):
+    finalize_checks.check_matches_batch_norm(bn.bn_finalize, DEVICE, running_dtype, momentum)
+
+
+def test_bn_finalize_count_edge_cases():
+    finalize_checks.check_empty_batch(bn.bn_finalize, DEVICE)
+    finalize_checks.check_one_value_per_channel(bn.bn_finalize, DEVICE)
+    finalize_checks.check_without_running_statistics(bn.bn_finalize, DEVICE)
+
+
+def test_bn_finalize_walks_channels_in_several_steps(monkeypatch):
+    """More channels than one step of the single program: every step uses the one increment's weight."""
+    monkeypatch.setattr(bn, "_FINALIZE_BLOCK_C", 16)
+    finalize_checks.check_matches_batch_norm(bn.bn_finalize, DEVICE, f32, None, steps=2, channels=40)
+
+
+@pytest.mark.parametrize("name", finalize_checks.BAD_CALLS)
+def test_bn_finalize_bad_arguments(name):
+    finalize_checks.check_bad_call(bn.bn_finalize, DEVICE, name)
 
 
 # ---- bad input ----
@@ -341,9 +383,12 @@ def test_bad_input_names_the_argument(change, message):
 
 def test_bad_backward_input_names_the_argument():
     p = _problem((2, 3, 4, 5), f32, "nchw", residual="identity")
-    with pytest.raises(ValueError, match="mean_dz needs mean"):
+    with pytest.raises(ValueError, match="sum_dz needs mean"):
         bn.bn_act_backward_elemt(p.grad_out, p.x, p.scale, p.shift, None, None, p.residual, None, None, None, None,
-                                 True, p.mean_dz, p.mean_dz_xhat, None)
+                                 True, p.sum_dz, p.sum_dz_xhat, None, p.count)
+    with pytest.raises(ValueError, match="count must be positive"):
+        bn.bn_act_backward_elemt(p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, p.residual, None, None, None,
+                                 None, True, p.sum_dz, p.sum_dz_xhat, None, 0)
     with pytest.raises(ValueError, match="res_mean needs residual and res_invstd"):
         bn.bn_act_backward_reduce(p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, p.residual, None, None,
                                   p.mean, None, True)
@@ -371,7 +416,7 @@ def test_real_size(dtype, fmt):
     sums = bn.bn_act_backward_reduce(*bwd)
     assert all(torch.equal(a, b) for a, b in zip(sums, bn.bn_act_backward_reduce(*bwd)))
     assert_close(sums[0], _dz(p, True, f64).sum((0, 2, 3)), f32, what="sum_dz")
-    grad_x, grad_r = bn.bn_act_backward_elemt(*bwd, p.mean_dz, p.mean_dz_xhat, p.mean_dz_rhat)
+    grad_x, grad_r = bn.bn_act_backward_elemt(*bwd, p.sum_dz, p.sum_dz_xhat, p.sum_dz_rhat, p.count)
     expected, eager = (_reference_elemt(p, True, True, d) for d in (f64, dtype))
     assert_close(grad_x, expected[0], dtype, eager=eager[0], kind="backward", what="grad_x")
     assert_close(grad_r, expected[1], dtype, eager=eager[1], kind="backward", what="grad_residual")

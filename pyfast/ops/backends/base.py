@@ -1,11 +1,11 @@
-"""What a backend is: capabilities that answer *why not*, the four BN primitives, convolution, and
+"""What a backend is: capabilities that answer *why not*, the five BN primitives, convolution, and
 three fusable steps whose composite defaults a backend overrides with a fused kernel."""
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .._bn import BatchNormArgs, update_running_stats
+from .._bn import BatchNormArgs, acc_dtype, update_running_stats
 from .._conv import ConvParams, memory_format_of
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -49,7 +49,7 @@ class Backend:
         raise NotImplementedError
 
     def bn_act_backward_elemt(self, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift,
-                              res_mean, res_invstd, relu: bool, mean_dz, mean_dz_xhat, mean_dz_rhat):
+                              res_mean, res_invstd, relu: bool, sum_dz, sum_dz_xhat, sum_dz_rhat, count: int):
         raise NotImplementedError
 
     def bn_finalize(self, mean, var, weight, bias, running_mean, running_var, num_batches_tracked, count: int,
@@ -57,7 +57,7 @@ class Backend:
         """(scale, shift, invstd) of a BN from (mean, biased var), and with `update` nn.BatchNorm2d's
         running-statistics update in place. This composite of ATen ops is the semantics; each kernel backend
         overrides it with one kernel."""
-        acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(mean.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
         scale = invstd if weight is None else weight.to(acc) * invstd
         shift = -mean.to(acc) * scale if bias is None else bias.to(acc) - mean.to(acc) * scale

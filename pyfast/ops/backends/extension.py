@@ -3,8 +3,10 @@ ATen's convolution (oneDNN on CPU, cuDNN on CUDA)."""
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from ... import _extension
+from .._bn import acc_dtype
 from .base import Backend
 
 
@@ -16,6 +18,48 @@ def _onednn_conv_relu():
 
 
 _ONEDNN_CONV_RELU = _onednn_conv_relu()
+
+
+def _channels(like: Tensor, length: Optional[int] = None) -> Tensor:
+    """A fresh per-channel vector: `length` (default: like's channels) values of like's acc dtype."""
+    return like.new_empty(like.shape[1] if length is None else length, dtype=acc_dtype(like.dtype))
+
+
+def _like_input(x: Tensor) -> Tensor:
+    """An output shaped like x in the memory order the kernels write: channels innermost (channels_last)
+    when x has them so, NCHW-contiguous otherwise."""
+    channels_innermost = x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
+    return torch.empty_like(x if channels_innermost else x.contiguous())
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of the torch.ops.pyfast primitives: shapes, dtypes and strides of their
+    outputs, so that torch.compile and opcheck can trace through them without running a kernel."""
+
+    @torch.library.register_fake("pyfast::bn_stats")
+    def _(x):
+        return _channels(x), _channels(x)
+
+    @torch.library.register_fake("pyfast::bn_act_forward")
+    def _(x, scale, shift, residual, res_scale, res_shift, relu):
+        return _like_input(x)
+
+    @torch.library.register_fake("pyfast::bn_act_backward_reduce")
+    def _(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean, res_invstd, relu):
+        return _channels(x), _channels(x), _channels(x, x.shape[1] if res_mean is not None else 0)
+
+    @torch.library.register_fake("pyfast::bn_act_backward_elemt")
+    def _(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean, res_invstd, relu,
+          sum_dz, sum_dz_xhat, sum_dz_rhat, count):
+        return _like_input(x), _like_input(x) if residual is not None else x.new_empty(0)
+
+    @torch.library.register_fake("pyfast::bn_finalize")
+    def _(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, count, momentum, eps, update):
+        return tuple(mean.new_empty(mean.shape, dtype=acc_dtype(mean.dtype)) for _ in range(3))
+
+
+if _extension.available():
+    _register_fakes()
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -52,6 +96,9 @@ class ExtensionBackend(Backend):
 
     def bn_act_backward_elemt(self, *args):
         return torch.ops.pyfast.bn_act_backward_elemt(*args)
+
+    def bn_finalize(self, *args):
+        return torch.ops.pyfast.bn_finalize(*args)
 
     def conv_bias_act(self, x, weight, bias, params, relu):
         # The vendor library's own fused convolution + bias + ReLU: one kernel instead of a conv and a pass.

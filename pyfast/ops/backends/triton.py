@@ -73,6 +73,9 @@ class TritonBackend(Backend):
     def bn_act_backward_elemt(self, *args):
         return self._bn.bn_act_backward_elemt(*args)
 
+    def bn_finalize(self, *args):
+        return self._bn.bn_finalize(*args)
+
     def conv(self, x, weight, bias, params):
         return self._conv.conv2d(x, weight, bias, *params.as_lists())
 
