@@ -39,26 +39,24 @@ ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_s
 # -- counting -------------------------------------------------------------------------------------------
 class KernelCounter(TorchDispatchMode):
     """Counts what a region dispatches: ATen and pyfast ops that run a kernel (views and allocations are not
-    kernels) and Triton launches (which bypass the dispatcher)."""
+    kernels) and Triton launches (which bypass the dispatcher). What Triton's interpreter itself dispatches
+    to move a launch's tensors is not counted: on a GPU it does not exist."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
+        self.inside_launch = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in ALLOCATIONS:
+        if not (self.inside_launch or func.is_view or name in ALLOCATIONS):
             self.ops[f"{func.namespace}.{name}"] += 1
         return func(*args, **(kwargs or {}))
 
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
 
 @contextlib.contextmanager
-def _triton_launches(counter: Counter) -> Iterator[None]:
-    """Counts `kernel[grid](...)` launches of Triton kernels (compiled or interpreted) into `counter`."""
+def _triton_launches(mode: KernelCounter) -> Iterator[None]:
+    """Counts `kernel[grid](...)` launches of Triton kernels (compiled or interpreted) into `mode`."""
     try:
         from triton.runtime import interpreter, jit
     except ImportError:
@@ -73,8 +71,12 @@ def _triton_launches(counter: Counter) -> Iterator[None]:
 
             def run(*args, **kwargs):
                 fn = getattr(self, "fn", self)
-                counter[f"triton.{getattr(fn, '__name__', type(fn).__name__)}"] += 1
-                return launch(*args, **kwargs)
+                mode.ops[f"triton.{getattr(fn, '__name__', type(fn).__name__)}"] += 1
+                outer, mode.inside_launch = mode.inside_launch, True
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    mode.inside_launch = outer
             return run
         return getitem
 
@@ -90,7 +92,7 @@ def _triton_launches(counter: Counter) -> Iterator[None]:
 def count_kernels(fn: Callable[[], object]) -> Counter:
     """op name -> how many times `fn()` dispatched it (kernels and Triton launches only)."""
     mode = KernelCounter()
-    with _triton_launches(mode.ops), mode:
+    with _triton_launches(mode), mode:
         fn()
     return mode.ops
 

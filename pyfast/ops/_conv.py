@@ -1,4 +1,5 @@
 """Convolution arguments shared by the ops that convolve: normalization, checks, output shape."""
+import functools
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
@@ -26,6 +27,15 @@ class ConvParams:
 
     @classmethod
     def of(cls, stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> "ConvParams":
+        """Checked parameters; memoized, since a network passes the same few settings on every call."""
+        try:
+            return _checked_params(stride, padding, dilation, groups)
+        except TypeError:  # unhashable: lists
+            return _checked_params(*(tuple(v) if isinstance(v, list) else v for v in (stride, padding, dilation)),
+                                   groups)
+
+    @classmethod
+    def _check(cls, stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> "ConvParams":
         params = cls(_pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation), int(groups))
         if min(params.stride) < 1 or min(params.dilation) < 1 or min(params.padding) < 0:
             raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {params}")
@@ -66,6 +76,11 @@ class ConvParams:
         out_h, out_w = self.output_shape(x, weight)[2:]
         if out_h < 1 or out_w < 1:
             raise ValueError(f"{x_name} of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_params(stride, padding, dilation, groups) -> ConvParams:
+    return ConvParams._check(stride, padding, dilation, groups)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:

@@ -1,0 +1,147 @@
+"""What a fused call dispatches, counted exactly (benchmarks/overhead.py's KernelCounter: every op that runs a
+kernel, views and allocations aside, plus Triton launches), against fixed budgets and against the eager
+sequence it replaces. Counts are deterministic, so these are regression tests of the cost contract
+(docs/ARCHITECTURE.md, section 6); times are benchmarked, never tested."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyfast
+from pyfast import ops
+from pyfast.benchmarks.overhead import count_kernels, kernel_counts
+
+from harness import skip_unless_runs
+
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(ops.BACKENDS["cpu"].unavailable() is not None,
+                                                   reason="pyfast._C is not built"))
+
+
+def _blocks(channels=4):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    return conv, nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+
+
+def _conv_bn_relu(x, conv, bn, backend, training=True):
+    return ops.conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            bn.num_batches_tracked, training=training, padding=1, backend=backend)
+
+
+def _eager_bn(t, bn, training=True):
+    if training:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, 0.1, 1e-5)
+
+
+def _total(fn) -> int:
+    return sum(count_kernels(fn).values())
+
+
+def _backward(fn, leaves):
+    """fn's forward and backward from a random output gradient, the leaves' .grad freed first (as zero_grad
+    does: accumulating into an old .grad would add a kernel per leaf to both sides)."""
+    gradient = torch.randn(2, 4, 5, 5)
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        fn().backward(gradient)
+    return run
+
+
+# (case, fused budget on cpu, on triton): the fused calls and their eager sequences are built below
+CASES = {
+    "conv_bn_relu train forward": (4, 4),
+    "conv_bn_relu train forward+backward": (7, 7),
+    "conv_bn_relu inference": (1, 1),
+    "bn_add_relu train forward": (3, 3),
+    "bn_add_relu BN shortcut train forward+backward": (7, 7),
+    "bn_add_relu inference": (1, 1),
+    "bn_relu_conv train forward+backward": (7, 8),
+    "add_relu forward+backward": (2, 2),
+}
+
+
+def _case(name, backend):
+    x = torch.randn(2, 4, 5, 5)
+    s = torch.randn(2, 4, 5, 5)
+    conv, bn, s_bn = _blocks()
+    xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+    leaves = [xg, sg, conv.weight, bn.weight, bn.bias, s_bn.weight, s_bn.bias]
+    sbn = ops.BatchNormArgs(s_bn.weight, s_bn.bias, s_bn.running_mean, s_bn.running_var, s_bn.num_batches_tracked)
+    fused = {
+        "conv_bn_relu train forward": lambda: _conv_bn_relu(x, conv, bn, backend),
+        "conv_bn_relu train forward+backward": _backward(lambda: _conv_bn_relu(xg, conv, bn, backend), leaves),
+        "conv_bn_relu inference": torch.no_grad()(lambda: _conv_bn_relu(x, conv, bn, backend, training=False)),
+        "bn_add_relu train forward": lambda: ops.bn_add_relu(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, training=True,
+            shortcut=s, backend=backend),
+        "bn_add_relu BN shortcut train forward+backward": _backward(lambda: ops.bn_add_relu(
+            xg, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, training=True,
+            shortcut=sg, shortcut_bn=sbn, backend=backend), leaves),
+        "bn_add_relu inference": torch.no_grad()(lambda: ops.bn_add_relu(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=False, shortcut=s, backend=backend)),
+        "bn_relu_conv train forward+backward": _backward(lambda: ops.bn_relu_conv(
+            xg, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, training=True,
+            weight=conv.weight, padding=1, backend=backend), leaves),
+        "add_relu forward+backward": _backward(lambda: ops.add_relu(xg, sg, backend=backend), leaves),
+    }
+    eager = {
+        "conv_bn_relu train forward": lambda: F.relu(_eager_bn(F.conv2d(x, conv.weight, padding=1), bn)),
+        "conv_bn_relu train forward+backward": _backward(
+            lambda: F.relu(_eager_bn(F.conv2d(xg, conv.weight, padding=1), bn)), leaves),
+        "conv_bn_relu inference": torch.no_grad()(
+            lambda: F.relu(_eager_bn(F.conv2d(x, conv.weight, padding=1), bn, False))),
+        "bn_add_relu train forward": lambda: F.relu(_eager_bn(x, bn) + s),
+        "bn_add_relu BN shortcut train forward+backward": _backward(
+            lambda: F.relu(_eager_bn(xg, bn) + _eager_bn(sg, s_bn)), leaves),
+        "bn_add_relu inference": torch.no_grad()(lambda: F.relu(_eager_bn(x, bn, False) + s)),
+        "bn_relu_conv train forward+backward": _backward(
+            lambda: F.conv2d(F.relu(_eager_bn(xg, bn)), conv.weight, padding=1), leaves),
+        "add_relu forward+backward": _backward(lambda: F.relu(xg + sg), leaves),
+    }
+    return fused[name], eager[name]
+
+
+@pytest.mark.parametrize("backend", [CPU, "triton"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_call_dispatches_its_budget_and_no_more_than_eager(name, backend):
+    skip_unless_runs(backend, "conv_bn_relu", torch.randn(1, 4, 2, 2))
+    fused, eager = _case(name, backend)
+    fused()  # fills the inference caches, as the first call of a model does
+    budget = CASES[name][0 if backend == "cpu" else 1]
+    counted = count_kernels(fused)
+    assert sum(counted.values()) == budget, dict(counted)
+    assert budget <= _total(eager)
+
+
+def test_inference_cache_follows_parameter_updates():
+    """The folded convolution is reused while nothing changes and recomputed after an in-place update."""
+    x = torch.randn(2, 4, 5, 5)
+    conv, bn, _ = _blocks()
+    bn.eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_()
+        first = _conv_bn_relu(x, conv, bn, "cpu" if not ops.BACKENDS["cpu"].unavailable() else "reference",
+                              training=False)
+        bn.weight.mul_(2)
+        conv.weight.add_(0.5)
+        second = ops.conv_bn_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                  training=False, padding=1)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, F.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_model_step_dispatches_fewer_kernels_than_eager(model, training):
+    """A fast model's step (batch 2, 32x32, cpu backend) against the eager model's: training at most as many
+    kernels, inference at most 0.7x (BN folded once, ReLU in the convolution)."""
+    if ops.BACKENDS["cpu"].unavailable():
+        pytest.skip("pyfast._C is not built")
+    counts = kernel_counts(model, "cpu", training)
+    budget = {("resnet50", True): 392, ("resnet50", False): 72, ("regnetx_32", True): 786,
+              ("regnetx_32", False): 143}[model, training]
+    assert counts["fast"] == budget, counts
+    assert counts["fast"] <= (1.0 if training else 0.7) * counts["eager"], counts
