@@ -11,6 +11,7 @@ of `flag`, because it runs before pyfast can be imported.
     PYFAST_TRITON_AUTOTUNE  on by default; off keeps one config per Triton kernel (GPU test runs)
     PYFAST_BENCH_COMPILE    the CPU benchmark suites time torch.compile too
     PYFAST_BACKEND          the default op backend ("auto" unless set), checked by pyfast.ops
+    PYFAST_NO_CUDA          (setup.py only) build the extension without its CUDA kernels
 """
 import os
 
