@@ -11,7 +11,15 @@ from setuptools import find_packages, setup
 
 
 def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+    """pyfast._flags.flag's rule (this file runs before pyfast can be imported): 1/true/yes/on is on,
+    0/false/no/off or unset is off, anything else stops the build naming the variable."""
+    word = os.environ.get(name, "").strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"setup.py: environment variable {name}={os.environ[name]!r}: 1/true/yes/on switches it on, "
+                     "0/false/no/off off")
 
 
 def _vector_flags(torch):

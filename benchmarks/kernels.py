@@ -19,6 +19,8 @@ from typing import List
 import torch
 from torch import nn
 
+from pyfast._shapes import conv_output_size
+
 from . import results, timing
 from .workloads import DTYPES, MODES, Config, compiled, make_step
 
@@ -46,6 +48,11 @@ class OpCase:
         return self.op in ("conv_bn_relu", "bn_relu_conv")
 
     @property
+    def padding(self) -> int:
+        """Same-size padding of the (odd) kernel, as the models' convolutions have it."""
+        return (self.kernel - 1) // 2
+
+    @property
     def name(self) -> str:
         if self.convolves:
             group = f" g{self.groups}" if self.groups > 1 else ""
@@ -62,9 +69,7 @@ class OpCase:
     def output_shape(self) -> tuple:
         if not self.convolves:
             return (self.n, self.c_in, self.h, self.w)
-        pad = (self.kernel - 1) // 2
-        size = lambda s: (s + 2 * pad - self.kernel) // self.stride + 1  # noqa: E731
-        return (self.n, self.c_out, size(self.h), size(self.w))
+        return (self.n, self.c_out, *conv_output_size(self.h, self.w, self.kernel, self.stride, self.padding))
 
     def flops(self, mode: str) -> int:
         """Convolution FLOPs (2 per multiply-add); fwd+bwd adds the input and weight gradients (3x)."""
@@ -144,10 +149,10 @@ class OpModule(nn.Module):
         c, backend = self.case, self.backend
         if c.op == "conv_bn_relu":
             return ops.conv_bn_relu(x, self.weight, None, *self._bn_args(self.bn), stride=c.stride,
-                                    padding=(c.kernel - 1) // 2, groups=c.groups, backend=backend)
+                                    padding=c.padding, groups=c.groups, backend=backend)
         if c.op == "bn_relu_conv":
             return ops.bn_relu_conv(x, *self._bn_args(self.bn), weight=self.weight, stride=c.stride,
-                                    padding=(c.kernel - 1) // 2, groups=c.groups, backend=backend)
+                                    padding=c.padding, groups=c.groups, backend=backend)
         if c.op == "add_relu":
             return ops.add_relu(x, other, backend=backend)
         shortcut_bn = None

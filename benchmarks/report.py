@@ -200,7 +200,7 @@ def measure_row(model: str, in_chans: int, num_classes: int, config: Config, s: 
 
 def main(args: argparse.Namespace, factory: Optional[Callable] = None) -> dict:
     """Runs the comparison; returns the document it wrote. `factory(name, num_classes=, in_chans=,
-    backend=)` builds a model (default `pyfast.models.create`; tests pass a stand-in)."""
+    fused=)` builds a model (default `pyfast.models.create`; tests pass a stand-in)."""
     from tqdm import tqdm
 
     start = time.monotonic()

@@ -5,14 +5,14 @@ input planes); on the CPU small ones (batch 2, 32x32, fp32, channels_last) so th
 minutes on 2 cores. torch.compile is a provider on the GPU; on the CPU, where inductor compiles C++
 for minutes per graph, only with PYFAST_BENCH_COMPILE=1.
 """
-import os
-
 import pytest
 import torch
 
+from pyfast import _flags
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEVICE == "cuda"
-COMPILE_ON_CPU = os.environ.get("PYFAST_BENCH_COMPILE", "0") == "1"
+COMPILE_ON_CPU = _flags.BENCH_COMPILE
 
 SIZES = dict(batch=128, image=224, dtypes=["bf16", "fp32"], layouts=["channels_last", "nchw"], in_chans=[1, 3],
              rounds=20, warmup=5) if GPU else \

@@ -42,10 +42,7 @@ def test_block(run, model, unit, mode, dtype, layout, provider):
     config = Config(mode, dtype, layout, DEVICE)
     eager = models.create(model)
     if provider == "pyfast":
-        try:
-            fast = models.create(model, backend="fast")
-        except RuntimeError as error:
-            pytest.skip(f"no fast backend: {error}")
+        fast = models.create(model, fused=True)
         fast.load_state_dict(eager.state_dict())
         block = fast.get_submodule(unit.name)
     else:

@@ -10,8 +10,8 @@ Modes (the same names at every level):
   output gradient.
 
 Providers: `eager` (PyTorch as the model's eager layers write it: the baseline), `compile`
-(`torch.compile` of that same eager module) and `pyfast` (the model built with `backend="fast"`:
-the fused ops, op backend picked by pyfast's dispatcher; ops: each fused backend by name).
+(`torch.compile` of that same eager module) and `pyfast` (the model built with `fused=True`: the
+fused ops, op backend picked by pyfast's dispatcher; ops: each fused backend by name).
 
 dtype `bf16` means `torch.autocast` to bfloat16 with float32 parameters; `fp32` is plain float32
 (cuDNN's TF32 convolutions as PyTorch's defaults leave them, stamped on every row).
@@ -103,7 +103,7 @@ def model_variants(name: str, providers: Sequence[str], num_classes: int, in_cha
     if factory is None:
         from pyfast import models
         factory = models.create
-    eager = factory(name, num_classes=num_classes, in_chans=in_chans, backend="eager")
+    eager = factory(name, num_classes=num_classes, in_chans=in_chans, fused=False)
     variants = {}
     for provider in providers:
         try:
@@ -112,7 +112,7 @@ def model_variants(name: str, providers: Sequence[str], num_classes: int, in_cha
             elif provider == "compile":
                 variants[provider] = copy.deepcopy(eager)
             elif provider == "pyfast":
-                fast = factory(name, num_classes=num_classes, in_chans=in_chans, backend="fast")
+                fast = factory(name, num_classes=num_classes, in_chans=in_chans, fused=True)
                 fast.load_state_dict(eager.state_dict())
                 variants[provider] = fast
             else:

@@ -12,17 +12,18 @@ per-channel partials (count, mean, M2 or sums) to a small [k, S, C] buffer that 
 no floating-point atomics. Offsets switch to int64 when a tensor has 2**31 elements or more.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .. import _flags
+
+_INTERPRET = _flags.TRITON_INTERPRET
 # PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
 # shape would cost more than the tests themselves.
-_AUTOTUNE = os.environ.get("PYFAST_TRITON_AUTOTUNE", "1") != "0"
+_AUTOTUNE = _flags.TRITON_AUTOTUNE
 _MAX_INT32 = 2**31 - 1
 
 
@@ -71,7 +72,7 @@ def _prune(configs, named_args, **kwargs):
     return [cfg for cfg in wide if filled(cfg) >= 0.75 * best]
 
 
-_AUTOTUNE = dict(key=["G", "C", "L", "CHANNELS_LAST"], prune_configs_by={"early_config_prune": _prune})
+_TUNING = dict(key=["G", "C", "L", "CHANNELS_LAST"], prune_configs_by={"early_config_prune": _prune})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class _View:
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_REDUCTION_CONFIGS, **_TUNING)
 @triton.jit
 def _bn_stats_partial_kernel(
     x_ptr,  # input, a [G, C, L] view
@@ -316,7 +317,7 @@ def _elementwise_tile(C, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, AL
     return c, cmask, mask, _offsets(pid // tiles_l, c, l, C, L, CHANNELS_LAST, INT64)
 
 
-@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_TUNING)
 @triton.jit
 def _bn_act_forward_kernel(
     x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout; res_ptr read when HAS_RES
@@ -364,7 +365,7 @@ def bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_REDUCTION_CONFIGS, **_TUNING)
 @triton.jit
 def _bn_act_backward_reduce_kernel(
     grad_ptr, x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout; res_ptr read when HAS_RES
@@ -494,7 +495,7 @@ def _bn_input_grad(dz, v, scale, c, cmask, mean_ptr, invstd_ptr, sum_dz_ptr, sum
     return grad * scale
 
 
-@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_TUNING)
 @triton.jit
 def _bn_act_backward_elemt_kernel(
     grad_ptr, x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout

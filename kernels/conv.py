@@ -32,16 +32,17 @@ squared deviations from it, to a (num_pixel_tiles, 3, C_out) fp32 buffer, no ato
 `_stats_combine_kernel` merges the tiles with Chan's formula into the mean and biased variance, so
 the output is never read back for statistics.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from .. import _flags
+from .._shapes import conv_output_size, pair
+
+_INTERPRET = _flags.TRITON_INTERPRET
 # PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
 # shape would cost more than the tests themselves.
-_AUTOTUNE = os.environ.get("PYFAST_TRITON_AUTOTUNE", "1") != "0"
+_AUTOTUNE = _flags.TRITON_AUTOTUNE
 # Beyond this many elements in x or out, the kernel computes its offsets in int64.
 _MAX_INT32_NUMEL = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -284,13 +285,6 @@ def _combine_stats(tile_stats, tile_count, block_t=64):
     return mean, var
 
 
-def _pair(value, name, minimum):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
-        raise ValueError(f"{name}: expected an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair
-
-
 def _check_vector(t, name, length, device):
     """Validate a per-channel vector and return it as contiguous fp32 (or None)."""
     if t is None:
@@ -337,15 +331,14 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
     Returns a channels_last tensor of x's dtype. NCHW input is copied to channels_last first (one
     extra read and write of x). fp32 convolves in TF32 when torch.backends.cudnn.allow_tf32 is set.
     """
-    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     _check_conv_inputs(x, weight, groups, relu, compute_stats)
     N, C_in, H, W = x.shape
     C_out, C_in_g, KH, KW = weight.shape
     bias = _check_vector(bias, "bias", C_out, x.device)
     in_scale = _check_vector(in_scale, "in_scale", C_in, x.device)
     in_shift = _check_vector(in_shift, "in_shift", C_in, x.device)
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    OH, OW = conv_output_size(H, W, (KH, KW), stride, padding, dilation)
     if OH < 1 or OW < 1:
         raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the dilated kernel")
 

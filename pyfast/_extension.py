@@ -4,15 +4,16 @@ The build degrades (setup.py): without the extension every op still runs, on the
 and a single warning says so.
 """
 import importlib
-import os
 import warnings
 
 import torch  # noqa: F401  (loads libtorch/libc10 into the process: pyfast._C links against them)
 
+from . import _flags
+
 
 def _load():
-    if os.environ.get("PYFAST_NO_EXTENSION", "0") == "1":
-        return None, "PYFAST_NO_EXTENSION=1"
+    if _flags.NO_EXTENSION:
+        return None, "PYFAST_NO_EXTENSION is set"
     try:
         return importlib.import_module("pyfast._C"), None
     except ImportError as error:

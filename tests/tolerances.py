@@ -1,4 +1,4 @@
-"""The numerical contract of DESIGN.md as data, and the comparisons the tests make with it."""
+"""The numerical contract of docs/DESIGN.md as data, and the comparisons the tests make with it."""
 import torch
 
 # Relative (norm-wise) error allowed against the float64 reference.

@@ -125,7 +125,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.proj = ConvNormAct(w_in, w_out, 1, stride, act=False, kit=kit) if (w_in != w_out or stride != 1) else None
         self.f = TRANSFORMS[block](w_in, w_out, stride, group_width, bottleneck_multiplier, kit)
-        self.kit = get_kit(kit or "eager")
+        self.kit = get_kit(kit or False)
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.f
@@ -161,10 +161,11 @@ class AnyStage(nn.Sequential):
 
 
 class AnyNet(ImageClassifier):
-    """stem -> trunk_output (stages) -> avgpool -> fc. `backend`: "eager" or "fast"."""
+    """stem -> trunk_output (stages) -> avgpool -> fc; `fused`, `backend`: see ImageClassifier."""
 
-    def __init__(self, cfg: AnyNetCfg, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
-        super().__init__(num_classes, in_chans, backend)
+    def __init__(self, cfg: AnyNetCfg, num_classes: int = 1000, in_chans: int = 3, fused: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(num_classes, in_chans, fused, backend)
         self.cfg = cfg
         self.stem = ConvNormAct(in_chans, cfg.stem_width, 3, stride=2, kit=self.kit)
         stages, width = [], cfg.stem_width
@@ -231,15 +232,16 @@ class VioNet(AnyNet):
     Defaults are the two-stage base (depths (4, 6), widths (32, 80), group widths 16, multipliers 1)."""
 
     def __init__(self, depths=(4, 6), widths=(32, 80), group_widths=(16, 16), bottleneck_multipliers=(1.0, 1.0),
-                 stem_width: int = 32, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
+                 stem_width: int = 32, num_classes: int = 1000, in_chans: int = 3, fused: bool = False,
+                 backend: Optional[str] = None) -> None:
         cfg = AnyNetCfg(depths=depths, widths=widths, group_widths=group_widths,
                         bottleneck_multipliers=bottleneck_multipliers, stem_width=stem_width)
-        super().__init__(cfg, num_classes, in_chans, backend)
+        super().__init__(cfg, num_classes, in_chans, fused, backend)
 
 
 def _anynet(name: str, doc: str):
     """The registered entry point `name`: `name`'s design; keyword arguments are num_classes, in_chans,
-    backend, or AnyNetCfg fields."""
+    fused, backend, or AnyNetCfg fields."""
     return register_preset(name, AnyNet, ANYNET_CFGS, doc)
 
 

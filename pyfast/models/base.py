@@ -1,4 +1,4 @@
-"""What every pyfast model shares: input checks, its backend, its analytic complexity."""
+"""What every pyfast model shares: input checks, its layer kit (fused or not), its analytic complexity."""
 import dataclasses
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .complexity import Complexity, complexity
-from .layers import get_kit, switch_backend
+from .layers import get_kit, translate_kit_names, set_fused, switch_backend
 from .registry import register_model
 
 
@@ -19,21 +19,32 @@ def check_positive(name: str, value: int) -> int:
 class ImageClassifier(nn.Module):
     """Base of the model families: `in_chans` input planes in, `num_classes` logits out.
 
-    Subclasses build their modules with `self.kit` (the layer kit of their backend) and list their
-    units in order for `complexity` (`units()` yields `(name, kind, cost_fn)`)."""
+    `fused=False` builds plain PyTorch layers (the eager baseline); `fused=True` runs the same modules
+    through pyfast's fused ops, on op backend `backend` ("reference", "cpu", "cuda", "triton", "auto";
+    None: pyfast's default, `pyfast.set_backend`). Subclasses build their modules with `self.kit` and
+    list their units in order for `complexity` (`units()` yields `(name, kind, cost_fn)`)."""
 
-    def __init__(self, num_classes: int, in_chans: int, backend) -> None:
+    def __init__(self, num_classes: int, in_chans: int, fused: bool = False, backend: Optional[str] = None) -> None:
         super().__init__()
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
-        self.kit = get_kit(backend)
+        self.kit = get_kit(*translate_kit_names(fused, backend))
 
     @property
-    def backend(self) -> str:
-        return self.kit.name
+    def fused(self) -> bool:
+        return self.kit.fused
 
-    def switch_backend(self, backend) -> "ImageClassifier":
-        """Run this model with another backend ("eager"/"fast"), in place; the weights stay."""
+    @property
+    def backend(self) -> Optional[str]:
+        """The op backend of the fused ops (None: pyfast's default); None for an unfused model."""
+        return self.kit.backend
+
+    def set_fused(self, fused: bool = True, backend: Optional[str] = None) -> "ImageClassifier":
+        """Run this model with (`fused=True`) or without pyfast's fused ops, in place; the weights stay."""
+        return set_fused(self, fused, backend)
+
+    def switch_backend(self, backend: str) -> "ImageClassifier":
+        """Deprecated: `set_fused(backend == "fast")`."""
         return switch_backend(self, backend)
 
     def check_input(self, x: Tensor) -> None:
@@ -55,11 +66,11 @@ class ImageClassifier(nn.Module):
         return complexity(self, input_shape or (self.in_chans, 224, 224))
 
 
-MODEL_ARGS = ("num_classes", "in_chans", "backend")
+MODEL_ARGS = ("num_classes", "in_chans", "fused", "backend")
 
 
 def build(model_cls, cfg, **kwargs):
-    """`model_cls(cfg', num_classes=..., in_chans=..., backend=...)` where cfg' is the dataclass `cfg`
+    """`model_cls(cfg', num_classes=..., in_chans=..., fused=..., backend=...)` where cfg' is the dataclass `cfg`
     with the remaining keyword arguments replacing its fields (the registry's entry points use this)."""
     model_args = {k: kwargs.pop(k) for k in MODEL_ARGS if k in kwargs}
     if kwargs:

@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._shapes import conv_output_size
+
 __all__ = ["Complexity", "Cost", "UnitCost", "complexity", "conv_bn_cost", "conv_cost", "linear_cost",
            "pool_shape"]
 
@@ -47,20 +49,11 @@ def _numel(shape: Shape) -> int:
     return n
 
 
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation=1) -> Tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel, stride, padding, dilation))
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
 def conv_cost(conv: nn.Conv2d, shape: Shape) -> Tuple[Shape, Cost]:
     n, c, h, w = shape
     if c != conv.in_channels:
         raise ValueError(f"{conv} expects {conv.in_channels} input channels, the shape has {c}")
-    ho, wo = conv_out_hw(h, w, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    ho, wo = conv_output_size(h, w, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     out = (n, conv.out_channels, ho, wo)
     kh, kw = conv.kernel_size
     macs_per_output = kh * kw * conv.in_channels // conv.groups
@@ -81,7 +74,7 @@ def conv_bn_cost(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], shape: Shape) ->
 
 def pool_shape(shape: Shape, kernel: int, stride: int, padding: int) -> Shape:
     n, c, h, w = shape
-    return (n, c, *conv_out_hw(h, w, kernel, stride, padding))
+    return (n, c, *conv_output_size(h, w, kernel, stride, padding))
 
 
 def linear_cost(linear: nn.Linear, shape: Shape) -> Tuple[Shape, Cost]:

@@ -1,31 +1,41 @@
-"""Layer kits: the one place where a model's backend ("eager" or "fast") changes what runs.
+"""Layer kits: the one place where a model's choice of fused ops changes what runs.
 
-Every block holds plain `nn.Conv2d` / `nn.BatchNorm2d` submodules (so both backends have the same
-module tree, parameter names and state_dict) and a *kit*, a stateless strategy object with the four
-fusable steps of DESIGN.md. A block's forward is written once against the kit:
+Every block holds plain `nn.Conv2d` / `nn.BatchNorm2d` submodules (so fused and unfused models have
+the same module tree, parameter names and state_dict) and a *kit*, a stateless strategy object with
+the four fusable steps of docs/DESIGN.md. A block's forward is written once against the kit:
 
     kit.conv_bn_relu(x, conv, bn, relu=True)          relu(bn(conv(x)))
     kit.bn_add_relu(y, bn, shortcut, shortcut_bn=None) relu(bn(y) + shortcut)  or  + shortcut_bn(shortcut)
     kit.bn_relu_conv(x, bn, conv)                      conv(relu(bn(x)))
     kit.bn_relu(x, bn)                                 relu(bn(x))
 
-`EagerKit` runs them as separate PyTorch ops (torchvision's forwards: the benchmark baseline);
-`FastKit` hands the same modules to `pyfast.nn.functional`. `switch_backend(model, "fast")` swaps the
-kit of an existing model in place; its weights
-are untouched.
+`EagerKit` (fused=False) runs them as separate PyTorch ops (torchvision's forwards: the benchmark
+baseline); `FastKit` (fused=True) hands the same modules to `pyfast.nn.functional`, on one op backend
+("reference", "cpu", "cuda", "triton", "auto") or, with backend=None, on the one pyfast's dispatcher
+picks (`pyfast.set_backend`). `set_fused(model, True, backend=...)` swaps the kit of an existing
+model in place; its weights are untouched.
+
+The kits used to be chosen by name, `backend="eager"` / `backend="fast"`; those spellings still
+work, with a DeprecationWarning, since `backend=` now names the op backend as everywhere in pyfast.
 """
+import functools
+import sys
+import warnings
+from typing import Optional
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .complexity import conv_bn_cost
 
-__all__ = ["BACKENDS", "ConvNormAct", "EagerKit", "FastKit", "get_kit", "switch_backend"]
+__all__ = ["ConvNormAct", "EagerKit", "FastKit", "get_kit", "set_fused", "switch_backend"]
 
 
 class EagerKit:
     """Plain PyTorch, one op per step, in-place ReLU where torchvision uses one."""
 
-    name = "eager"
+    fused = False
+    backend = None
 
     def conv_bn_relu(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> Tensor:
         y = bn(conv(x))
@@ -43,73 +53,120 @@ class EagerKit:
     def bn_relu(self, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
         return F.relu(bn(x), inplace=True)
 
-    # The kits are stateless singletons: copies and pickles of a model share them.
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r})" if self.fused else f"{type(self).__name__}()"
+
+    # The kits are stateless and shared (one per op backend): copies and pickles of a model share them.
     def __deepcopy__(self, memo):
         return self
 
     def __reduce__(self):
-        return (get_kit, (self.name,))
+        return (get_kit, (self.fused, self.backend))
 
 
 _FUNCTIONAL = None
 
 
 def _functional():
-    """`pyfast.nn.functional`, imported on first use so that eager models never need it (a cached
+    """`pyfast.nn.functional`, imported on first use so that unfused models never need it (a cached
     global, which torch.compile traces through)."""
     global _FUNCTIONAL
     if _FUNCTIONAL is None:
         try:
             from ..nn import functional
         except ImportError as err:
-            raise RuntimeError("backend='fast' needs pyfast.nn.functional, which could not be imported: "
-                               f"{err}; build the model with backend='eager'") from err
+            raise RuntimeError("fused=True needs pyfast.nn.functional, which could not be imported: "
+                               f"{err}; build the model with fused=False") from err
         _FUNCTIONAL = functional
     return _FUNCTIONAL
 
 
 class FastKit(EagerKit):
-    """The fused ops of `pyfast.nn.functional` over the same modules (op backend chosen by pyfast's
-    dispatcher: `pyfast.set_backend` / `pyfast.use_backend`)."""
+    """The fused ops of `pyfast.nn.functional` over the same modules, on op backend `backend` (None:
+    the dispatcher's choice, `pyfast.set_backend` / `pyfast.use_backend`)."""
 
-    name = "fast"
+    fused = True
+
+    def __init__(self, backend: Optional[str] = None) -> None:
+        self.backend = backend
 
     def conv_bn_relu(self, x, conv, bn, relu=True):
-        return _functional().conv_bn_relu(x, conv, bn, relu=relu)
+        return _functional().conv_bn_relu(x, conv, bn, relu=relu, backend=self.backend)
 
     def bn_add_relu(self, y, bn, shortcut, shortcut_bn=None, relu=True):
-        return _functional().bn_add_relu(y, bn, shortcut, shortcut_bn, relu=relu)
+        return _functional().bn_add_relu(y, bn, shortcut, shortcut_bn, relu=relu, backend=self.backend)
 
     def bn_relu_conv(self, x, bn, conv):
-        return _functional().bn_relu_conv(x, bn, conv)
+        return _functional().bn_relu_conv(x, bn, conv, backend=self.backend)
 
     def bn_relu(self, x, bn):
-        return _functional().bn_relu(x, bn)
+        return _functional().bn_relu(x, bn, backend=self.backend)
 
 
-BACKENDS = {"eager": EagerKit(), "fast": FastKit()}
+_EAGER = EagerKit()
+# The kit names of the old `backend=` spelling, and what they mean now.
+_KIT_NAMES = {"eager": False, "fast": True}
 
 
-def get_kit(backend) -> EagerKit:
-    """The kit named `backend` ("eager" or "fast"); a kit object is returned as is."""
-    if isinstance(backend, EagerKit):
-        return backend
-    try:
-        kit = BACKENDS[backend]
-    except (KeyError, TypeError):
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}") from None
-    if kit.name == "fast":
-        _functional()  # fail at construction, not at the first forward
-    return kit
+def _first_caller_outside_pyfast() -> int:
+    """The stacklevel, for a warning raised by this module's caller, of the first frame outside pyfast:
+    a DeprecationWarning is shown by default only where the user's own code triggered it."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "pyfast":
+        level, frame = level + 1, frame.f_back
+    return level
 
 
-def switch_backend(model: nn.Module, backend) -> nn.Module:
-    """Give every block of `model` the kit of `backend`, in place; returns `model`."""
-    kit = get_kit(backend)
+def translate_kit_names(fused: bool, backend):
+    """(fused, op backend) from the arguments a model takes, accepting the deprecated backend="eager"/
+    "fast" (then fused must be left False)."""
+    if isinstance(backend, str) and backend in _KIT_NAMES:
+        if fused:
+            raise ValueError(f"fused=True with backend={backend!r}: backend names the op backend now "
+                             "('reference', 'cpu', 'cuda', 'triton', 'auto'); drop it or pass one of those")
+        warnings.warn(f"backend={backend!r} is deprecated: pass fused={_KIT_NAMES[backend]} (backend= now names "
+                      "the op backend of the fused ops)", DeprecationWarning, stacklevel=_first_caller_outside_pyfast())
+        return _KIT_NAMES[backend], None
+    return fused, backend
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_kit(backend: Optional[str]) -> FastKit:
+    return FastKit(backend)
+
+
+def get_kit(fused=False, backend: Optional[str] = None) -> EagerKit:
+    """The kit of `fused` (False: plain PyTorch; True: pyfast's fused ops on op backend `backend`); a
+    kit object is returned as is. Fails here, not at the first forward, when the fused ops cannot run."""
+    if isinstance(fused, EagerKit):
+        return fused
+    if isinstance(fused, str) and fused in _KIT_NAMES:  # the deprecated get_kit("eager" | "fast")
+        fused, backend = translate_kit_names(False, fused)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {fused!r}")
+    if not fused:
+        if backend is not None:
+            raise ValueError(f"backend={backend!r} picks the op backend of the fused ops, and fused=False runs "
+                             "plain PyTorch: pass fused=True with it")
+        return _EAGER
+    _functional()
+    from ..nn._common import check_backend
+
+    return _fast_kit(check_backend(backend))
+
+
+def set_fused(model: nn.Module, fused: bool, backend: Optional[str] = None) -> nn.Module:
+    """Give every block of `model` the kit of (`fused`, `backend`), in place; returns `model`."""
+    kit = get_kit(fused, backend)
     for module in model.modules():
         if hasattr(module, "kit"):
             module.kit = kit
     return model
+
+
+def switch_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Deprecated: `set_fused(model, backend == "fast")`."""
+    return set_fused(model, *translate_kit_names(False, backend))
 
 
 class ConvNormAct(nn.Sequential):
@@ -123,7 +180,7 @@ class ConvNormAct(nn.Sequential):
         if act:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
-        self.kit = get_kit(kit or "eager")
+        self.kit = get_kit(kit or False)
 
     @property
     def conv(self) -> nn.Conv2d:

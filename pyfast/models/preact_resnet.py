@@ -10,7 +10,7 @@ block to block. Layout of the authors' ImageNet code (fb.resnet.torch `preresnet
   1x1 projection shortcut (a plain conv, no BN: the next unit normalizes the sum);
 - a final BN-ReLU before the average pool.
 
-Fast backend: every BN-ReLU-conv of an identity block is one `bn_relu_conv`, the normalized
+Fused (fused=True): every BN-ReLU-conv of an identity block is one `bn_relu_conv`, the normalized
 activation never stored; a projection block materializes its shared pre-activation once (`bn_relu`, a
 fused BN-ReLU pass).
 Parameter names: conv1, bn1 (stem), layerI.J.bnK / convK (bnK normalizes convK's input),
@@ -42,7 +42,7 @@ class PreActBlock(nn.Module):
             self.register_module(f"conv{i}", conv)
         inplanes, out = convs[0].in_channels, convs[-1].out_channels
         self.downsample = conv1x1(inplanes, out, stride) if (stride != 1 or inplanes != out) else None
-        self.kit = get_kit(kit or "eager")
+        self.kit = get_kit(kit or False)
 
     def units(self):
         return [(getattr(self, f"bn{i}"), getattr(self, f"conv{i}")) for i in range(1, self.depth + 1)]

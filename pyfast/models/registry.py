@@ -43,6 +43,8 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
 
 def create(name: str, **kwargs) -> nn.Module:
     """Build the registered model `name`. Every model takes `num_classes` (default 1000), `in_chans`
-    (default 3) and `backend` ("eager" or "fast"); the other keyword arguments override fields of the
-    model's configuration dataclass, e.g. `create("resnet50", num_classes=10, in_chans=1, widths=...)`."""
+    (default 3), `fused` (default False: plain PyTorch layers; True: pyfast's fused ops) and `backend`
+    (the fused ops' op backend: "reference", "cpu", "cuda", "triton", "auto", or None for pyfast's
+    default); the other keyword arguments override fields of the model's configuration dataclass, e.g.
+    `create("resnet50", num_classes=10, in_chans=1, widths=...)`."""
     return model_entrypoint(name)(**kwargs)

@@ -14,7 +14,7 @@ RegNetX-400MF's last stage is 384 wide in pycls, 400 here and in torchvision).
 """
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -110,14 +110,15 @@ REGNETX_CFGS = {
 class RegNet(AnyNet):
     """An AnyNet generated from a `RegNetCfg` (kept as `regnet_cfg`)."""
 
-    def __init__(self, cfg: RegNetCfg, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
-        super().__init__(cfg.anynet(), num_classes, in_chans, backend)
+    def __init__(self, cfg: RegNetCfg, num_classes: int = 1000, in_chans: int = 3, fused: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(cfg.anynet(), num_classes, in_chans, fused, backend)
         self.regnet_cfg = cfg
 
 
 def _regnetx(name: str, doc: str):
     """The registered entry point `name`: `name`'s preset; keyword arguments are num_classes, in_chans,
-    backend, or RegNetCfg fields."""
+    fused, backend, or RegNetCfg fields."""
     return register_preset(name, RegNet, REGNETX_CFGS, doc)
 
 

@@ -94,7 +94,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.kit = get_kit(kit or "eager")
+        self.kit = get_kit(kit or False)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)
@@ -122,7 +122,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = downsample
-        self.kit = get_kit(kit or "eager")
+        self.kit = get_kit(kit or False)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)
@@ -149,8 +149,9 @@ class ResNetBase(ImageClassifier):
     BLOCKS: Dict[str, type] = {}
     HEAD_KIND = "AvgPool+Linear"
 
-    def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, in_chans: int = 3, backend="eager") -> None:
-        super().__init__(num_classes, in_chans, backend)
+    def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, in_chans: int = 3, fused: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(num_classes, in_chans, fused, backend)
         self.cfg = cfg
         block = self.BLOCKS[cfg.block]
         self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 7, 2, padding=3, bias=False)
@@ -247,7 +248,7 @@ RESNET_CFGS = {
 
 def _resnet(name: str, doc: str):
     """The registered entry point `name`: `name`'s configuration; keyword arguments are num_classes,
-    in_chans, backend, or ResNetCfg fields."""
+    in_chans, fused, backend, or ResNetCfg fields."""
     return register_preset(name, ResNet, RESNET_CFGS, doc)
 
 

@@ -123,7 +123,7 @@ def test_act_forward(shape, dtype, fmt, residual, relu):
     check(out, lambda ct: torch.relu(case.z(ct)) if relu else case.z(ct), dtype)
 
 
-@pytest.mark.parametrize("dtype,fmt", itertools.product(DTYPES, FORMATS))
+@pytest.mark.parametrize("dtype,fmt", list(itertools.product(DTYPES, FORMATS)))
 def test_act_forward_without_scale_and_shift(dtype, fmt):
     case = Case((2, 6, 5, 3), dtype, fmt, "identity", affine=False)
     check(ops.bn_act_forward(case.x, *case.act(), True), lambda ct: torch.relu(case.z(ct)), dtype)

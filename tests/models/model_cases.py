@@ -36,10 +36,10 @@ def small_case(name: str):
     return dict(in_chans=1), (2, 1, 32, 32)  # the two-stage AnyNets: /8
 
 
-def build(name: str, backend: str, seed: int = 0, dtype=torch.float64, num_classes: int = 10):
+def build(name: str, fused: bool, seed: int = 0, dtype=torch.float64, num_classes: int = 10):
     kwargs, shape = small_case(name)
     torch.manual_seed(seed)
-    return create(name, num_classes=num_classes, backend=backend, **kwargs).to(dtype), shape
+    return create(name, num_classes=num_classes, fused=fused, **kwargs).to(dtype), shape
 
 
 ALL_MODELS = list_models()

@@ -1,13 +1,11 @@
 """The configurations build the published architectures: parameter counts, the RegNetX generator's
 widths and depths, the exercises' AnyNet designs. Models are built on the meta device (no memory)."""
-import math
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pyfast.models import ANYNET_CFGS, REGNETX_CFGS, AnyNetCfg, RegNetCfg, VioNet, create
+from pyfast.models import REGNETX_CFGS, AnyNetCfg, RegNetCfg, VioNet, create
 from pyfast.models.regnet import make_divisible, regnet_stages
 
 
@@ -110,7 +108,6 @@ def test_regnetx_200mf_matches_pycls():
     ws, ds, gs = pycls_regnet(cfg.depth, cfg.w0, cfg.wa, cfg.wm, cfg.group_width)
     assert (tuple(ws), tuple(ds), tuple(gs)) == REGNETX_GOLDEN["regnetx_200mf"]
     assert regnetx_params(ws, ds, gs) == 2_684_792 == n_params(meta("regnetx_200mf"))
-    assert round(2_684_792 / 1e6, 1) == 2.7
 
 
 @pytest.mark.parametrize("name", sorted(REGNETX_GOLDEN))
@@ -119,7 +116,7 @@ def test_hand_count_matches_model(name):
 
 
 def test_where_pycls_rounds_differently():
-    """DESIGN.md: torchvision's rule is the reference. pycls differs on two presets: 400MF's last stage
+    """docs/DESIGN.md: torchvision's rule is the reference. pycls differs on two presets: 400MF's last stage
     (392 -> 384 by half-to-even, 400 here) and 4.0GF's first (96 with g 40: pycls 80, here 80 < 0.9*96
     bumps to 120); its published 5.2M and 22.1M parameters are those of its own widths."""
     differ = {}
@@ -249,8 +246,3 @@ def test_anynet_overrides_and_checks():
         AnyNetCfg(depths=(1,), widths=(8,), block="inverted")
     with pytest.raises(ValueError, match=r"depths\[1\] must be a positive int"):
         AnyNetCfg(depths=(1, 0), widths=(8, 8))
-
-
-def test_cfg_tables_are_data():
-    assert ANYNET_CFGS["regnetx_32"].depths == (4, 6, 8, 16)
-    assert math.isclose(REGNETX_CFGS["regnetx_400mf"].wa, 24.48)

@@ -22,8 +22,8 @@ def test_every_family_is_registered():
 
 
 def test_create_passes_model_arguments():
-    model = create("regnetx_32", num_classes=10, in_chans=1, backend="eager")
-    assert (model.num_classes, model.in_chans, model.backend) == (10, 1, "eager")
+    model = create("regnetx_32", num_classes=10, in_chans=1, fused=False)
+    assert (model.num_classes, model.in_chans, model.fused, model.backend) == (10, 1, False, None)
     assert model.stem.conv.in_channels == 1 and model.fc.out_features == 10
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
@@ -58,7 +58,9 @@ def test_wrong_input_channels(name):
     (dict(in_chans=0), "in_chans must be a positive int"),
     (dict(num_classes=-1), "num_classes must be a positive int"),
     (dict(in_chans=3.0), "in_chans must be a positive int"),
-    (dict(backend="cuda"), "backend must be one of"),
+    (dict(backend="cuda"), "pass fused=True with it"),
+    (dict(fused=True, backend="fastest"), "unknown pyfast backend 'fastest'"),
+    (dict(fused=True, backend="eager"), "backend names the op backend now"),
 ])
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -81,10 +81,10 @@ def test_regnet_keys_are_torchvisions(name):
         assert set(REGNET_X_400MF_EXCERPT) <= set(keys)
 
 
-@pytest.mark.parametrize("backend", ["eager", "fast"])
-def test_torchvision_layout_checkpoint_loads(backend):
+@pytest.mark.parametrize("fused", [False, True])
+def test_torchvision_layout_checkpoint_loads(fused):
     """A state_dict keyed as torchvision's ResNet-50 loads with nothing missing and nothing unexpected."""
-    model = create("resnet50", backend=backend)
+    model = create("resnet50", fused=fused)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     torch.manual_seed(1)
     checkpoint = {k: (torch.randn(shapes[k]) if k.rsplit(".", 1)[-1] != "num_batches_tracked"
@@ -120,15 +120,15 @@ def test_same_state_dict_as_torchvision(name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "regnetx_400mf"])
-@pytest.mark.parametrize("backend", ["eager", "fast"])
-def test_torchvision_weights_compute_the_same(name, backend):
+@pytest.mark.parametrize("fused", [False, True])
+def test_torchvision_weights_compute_the_same(name, fused):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     theirs = getattr(tv.models, TORCHVISION_NAMES[name])(num_classes=10).double()
-    ours = create(name, num_classes=10, backend=backend).double()
+    ours = create(name, num_classes=10, fused=fused).double()
     result = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # float64: see test_model_backends.py
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # float64: see test_model_fused.py
     for mode in ("train", "eval"):
         getattr(theirs, mode)(), getattr(ours, mode)()
         expected, actual = theirs(x), ours(x)

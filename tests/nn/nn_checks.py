@@ -4,7 +4,7 @@ float64: outputs, input and parameter gradients, buffers, over SGD training step
 Single modules are held to the float32 bound of the contract (1e-4 relative). For whole models pass
 `eager`, the plain model in float32: rounding compounds through tens of layers and BN statistics of small
 batches amplify it, so each quantity may be off the float64 result by max(MODEL_FLOOR, 2x forward /
-3x backward eager PyTorch's own float32 error), the relative rule DESIGN.md gives for low precision.
+3x backward eager PyTorch's own float32 error), the relative rule docs/DESIGN.md gives for low precision.
 The floor is there because a gradient that is a near-cancelling sum (a BN weight's) carries an error that
 depends on summation order: over 30 seeds of one conv_bn_relu, the fused and eager errors of
 grad(bn.weight) differ by up to 5.6x either way (median ratio 0.83), so eager's own error alone is too

@@ -6,13 +6,12 @@ first backend in the device's priority list that can take the call. A backend as
 cannot take the call raises with its reason; only "auto" moves on to the next one.
 """
 import contextlib
-import os
 from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
-from ... import _extension
+from ... import _extension, _flags
 from .base import Backend
 from .extension import ExtensionBackend
 from .reference import ReferenceBackend
@@ -34,7 +33,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-_default = _check_name(os.environ.get("PYFAST_BACKEND", AUTO))
+_default = _check_name(_flags.BACKEND)
 
 
 def set_backend(name: str) -> str:

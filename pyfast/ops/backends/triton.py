@@ -8,16 +8,12 @@ before it as two Triton kernels), so a Triton dgrad/wgrad would only match cuDNN
 """
 import functools
 import importlib
-import os
 from typing import Optional
 
 import torch
 
+from ... import _flags
 from .base import Backend
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +33,7 @@ class TritonBackend(Backend):
     @property
     def device_types(self):
         # Under TRITON_INTERPRET=1 the kernels run on CPU tensors in Triton's interpreter (tests).
-        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+        return ("cuda", "cpu") if _flags.TRITON_INTERPRET else ("cuda",)
 
     def unavailable(self) -> Optional[str]:
         kernels = _kernels()

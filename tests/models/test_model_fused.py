@@ -1,4 +1,4 @@
-"""backend="eager" and backend="fast" are one model: same module tree and weights, same outputs,
+"""fused=False and fused=True are one model: same module tree and weights, same outputs,
 gradients, running statistics and optimizer steps, in train and eval, NCHW and channels_last.
 
 Everything runs in float64 on small instances (model_cases.py), so the comparison measures the fused
@@ -9,8 +9,9 @@ import pickle
 import pytest
 import torch
 
-from model_cases import ALL_MODELS, build
-from pyfast.models import create, get_kit, switch_backend
+from model_cases import ALL_MODELS, build, small_case
+from pyfast import ops
+from pyfast.models import create, get_kit, set_fused, switch_backend
 from tolerances import relative_error
 
 # Whole models, float64: the ops' contract is 1e-10 per call; through 30-50 blocks (and the input
@@ -54,9 +55,9 @@ def _assert_same_run(run_e, run_f, what):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_eager_and_fast_agree(name):
-    eager, shape = build(name, "eager")
-    fast, _ = build(name, "fast")
-    assert (eager.backend, fast.backend) == ("eager", "fast")
+    eager, shape = build(name, fused=False)
+    fast, _ = build(name, fused=True)
+    assert (eager.fused, fast.fused) == (False, True)
     assert [(n, type(m)) for n, m in eager.named_modules()] == [(n, type(m)) for n, m in fast.named_modules()]
     for key, value in eager.state_dict().items():  # same seed, same weights: bit for bit
         assert torch.equal(fast.state_dict()[key], value), key
@@ -79,15 +80,15 @@ def test_eager_and_fast_agree(name):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "preact_resnet18", "regnetx_32", "deresnext"])
-def test_state_dict_moves_between_backends(name):
-    eager, shape = build(name, "eager", seed=0)
-    fast, _ = build(name, "fast", seed=1)
+def test_state_dict_moves_between_fused_and_unfused(name):
+    eager, shape = build(name, fused=False, seed=0)
+    fast, _ = build(name, fused=True, seed=1)
     x = torch.randn(shape, dtype=torch.float64)
     eager.eval(), fast.eval()
     with torch.no_grad():
         fast.load_state_dict(eager.state_dict(), strict=True)
         assert_close(fast(x), eager(x), what="eager weights in the fast model")
-        other, _ = build(name, "eager", seed=2)
+        other, _ = build(name, fused=False, seed=2)
         other.eval()
         fast.load_state_dict(other.state_dict())
         eager.load_state_dict(fast.state_dict(), strict=True)
@@ -99,10 +100,10 @@ def test_state_dict_moves_between_backends(name):
 def test_channels_last(name, mode):
     """A channels_last model on channels_last input computes what the NCHW one does, and its blocks
     hand channels_last activations on (no silent layout round trips)."""
-    reference, shape = build(name, "eager")
+    reference, shape = build(name, fused=False)
     x = torch.randn(shape, dtype=torch.float64)
-    for backend in ("eager", "fast"):
-        model, _ = build(name, backend)
+    for fused in (False, True):
+        model, _ = build(name, fused)
         model.to(memory_format=torch.channels_last)
         getattr(reference, mode)(), getattr(model, mode)()
         layouts = []
@@ -112,44 +113,82 @@ def test_channels_last(name, mode):
         run_ref = _run(reference, x, torch.ones(shape[0], 10, dtype=torch.float64))
         run = _run(model, x.contiguous(memory_format=torch.channels_last),
                    torch.ones(shape[0], 10, dtype=torch.float64))
-        _assert_same_run(run_ref, run, f"{name} {backend} channels_last {mode}")
-        assert layouts == [True], f"{backend}: the last block's output is not channels_last"
-        reference, _ = build(name, "eager")  # fresh running statistics for the next backend
+        _assert_same_run(run_ref, run, f"{name} fused={fused} channels_last {mode}")
+        assert layouts == [True], f"fused={fused}: the last block's output is not channels_last"
+        reference, _ = build(name, fused=False)  # fresh running statistics for the next model
 
 
-def test_switch_backend_in_place():
-    model, shape = build("resnet18", "eager")
+def kits(model):
+    return {m.kit for m in model.modules() if hasattr(m, "kit")}
+
+
+def test_set_fused_in_place():
+    model, shape = build("resnet18", fused=False)
     x = torch.randn(shape, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
         expected = model(x)
-        assert model.switch_backend("fast") is model
-        assert {m.kit.name for m in model.modules() if hasattr(m, "kit")} == {"fast"}
-        assert_close(model(x), expected, what="switched to fast")
-        switch_backend(model, "eager")
-        assert {m.kit.name for m in model.modules() if hasattr(m, "kit")} == {"eager"}
+        assert model.set_fused(True, backend="reference") is model
+        assert kits(model) == {get_kit(True, "reference")} and model.backend == "reference"
+        assert_close(model(x), expected, what="switched to fused")
+        set_fused(model, False)
+        assert kits(model) == {get_kit(False)} and not model.fused
 
 
-def test_copies_keep_the_backend():
-    fast, shape = build("regnetx_32", "fast")
+def test_the_op_backend_reaches_every_fused_call():
+    """backend= is the op backend of every fused op the model calls: "cuda" cannot take CPU tensors, and
+    says so from the stem; with "reference" the model runs even where the process default is "cuda" (a
+    call without the model's backend would raise), and computes what the unfused model does."""
+    eager, shape = build("resnet18", fused=False)
+    x = torch.randn(shape, dtype=torch.float64)
+    fused = create("resnet18", num_classes=10, fused=True, backend="cuda", **small_case("resnet18")[0]).double()
+    fused.load_state_dict(eager.state_dict())
+    assert fused.backend == "cuda"
+    with pytest.raises(RuntimeError, match="pyfast backend 'cuda' cannot run conv_bn_relu"):
+        fused(x)
+    fused.set_fused(True, backend="reference")
+    with ops.use_backend("cuda"):
+        assert_close(fused(x), eager(x))
+
+
+def test_copies_keep_fused_and_backend():
+    fast, shape = build("regnetx_32", fused=True)
+    fast.set_fused(True, backend="reference")
     for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
-        assert copied.backend == "fast" and copied.kit is get_kit("fast")
-        assert copied.stem.kit is get_kit("fast")
+        assert copied.kit is get_kit(True, "reference") and copied.stem.kit is copied.kit
         with torch.no_grad():
             x = torch.randn(shape, dtype=torch.float64)
             assert_close(copied.eval()(x), copy.deepcopy(fast).eval()(x))
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        create("resnet18", backend="triton")
+@pytest.mark.parametrize("old, fused", [("eager", False), ("fast", True)])
+def test_the_old_kit_names_still_work_with_a_warning(old, fused):
+    with pytest.warns(DeprecationWarning, match=f"backend='{old}' is deprecated: pass fused={fused}") as caught:
+        model = create("vionet", backend=old)
+    assert caught[0].filename == __file__  # the warning points at the caller, so Python shows it
+    assert (model.fused, model.backend) == (fused, None)
+    with pytest.warns(DeprecationWarning):
+        switch_backend(model, "eager" if fused else "fast")
+    assert model.fused is not fused
+    with pytest.warns(DeprecationWarning):
+        assert get_kit(old) is get_kit(fused)
 
 
-@pytest.mark.parametrize("backend", ["eager", "fast"])
-def test_compiles_without_graph_breaks(backend):
-    """Dynamo traces both backends whole (the kits are plain objects, nothing imported at call time)."""
+def test_bad_kit_arguments():
+    with pytest.raises(ValueError, match="pass fused=True with it"):
+        create("vionet", backend="triton")
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        create("vionet", fused="yes")
+    with pytest.raises(ValueError, match="unknown pyfast backend"):
+        set_fused(create("vionet"), True, backend="fastest")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiles_without_graph_breaks(fused):
+    """Dynamo traces fused and unfused models whole (the kits are plain objects, nothing imported at
+    call time)."""
     torch.manual_seed(0)
-    model = create("preact_resnet18", widths=(4, 4, 8, 8), stem_width=4, num_classes=3, backend=backend)
+    model = create("preact_resnet18", widths=(4, 4, 8, 8), stem_width=4, num_classes=3, fused=fused)
     x = torch.randn(2, 3, 64, 64)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
