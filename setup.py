@@ -1,13 +1,26 @@
-"""Build pyfast and its extension pyfast._C.
+"""Build pyfast's extension pyfast._C (the metadata is in pyproject.toml).
 
-The extension degrades: CUDA + C++ kernels when PyTorch has CUDA and nvcc is found, C++ kernels
-otherwise, and none at all with PYFAST_NO_EXTENSION=1 (every op then runs on the reference backend).
-Build with `pip install --no-build-isolation .` so the extension compiles against the installed torch.
+The extension degrades: CUDA + C++ kernels when PyTorch has CUDA and a CUDA toolkit is found, C++ kernels
+otherwise, and none at all with PYFAST_NO_EXTENSION=1 (every op then runs on the reference backend);
+PYFAST_NO_CUDA=1 leaves the CUDA kernels out. Build with `pip install --no-build-isolation .` so the
+extension compiles against the installed torch.
+
+No GPU is needed to build the CUDA kernels: without one visible, they are built for TORCH_CUDA_ARCH_LIST
+(default DEFAULT_CUDA_ARCHS). The toolkit is CUDA_HOME or CUDA_PATH when set, else the one that the `nvcc`
+on PATH belongs to, seen through symlinks and wrapper scripts (an `exec /path/to/nvcc "$@"` script in
+/usr/local/bin would otherwise make torch guess CUDA_HOME=/usr/local), else /usr/local/cuda.
 """
 import glob
 import os
+import re
+import shutil
+import warnings
 
 from setuptools import find_packages, setup
+
+# Hopper (the H100/H200 this project is measured on) as machine code, plus its PTX so that newer GPUs
+# can JIT-compile it; other GPUs: set TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX".
+DEFAULT_CUDA_ARCHS = "9.0+PTX"
 
 
 def _flag(name):
@@ -22,6 +35,71 @@ def _flag(name):
                      "0/false/no/off off")
 
 
+def _import_torch():
+    try:
+        with warnings.catch_warnings():  # torch's notice when numpy is absent: pyfast does not use numpy
+            warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+            import torch
+    except ImportError:
+        raise SystemExit(
+            "error: pyfast builds its extension against an installed torch: install torch first, then "
+            "`pip install --no-build-isolation .` (an isolated build cannot see it; PYFAST_NO_EXTENSION=1 "
+            "builds without the extension)"
+        ) from None
+    return torch
+
+
+def _is_toolkit(home):
+    return (os.path.isfile(os.path.join(home, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")))
+
+
+def _wrapped_nvcc(path):
+    """The nvcc that a small wrapper script `exec`s, or None (a binary, or no such line)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    match = re.search(rb"exec\s+[\"']?(/[^\s\"']*/nvcc)\b", head)
+    return os.fsdecode(match.group(1)) if match else None
+
+
+def find_cuda_home():
+    """The CUDA toolkit's root (holding bin/nvcc and include/cuda_runtime.h), or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    seen = set()
+    while nvcc and nvcc not in seen:  # follow symlinks and wrapper scripts to the real compiler
+        seen.add(nvcc)
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(home):
+            return home
+        nvcc = _wrapped_nvcc(nvcc)
+    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
+
+
+def _configure_cuda(torch):
+    """Sets CUDA_HOME and TORCH_CUDA_ARCH_LIST for torch.utils.cpp_extension (which reads them when
+    imported); returns whether the CUDA kernels are built."""
+    if torch.version.cuda is None or _flag("PYFAST_NO_CUDA"):
+        return False
+    home = find_cuda_home()
+    if home is None:
+        print("pyfast: no CUDA toolkit found (set CUDA_HOME): building the C++ kernels only")
+        return False
+    os.environ["CUDA_HOME"] = home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    print(f"pyfast: CUDA kernels with the toolkit in {home}, "
+          f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST') or 'of the visible GPUs'}")
+    return True
+
+
 def _vector_flags(torch):
     """AVX2 code for at::vec::Vectorized when this machine's PyTorch runs AVX2 or AVX-512 kernels.
 
@@ -32,15 +110,26 @@ def _vector_flags(torch):
     return []
 
 
+def _write_build_info(cuda):
+    """pyfast/_build_info.py, generated (as torchvision writes its version.py): what this build holds,
+    for `python -m pyfast info` and the tests that check the CUDA kernels are registered."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfast", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py: what this build of pyfast._C holds."""\n'
+                f"extension = {not _flag('PYFAST_NO_EXTENSION')!r}\ncuda = {cuda!r}\ncuda_archs = {archs!r}\n")
+
+
 def _extensions():
     if _flag("PYFAST_NO_EXTENSION"):
+        _write_build_info(None)
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    torch = _import_torch()
+    with_cuda = _configure_cuda(torch)
+    _write_build_info(torch.version.cuda if with_cuda else None)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"] + _vector_flags(torch)
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("PYFAST_NO_CUDA")
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
@@ -55,22 +144,12 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    name="pyfast",
-    version="0.1.0",
-    description="Fused GPU kernels for the convolution blocks of ResNet/ResNeXt/RegNet networks",
-    python_requires=">=3.10",
-    packages=find_packages(include=["pyfast", "pyfast.*"]) + ["pyfast.kernels", "pyfast.benchmarks"],
-    package_dir={"pyfast.kernels": "kernels", "pyfast.benchmarks": "benchmarks"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.5", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark"],
-    },
-    entry_points={"console_scripts": ["pyfast=pyfast.__main__:main"]},
-)
+# pip's setuptools backend runs this file as __main__; tests import it for find_cuda_home().
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extensions()
+    setup(
+        packages=find_packages(include=["pyfast", "pyfast.*"]) + ["pyfast.kernels", "pyfast.benchmarks"],
+        package_dir={"pyfast.kernels": "kernels", "pyfast.benchmarks": "benchmarks"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

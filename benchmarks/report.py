@@ -2,9 +2,10 @@
 one run on the device present (the GPU if there is one, else the CPU with smaller defaults).
 
 Prints a table (model, mode, dtype, layout, each provider's median ms, pyfast's speedup over each, the
-peak-memory ratio pyfast/eager, pyfast's achieved TFLOP/s), and writes a JSON document
-(`benchmarks/results/<device>-<date>.json`, or `--out`) and a PNG chart of the speedups beside it.
-The JSON is rewritten after every row, so an interrupted run keeps what it measured.
+peak-memory ratio pyfast/eager, pyfast's achieved TFLOP/s, the op backends pyfast's dispatcher chose),
+and writes a JSON document (`pyfast-results/<device>-<date>.json` under the current directory, or
+`--out`) and a PNG chart of the speedups beside it (when matplotlib is installed). The JSON is
+rewritten after every row, so an interrupted run keeps what it measured.
 """
 import argparse
 import datetime
@@ -15,10 +16,12 @@ from typing import Callable, List, Optional
 
 import torch
 
+from pyfast.ops import backends
+
 from . import results, timing, workloads
 from .workloads import DTYPES, LAYOUTS, MODES, Config
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = "pyfast-results"  # under the current directory, wherever pyfast is installed
 GPU_MODELS = ["regnetx_32", "resnet50", "vionet_d", "vionet_c", "vionet_g", "vionet_b", "deresnext", "resnet18",
               "resnet152", "preact_resnet50", "regnetx_400mf", "regnetx_3_2gf"]
 # On the CPU the model compiled comes first, so that the time limit can only cut the models after it.
@@ -26,6 +29,9 @@ CPU_MODELS = ["vionet_d", "regnetx_32", "deresnext", "resnet18", "resnet50", "pr
 # torch.compile on the CPU (inductor's C++ backend) costs a minute or more per model and mode on a small
 # machine: by default only one small model gets it there.
 CPU_COMPILE_MODELS = ["vionet_d"]
+CPU_NOTE = ("a CPU run: pyfast's GPU backends (cuda, triton) cannot run here, so these rows time the cpu "
+            "backend against eager PyTorch on the CPU, a check of the harness and the CPU kernels; the GPU is "
+            "pyfast's target")
 CPU_COMPILE_NOTE = ("on the CPU torch.compile runs for vionet_d only by default: inductor's C++ compilation "
                     "took 30-50 s per graph for VioNet-d and 54 s / 181 s for RegNetX-32's inference / training "
                     "graphs on this 2-core machine, which for every model and mode would not fit the 10-minute "
@@ -76,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: none on GPU, 480 on CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is already busy)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--out", help="JSON path (default: benchmarks/results/<device>-<date>.json); the PNG goes "
-                        "beside it")
+    parser.add_argument("--out", help="JSON path (default: pyfast-results/<device>-<date>.json under the current "
+                        "directory); the PNG goes beside it")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -106,17 +112,15 @@ def default_out(device: str, env: dict) -> str:
     return os.path.join(RESULTS_DIR, f"{device}-{slug}-{date}.json")
 
 
-def pyfast_backend(device: str) -> str:
-    """The op backend pyfast's `auto` dispatch picks first on this device (for the record)."""
-    from pyfast.ops import backends
-
-    if backends.get_backend() != "auto":
-        return backends.get_backend()
-    for name in backends.PRIORITY.get(device, ["reference"]):
-        b = backends.BACKENDS[name]
-        if b.unavailable() is None and device in b.device_types:
-            return name
-    return "reference"
+def dispatch_summary(seen) -> str:
+    """'cuda' when every op call ran on one backend, else e.g. 'cuda 34 + triton 12' (calls per backend),
+    from the dispatcher's own answers (`pyfast.ops.backends.record_choices`)."""
+    per_backend = {}
+    for (_op, backend), count in seen.items():
+        per_backend[backend] = per_backend.get(backend, 0) + count
+    if len(per_backend) == 1:
+        return next(iter(per_backend))
+    return " + ".join(f"{name} {count}" for name, count in sorted(per_backend.items(), key=lambda kv: -kv[1]))
 
 
 def configurations(s: dict) -> List[tuple]:
@@ -179,7 +183,10 @@ def measure_row(model: str, in_chans: int, num_classes: int, config: Config, s: 
     sets = workloads.input_sets(workloads.image_batch(shape, config, num_classes=num_classes), config)
     if isinstance(variants.get("pyfast"), torch.nn.Module):
         eager, fast = (workloads.place(variants[n], config) for n in ("eager", "pyfast"))
-        row["rel_err_vs_eager"] = relative_error(eager, fast, sets[0][0], config)
+        with backends.record_choices() as seen:  # which backend ran each op: the dispatcher's answer
+            row["rel_err_vs_eager"] = relative_error(eager, fast, sets[0][0], config)
+        row["pyfast_backend"] = dispatch_summary(seen) if seen else None
+        row["pyfast_dispatch"] = {f"{op} {backend}": count for (op, backend), count in sorted(seen.items())}
         fast.to("cpu")
         del eager, fast
     for name in providers:
@@ -210,7 +217,10 @@ def main(args: argparse.Namespace, factory: Optional[Callable] = None) -> dict:
         from pyfast import models
         for name in s["models"]:
             models.model_entrypoint(name)
-    notes = [CPU_COMPILE_NOTE] if device == "cpu" and any(not compiles(m, s) for m in s["models"]) else []
+    default_cpu_compile = s["compile"] and s["compile_models"] == CPU_COMPILE_MODELS
+    notes = [CPU_NOTE] if device == "cpu" else []
+    if device == "cpu" and default_cpu_compile and any(not compiles(m, s) for m in s["models"]):
+        notes.append(CPU_COMPILE_NOTE)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # every provider gets cuDNN's tuned algorithms
     else:
@@ -220,9 +230,9 @@ def main(args: argparse.Namespace, factory: Optional[Callable] = None) -> dict:
     ceil = timing.ceilings(device)
     out = args.out or default_out(device, env)
     doc = {"schema": results.BENCH_SCHEMA, "environment": env, "ceilings": ceil.as_dict(),
-           "settings": {**s, "pyfast_backend": pyfast_backend(device)}, "notes": notes, "skipped": [], "rows": []}
+           "settings": {**s, "backend": backends.get_backend()}, "notes": notes, "skipped": [], "rows": []}
     print(results.header_lines(doc))
-    print(f"pyfast ops run on the {doc['settings']['pyfast_backend']!r} backend")
+    print(f"pyfast's backend setting: {doc['settings']['backend']!r} (the table's last column: what ran)")
     for note in notes:
         print(f"note: {note}")
     todo = configurations(s)
@@ -239,7 +249,6 @@ def main(args: argparse.Namespace, factory: Optional[Callable] = None) -> dict:
             doc["skipped"].append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             workloads.release(device)
             continue
-        row["pyfast_backend"] = doc["settings"]["pyfast_backend"]
         row["env"] = results.stamp(env)
         doc["rows"].append(row)
         results.write_json(doc, out)
@@ -248,6 +257,8 @@ def main(args: argparse.Namespace, factory: Optional[Callable] = None) -> dict:
     results.write_json(doc, out)
     png = results.plot_speedups(doc, os.path.splitext(out)[0] + ".png")
     print(results.model_table(doc))
+    if results.chart_unavailable():
+        print(f"chart skipped: {results.chart_unavailable()}")
     for line in doc["skipped"]:
         print(f"skipped: {line}")
     errors = [(r["model"], r["mode"], n, e["error"]) for r in doc["rows"] for n, e in r["providers"].items()

@@ -5,7 +5,8 @@ A model-report document (`python -m pyfast bench`):
     {"schema": "pyfast-bench/1", "environment": {...}, "ceilings": {"copy_gbps", "matmul_tflops": {dtype: ..}},
      "settings": {...}, "notes": [str], "skipped": [str],
      "rows": [{"model", "mode", "dtype", "layout", "batch_size", "image_size", "in_chans", "num_classes",
-               "flops", "params", "pyfast_backend", "rel_err_vs_eager", "speedup_vs_eager",
+               "flops", "params", "pyfast_backend" (the dispatcher's choices: "cuda", "cuda 34 + triton 12"),
+               "pyfast_dispatch": {"<op> <backend>": calls}, "rel_err_vs_eager", "speedup_vs_eager",
                "speedup_vs_compile", "compile_vs_eager", "memory_ratio", "env": {device, torch, triton, cuda, date},
                "providers": {"eager" | "compile" | "pyfast":
                    {"median_ms", "p20_ms", "p80_ms", "min_ms", "repeats", "peak_memory_bytes", "first_call_s",
@@ -14,6 +15,9 @@ A model-report document (`python -m pyfast bench`):
 A kernels document (`python -m pyfast.benchmarks.kernels`) has "schema": "pyfast-kernels/1" and rows with
 "case", "mode", "dtype", "layout", "flops", "min_bytes" and "backends" (the same measurement fields plus
 "gbps", "bandwidth_fraction", "tflops", "tflops_fraction", "roofline_fraction", "speedup_vs_eager").
+
+`python -m pyfast.benchmarks.results` also prints pytest-benchmark's own JSON (`pytest --benchmark
+--benchmark-json=...`, e.g. benchmarks/results/cpu-bn-*.json).
 """
 import json
 import os
@@ -101,7 +105,7 @@ def _ms(entry: Optional[dict]) -> str:
 
 
 MODEL_HEADERS = ["model", "mode", "dtype", "layout", "eager ms", "compile ms", "pyfast ms", "x eager",
-                 "x compile", "mem pyfast/eager", "pyfast TFLOP/s"]
+                 "x compile", "mem pyfast/eager", "pyfast TFLOP/s", "pyfast ran on"]
 
 
 def model_table(doc: dict) -> str:
@@ -110,7 +114,8 @@ def model_table(doc: dict) -> str:
         p = r["providers"]
         rows.append([r["model"], r["mode"], r["dtype"], r["layout"], _ms(p.get("eager")), _ms(p.get("compile")),
                      _ms(p.get("pyfast")), _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
-                     _fmt(r["memory_ratio"], ".2f"), _fmt((p.get("pyfast") or {}).get("tflops"), ".3g")])
+                     _fmt(r["memory_ratio"], ".2f"), _fmt((p.get("pyfast") or {}).get("tflops"), ".3g"),
+                     r.get("pyfast_backend") or "-"])
     return format_table(MODEL_HEADERS, rows)
 
 
@@ -173,7 +178,27 @@ def kernel_summary(doc: dict, dtype: str = "bf16", layout: str = "channels_last"
     return f"{dtype} {layout}\n" + format_table(headers, table)
 
 
+def pytest_benchmark_table(doc: dict) -> str:
+    """pytest-benchmark's JSON: one line per benchmark (median, IQR in ms, rounds) under its machine."""
+    machine = doc.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    header = (f"pytest-benchmark {doc.get('version', '?')} | {cpu.get('brand_raw', machine.get('processor', '?'))} | "
+              f"python {machine.get('python_version', '?')} | {doc.get('datetime', '?')}")
+    rows = [[b["name"], f"{b['stats']['median'] * 1e3:.3f}", f"{b['stats']['iqr'] * 1e3:.3f}", b["stats"]["rounds"]]
+            for b in doc["benchmarks"]]
+    return header + "\n" + format_table(["benchmark", "median ms", "iqr ms", "rounds"], rows)
+
+
 # -- chart ----------------------------------------------------------------------------------------
+def chart_unavailable() -> Optional[str]:
+    """Why no chart can be drawn here (None: it can)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (`pip install matplotlib`, or pyfast[bench])"
+    return None
+
+
 def plot_speedups(doc: dict, path: str) -> Optional[str]:
     """A horizontal bar chart per row of pyfast's speedup over eager and over torch.compile, and
     torch.compile's over eager (PNG, matplotlib's Agg backend); None when there is nothing to plot or
@@ -201,7 +226,8 @@ def plot_speedups(doc: dict, path: str) -> Optional[str]:
     ax.invert_yaxis()
     ax.set_xlabel("speedup (x, higher is better)")
     env = doc["environment"]
-    ax.set_title(f"pyfast speedups on {env['device']}\ntorch {env['torch']}, {env['date']}", fontsize=9)
+    cpu_run = " (a CPU run: the cpu backend; the GPU is pyfast's target)" if env.get("device_type") == "cpu" else ""
+    ax.set_title(f"pyfast speedups on {env['device']}{cpu_run}\ntorch {env['torch']}, {env['date']}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -224,6 +250,9 @@ def main(argv=None) -> None:
         with open(path) as f:
             doc = json.load(f)
         print(f"== {path}")
+        if "benchmarks" in doc and "machine_info" in doc:
+            print(pytest_benchmark_table(doc))
+            continue
         if doc.get("schema") == KERNELS_SCHEMA:
             print(kernel_summary(doc) if short else kernel_table(doc))
         else:
@@ -232,6 +261,8 @@ def main(argv=None) -> None:
             png = os.path.splitext(path)[0] + ".png"
             if not os.path.exists(png) and plot_speedups(doc, png):
                 print(f"drew {png}")
+            elif not os.path.exists(png) and chart_unavailable():
+                print(f"chart skipped: {chart_unavailable()}")
         for line in doc.get("skipped", []):
             print(f"skipped: {line}")
 

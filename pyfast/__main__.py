@@ -6,20 +6,62 @@ import sys
 import torch
 
 
+def _present_devices() -> set:
+    return {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
+
+
+def _status(row: dict) -> str:
+    """'ok', or why the backend cannot run on this machine (not built, or no device of its kind here)."""
+    if not row["available"]:
+        return f"unavailable: {row['why_not']}"
+    devices = set(row["devices"].split(", "))
+    if not devices & _present_devices():
+        why = ("Triton compiles its kernels for a GPU when they are first called" if row["backend"] == "triton"
+               else "its kernels are CUDA kernels")
+        return (f"cannot run here: {why}, and no CUDA device is visible (torch.cuda.is_available() is False; "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+    if row["backend"] == "triton" and not torch.cuda.is_available():
+        return "ok, in Triton's interpreter on the CPU (TRITON_INTERPRET=1: for correctness tests, not speed)"
+    return "ok"
+
+
+def _extension_line(extension) -> str:
+    if not extension.available():
+        return f"missing: {extension.load_error}"
+    if extension.built_with_cuda():
+        archs = extension.build.cuda_archs or "the build machine's GPUs"
+        return f"loaded, C++ and CUDA kernels (CUDA {extension.build.cuda}, archs {archs})"
+    return "loaded, C++ kernels" + ("" if extension.build else " (no build record)")
+
+
+def _auto_lines(backends) -> list:
+    from .ops.backends import auto
+
+    low, high = auto.TRITON_GROUP_WIDTHS
+    measured = auto.TABLE.get("cuda", {})
+    lines = [f"auto on cuda: {len(measured)} measured shape classes (pyfast/ops/backends/auto_table.json); "
+             f"elsewhere cuda first, triton first for grouped convolutions of group width {low}-{high} in "
+             f"channels_last; fallback {' > '.join(backends.PRIORITY['cuda'])}",
+             f"auto on cpu: {' > '.join(backends.PRIORITY['cpu'])}"]
+    lines += [f"  {key}: {name}" for key, name in sorted(measured.items())]
+    return lines
+
+
 def info(_args) -> None:
     from . import _extension
     from .ops import backends
 
     print(f"pyfast: torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
-          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print(f"extension pyfast._C: {'loaded' if _extension.available() else 'missing: ' + str(_extension.load_error)}")
-    print(f"default backend: {backends.get_backend()}; auto order: "
-          + "; ".join(f"{device}: {' > '.join(names)}" for device, names in backends.PRIORITY.items()))
+          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (no CUDA device visible)'}")
+    print(f"extension pyfast._C: {_extension_line(_extension)}")
+    print(f"default backend: {backends.get_backend()}")
+    for line in _auto_lines(backends):
+        print(line)
     rows = backends.table()
     width = max(len(r["backend"]) for r in rows)
     for r in rows:
-        status = "ok" if r["available"] else f"unavailable: {r['why_not']}"
-        print(f"  {r['backend']:<{width}}  [{r['devices']}] {r['dtypes']}\n  {'':<{width}}  {r['what']} -- {status}")
+        print(f"  {r['backend']:<{width}}  [{r['devices']}] {r['dtypes']} -- {_status(r)}\n"
+              f"  {'':<{width}}  {r['what']}")
 
 
 def main(argv=None) -> None:

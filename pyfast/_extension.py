@@ -1,4 +1,5 @@
-"""Loads the compiled extension pyfast._C, which registers the C++/CUDA kernels as torch.ops.pyfast.*.
+"""Loads the compiled extension pyfast._C, which registers the C++/CUDA kernels as torch.ops.pyfast.*,
+and the record setup.py wrote of what it built (pyfast/_build_info.py).
 
 The build degrades (setup.py): without the extension every op still runs, on the reference backend,
 and a single warning says so.
@@ -20,12 +21,27 @@ def _load():
         return None, str(error)
 
 
+def _build_record():
+    """setup.py's record (`extension`, `cuda`: the CUDA version the kernels were built with or None,
+    `cuda_archs`), or None in a source tree that was never built."""
+    try:
+        return importlib.import_module("pyfast._build_info")
+    except ImportError:
+        return None
+
+
 extension, load_error = _load()
+build = _build_record()
 _warned = False
 
 
 def available():
     return extension is not None
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded pyfast._C was built with its CUDA kernels (by setup.py's record)."""
+    return extension is not None and build is not None and bool(build.cuda)
 
 
 def warn_unavailable_once():

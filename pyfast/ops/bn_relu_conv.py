@@ -33,7 +33,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", x.shape, x.device, bn, training)
 
-    chosen = select("bn_relu_conv", x, backend)
+    chosen = select("bn_relu_conv", x, backend, weight=weight, params=params)
     if chosen.name == "reference":
         return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
     config = _Config(training, momentum, eps, params, relu, chosen.name,

@@ -36,7 +36,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", params.output_shape(x, weight), x.device, bn, training)
 
-    chosen = select("conv_bn_relu", x, backend)
+    chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
     if chosen.name == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
     if not training and not needs_grad(x, weight, bias, bn_weight, bn_bias):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pyfast import __main__ as cli
-from pyfast import models
+from pyfast import models, ops
 from pyfast.benchmarks import report, results
 
 from bench_standins import tiny_model
@@ -90,6 +90,30 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, fixed_ceilings,
     assert (tmp_path / "run.png").exists()
     printed = capsys.readouterr().out
     assert "x eager" in printed and "wrote" in printed and "anynet" in printed
+    # what ran is the dispatcher's answer for the model's ops, on the CPU the cpu backend
+    expected = "cpu" if ops.BACKENDS["cpu"].unavailable() is None else "reference"
+    assert {r["pyfast_backend"] for r in doc["rows"]} == {expected}
+    assert all(key.endswith(f" {expected}") for key in doc["rows"][0]["pyfast_dispatch"])
+    assert any(key.startswith("conv_bn_relu ") for key in doc["rows"][0]["pyfast_dispatch"])
+    assert doc["notes"][0] == report.CPU_NOTE and report.CPU_COMPILE_NOTE not in doc["notes"]  # --no-compile
+
+
+def test_results_land_under_the_current_directory(tmp_path, monkeypatch, fixed_ceilings, capsys):
+    monkeypatch.setattr(models, "create", tiny_model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(results, "chart_unavailable", lambda: "matplotlib is not installed")
+    monkeypatch.setattr(results, "plot_speedups", lambda doc, path: None)
+    cli.main(["bench", "--models", "anynet", "--modes", "inference", "--batch-size", "2", "--image-size", "16",
+              "--repeats", "2", "--no-compile", "--threads", "1"])
+    written = list((tmp_path / report.RESULTS_DIR).glob("cpu-*.json"))
+    assert len(written) == 1
+    assert capsys.readouterr().out.count("chart skipped: matplotlib is not installed") == 1
+
+
+def test_dispatch_summary_counts_calls_per_backend():
+    assert report.dispatch_summary({("conv_bn_relu", "cuda"): 3, ("add_relu", "cuda"): 2}) == "cuda"
+    mixed = {("conv_bn_relu", "cuda"): 3, ("conv_bn_relu", "triton"): 4, ("add_relu", "cuda"): 2}
+    assert report.dispatch_summary(mixed) == "cuda 5 + triton 4"
 
 
 def test_a_misspelt_model_fails_before_anything_runs():

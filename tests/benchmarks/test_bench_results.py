@@ -73,11 +73,11 @@ def test_format_table_aligns_columns():
 def test_model_table_shows_each_provider_and_the_ratios():
     skipped = _row(model="resnet50", providers={"eager": _measurement(3.0), "compile": {"skipped": "off"},
                                                 "pyfast": {"error": "x"}})
-    text = results.model_table(_doc([_row(), skipped]))
+    text = results.model_table(_doc([_row(pyfast_backend="cuda 30 + triton 8"), skipped]))
     header, _, first, second = text.splitlines()
     assert header.split()[:4] == ["model", "mode", "dtype", "layout"]
     assert first.split() == ["regnetx_32", "train_step", "bf16", "channels_last", "10.00", "8.00", "5.00", "2.00",
-                             "1.60", "0.50", "1"]
+                             "1.60", "0.50", "1", "cuda", "30", "+", "triton", "8"]
     assert second.split()[4:7] == ["3.00", "skip", "error"]
 
 
@@ -127,3 +127,14 @@ def test_kernel_summary_and_the_printing_entry_point(tmp_path, capsys):
     results.main([path, "--short"])
     printed = capsys.readouterr().out
     assert "c1" in printed and "skipped: late case" in printed
+
+
+def test_pytest_benchmark_documents_print_too(tmp_path, capsys):
+    doc = {"machine_info": {"cpu": {"brand_raw": "Test CPU"}, "python_version": "3.12"}, "version": "5.2.3",
+           "datetime": "2026-01-01", "commit_info": {},
+           "benchmarks": [{"name": "test_bn[add_relu-eager]", "stats": {"median": 0.0125, "iqr": 0.001, "rounds": 7}}]}
+    path = tmp_path / "pb.json"
+    path.write_text(json.dumps(doc))
+    results.main([str(path)])
+    out = capsys.readouterr().out
+    assert "Test CPU" in out and "test_bn[add_relu-eager]" in out and "12.500" in out

@@ -2,16 +2,19 @@
 
 Order of precedence: the call's `backend=` argument, then a module's override (passed down the same
 way), then `pyfast.set_backend(...)`, then the PYFAST_BACKEND environment variable, then "auto": the
-first backend in the device's priority list that can take the call. A backend asked for by name that
-cannot take the call raises with its reason; only "auto" moves on to the next one.
+backend that auto.py's table (or its default rule) names for the call's op and shape class, else the
+next in the device's priority list that can take the call. A backend asked for by name that cannot take
+the call raises with its reason; only "auto" moves on to the next one.
 """
 import contextlib
-from typing import Dict, Iterator, List, Optional
+from typing import Counter, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
 from ... import _extension, _flags
+from .._conv import ConvParams, memory_format_of
+from . import auto
 from .base import Backend
 from .extension import ExtensionBackend
 from .reference import ReferenceBackend
@@ -21,9 +24,9 @@ BACKENDS: Dict[str, Backend] = {
     backend.name: backend
     for backend in (ReferenceBackend(), ExtensionBackend("cpu"), ExtensionBackend("cuda"), TritonBackend())
 }
-# Fastest first. On CUDA the Triton kernels fuse the BN passes into the convolution itself; the csrc
-# kernels fuse only the BN passes. GPU benchmarks (benchmarks/results/) are what this order rests on.
-PRIORITY: Dict[str, List[str]] = {"cuda": ["triton", "cuda", "reference"], "cpu": ["cpu", "reference"]}
+# The fallback order behind auto.py's per-shape choice (which goes first): a backend that cannot take the
+# call (not built, unsupported dtype) gives way to the next.
+PRIORITY: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
 AUTO = "auto"
 
 
@@ -65,24 +68,63 @@ def _why_not(name: str, op: str, device: torch.device, dtype: torch.dtype) -> st
     return BACKENDS[name].why_not(op, device, dtype) or ""
 
 
+def auto_order(device_type: str, op: str, dtype: torch.dtype, layout: str, groups: int = 1, group_width: int = 0,
+               kernel: int = 1, stride: int = 1) -> List[str]:
+    """The backends `auto` tries for one shape class, in order: the table's (or default rule's) choice first."""
+    order = PRIORITY.get(device_type, ["reference"])
+    first = auto.choice(device_type, op, auto.DTYPE_NAMES.get(dtype, str(dtype)), layout, groups, group_width,
+                        kernel, stride)
+    return order if first is None else [first] + [name for name in order if name != first]
+
+
 @torch.compiler.assume_constant_result
-def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The first backend of the device's priority list that can run the call."""
-    return next(name for name in PRIORITY.get(device.type, ["reference"]) if not _why_not(name, op, device, dtype))
+def _auto(op: str, device: torch.device, dtype: torch.dtype, layout: str, groups: int, group_width: int, kernel: int,
+          stride: int) -> str:
+    """The first backend of the shape class's order that can run the call."""
+    order = auto_order(device.type, op, dtype, layout, groups, group_width, kernel, stride)
+    return next(name for name in order if not _why_not(name, op, device, dtype))
 
 
-def select(op: str, x: Tensor, requested: Optional[str] = None) -> Backend:
-    """The backend that runs `op` on input `x`."""
+_recorded: Optional[Counter] = None
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[Counter]:
+    """`with record_choices() as seen: model(x)`: counts `seen[(op, backend)]` for every op call `auto` or
+    a named backend dispatched in the block (eager calls; a compiled graph decides once, at trace time)."""
+    global _recorded
+    previous, _recorded = _recorded, Counter()
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optional[Tensor] = None,
+           params: Optional[ConvParams] = None) -> Backend:
+    """The backend that runs `op` on input `x`. The ops that convolve pass their `weight` (after
+    autocast's cast) and `params`: `auto` then chooses by the convolution's shape class too."""
     name = _check_name(requested or _default)
     if name != AUTO:
         reason = _why_not(name, op, x.device, x.dtype)
         if reason:
             raise RuntimeError(f"pyfast backend {name!r} cannot run {op} on this input: {reason}")
-        return BACKENDS[name]
-    name = _auto(op, x.device, x.dtype)
-    if name == "reference":
-        _extension.warn_unavailable_once()
+    else:
+        name = _auto(op, x.device, x.dtype, *_shape_class_args(x, weight, params))
+        if name == "reference":
+            _extension.warn_unavailable_once()
+    if _recorded is not None:
+        _recorded[(op, name)] += 1
     return BACKENDS[name]
+
+
+def _shape_class_args(x: Tensor, weight: Optional[Tensor], params: Optional[ConvParams]):
+    """(layout, groups, group width, kernel size, stride) of a call; (layout, 1, 0, 1, 1) without a weight."""
+    layout = "channels_last" if memory_format_of(x) == torch.channels_last else "nchw"
+    if weight is None:
+        return layout, 1, 0, 1, 1
+    params = params or ConvParams()
+    return layout, params.groups, int(weight.shape[1]), int(max(weight.shape[2:])), int(max(params.stride))
 
 
 def table() -> List[dict]:
