@@ -44,8 +44,6 @@ struct Layout {
   bool planes() const { return inner > 1; }
 };
 
-bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
-
 Layout layout_of(const Tensor& x) {
   const int64_t n = x.size(0), c = x.size(1);
   const int64_t inner = c10::multiply_integers(x.sizes().slice(2));
@@ -54,12 +52,6 @@ Layout layout_of(const Tensor& x) {
   return rows ? Layout{n * inner, c, 1} : Layout{n, c, inner};
 }
 
-// t (shaped like x) in the memory order the layout walks; a copy only when t's strides differ,
-// i.e. for non-standard strides or a grad_out/residual in the other memory format than x.
-Tensor in_layout(const Tensor& t, const Layout& lay) {
-  if (lay.planes()) return t.contiguous();
-  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-}
 
 // One vector of scalar_t lanes, computed on in the accumulation type: 8 floats or 4 doubles, or 16
 // bf16/fp16 values widened into two float vectors (widths for AVX2).
@@ -283,44 +275,9 @@ Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-at::ScalarType acc_type(const Tensor& x) { return pyfast::acc_type(x.scalar_type()); }
-
-void check_input(const Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-              "x must be float32, float64, bfloat16 or float16, got ", t);
-}
-
-void check_like(const Tensor& t, const Tensor& x, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-}
-
-// A per-channel vector: 1-D, length C, acc dtype, on x's device (made contiguous if it is not).
-Tensor channel_vector(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must be 1-D of length C = ", x.size(1), ", got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc_type(x), name, " must be ", acc_type(x), " for ", x.scalar_type(),
-              " input, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on the device of x (", x.device(), "), got ", t.device());
-  return t.contiguous();
-}
-
-Tensor channel_vector_or(const OptTensor& t, const char* name, const Tensor& x, double fill) {
-  return t ? channel_vector(*t, name, x) : at::full({x.size(1)}, fill, x.options().dtype(acc_type(x)));
-}
-
-Tensor required_channel_vector(const OptTensor& t, const char* name, const char* when, const Tensor& x) {
-  TORCH_CHECK(t.has_value(), name, " is required when ", when);
-  return channel_vector(*t, name, x);
-}
-
-template <typename T>
-const T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+// A None per-channel vector as its neutral value: the kernels read scale/shift pointers unconditionally.
+Tensor filled(const Tensor& t, const Tensor& x, double fill) {
+  return t.defined() ? t : at::full({x.size(1)}, fill, x.options().dtype(acc_type(x)));
 }
 
 // The pre-activation z = x*scale + shift [+ residual*res_scale + res_shift] as raw pointers;
@@ -353,9 +310,17 @@ struct PreAct {
   }
 };
 
-// The tensors that define z: checked against x, in x's layout, None scale/shift filled in.
+// The tensors that define z, in x's layout, None scale/shift filled in.
 struct PreActInputs {
   Tensor x, residual, scale, shift, res_scale, res_shift;
+
+  explicit PreActInputs(const PreActTensors& t)
+      : x(t.x),
+        residual(t.residual),
+        scale(filled(t.scale, t.x, 1.0)),
+        shift(filled(t.shift, t.x, 0.0)),
+        res_scale(filled(t.res_scale, t.x, 1.0)),
+        res_shift(filled(t.res_shift, t.x, 0.0)) {}
 
   template <typename scalar_t>
   PreAct<scalar_t> pointers(bool relu) const {
@@ -365,22 +330,6 @@ struct PreActInputs {
             relu};
   }
 };
-
-PreActInputs pre_act_inputs(const Tensor& x, const Layout& lay, const OptTensor& scale, const OptTensor& shift,
-                            const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift) {
-  PreActInputs in;
-  in.x = in_layout(x, lay);
-  if (residual) {
-    check_like(*residual, x, "residual");
-    in.residual = in_layout(*residual, lay);
-  }
-  TORCH_CHECK(residual || (!res_scale && !res_shift), "res_scale/res_shift given without residual");
-  in.scale = channel_vector_or(scale, "scale", x, 1.0);
-  in.shift = channel_vector_or(shift, "shift", x, 0.0);
-  in.res_scale = channel_vector_or(res_scale, "res_scale", x, 1.0);
-  in.res_shift = channel_vector_or(res_shift, "res_shift", x, 0.0);
-  return in;
-}
 
 // The gradient through one BN input v (x or the residual), mean_dz = sum_dz / count etc.:
 //   scale * (dz - mean_dz - (v - mean) * invstd * mean_dz_vhat)   with batch statistics,
@@ -408,9 +357,9 @@ Tensor channel_sample(const Tensor& x) {
 }
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
-  check_input(x_in);
+  check_input("pyfast.bn_stats", x_in);
   const Layout lay = layout_of(x_in);
-  const Tensor x = in_layout(x_in, lay);
+  const Tensor x = in_memory_order(x_in, !lay.planes());
   // Welford runs on x - shift[c]: in float, the running mean of uncentred data is rounded at the
   // scale of the mean (1e-3 for a mean of 1e4), which would show in a variance of 1.
   const Tensor shift = channel_sample(x);
@@ -440,9 +389,10 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
 
 Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
                       const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
-  check_input(x);
+  constexpr const char* op = "pyfast.bn_act_forward";
+  check_input(op, x);
   const Layout lay = layout_of(x);
-  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
+  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift));
   Tensor out = at::empty_like(in.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward", [&] {
     using L = Lanes<scalar_t>;
@@ -461,27 +411,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
     const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const Tensor& mean,
     const Tensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
     const OptTensor& res_mean, const OptTensor& res_invstd, bool relu) {
-  check_input(x);
-  check_like(grad_out, x, "grad_out");
+  constexpr const char* op = "pyfast.bn_act_backward_reduce";
+  check_input(op, x);
   const Layout lay = layout_of(x);
-  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
-  const Tensor g = in_layout(grad_out, lay);
-  const Tensor mean_c = channel_vector(mean, "mean", x), invstd_c = channel_vector(invstd, "invstd", x);
-  Tensor res_mean_c, res_invstd_c;
-  if (res_mean) {
-    TORCH_CHECK(residual, "res_mean given without residual");
-    res_mean_c = channel_vector(*res_mean, "res_mean", x);
-    res_invstd_c = required_channel_vector(res_invstd, "res_invstd", "res_mean is given", x);
-  }
+  const PreActTensors checked = pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift);
+  const Tensor g = like_x(op, "grad_out", grad_out, checked.x, !lay.planes());
+  const NormStats stats = reduce_stats(op, checked, mean, invstd, res_mean, res_invstd);
+  const PreActInputs in(checked);
   const auto acc = x.options().dtype(acc_type(x));
   Tensor sum_dz = at::empty({lay.channels}, acc), sum_dz_xhat = at::empty({lay.channels}, acc);
-  Tensor sum_dz_rhat = at::empty({res_mean ? lay.channels : 0}, acc);
+  Tensor sum_dz_rhat = at::empty({stats.res_mean.defined() ? lay.channels : 0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_reduce", [&] {
     using acc_t = typename Lanes<scalar_t>::acc_t;
     const auto pre = in.pointers<scalar_t>(relu);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
-    const acc_t* rmp = ptr_or_null<acc_t>(res_mean_c);
+    const acc_t* mp = stats.mean.const_data_ptr<acc_t>();
+    const acc_t* rmp = ptr_or_null<acc_t>(stats.res_mean);
     // Sums dz, dz*(x - mean) and dz*(r - res_mean); invstd is applied once per channel below.
     const auto sums = [&](const State<scalar_t, 3>& s, acc_t, int64_t offset, int64_t n, const auto& param) {
       const auto xv = pre.load_x(offset, n), rv = pre.load_residual(offset, n);
@@ -490,8 +435,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
                                 rmp ? at::vec::fmadd(dz, rv - param(rmp), s[2]) : s[2]};
     };
     const auto total = reduce_channels<scalar_t, 3>(lay, sums, sum_combine);
-    const acc_t* istd = invstd_c.const_data_ptr<acc_t>();
-    const acc_t* ristd = ptr_or_null<acc_t>(res_invstd_c);
+    const acc_t* istd = stats.invstd.const_data_ptr<acc_t>();
+    const acc_t* ristd = ptr_or_null<acc_t>(stats.res_invstd);
     auto *s0 = sum_dz.mutable_data_ptr<acc_t>(), *s1 = sum_dz_xhat.mutable_data_ptr<acc_t>();
     auto* s2 = sum_dz_rhat.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < lay.channels; ++c) {
@@ -522,45 +467,32 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt(
     const OptTensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
     const OptTensor& res_mean, const OptTensor& res_invstd, bool relu, const OptTensor& sum_dz,
     const OptTensor& sum_dz_xhat, const OptTensor& sum_dz_rhat, int64_t count) {
-  check_input(x);
-  check_like(grad_out, x, "grad_out");
+  constexpr const char* op = "pyfast.bn_act_backward_elemt";
+  check_input(op, x);
   const Layout lay = layout_of(x);
-  const PreActInputs in = pre_act_inputs(x, lay, scale, shift, residual, res_scale, res_shift);
-  const Tensor g = in_layout(grad_out, lay);
-  // Batch statistics for x when sum_dz is given; for the residual when sum_dz_rhat is too.
-  Tensor sdz, x_stats[3], r_stats[3];  // {mean, invstd, sum_dz_vhat}
-  TORCH_CHECK(sum_dz || (!sum_dz_xhat && !sum_dz_rhat), "sum_dz_xhat/sum_dz_rhat given without sum_dz");
-  if (sum_dz) {
-    TORCH_CHECK(count > 0 || x.numel() == 0, "count must be positive when sum_dz is given, got ", count);
-    sdz = channel_vector(*sum_dz, "sum_dz", x);
-    const char* when = "sum_dz is given";
-    x_stats[0] = required_channel_vector(mean, "mean", when, x);
-    x_stats[1] = required_channel_vector(invstd, "invstd", when, x);
-    x_stats[2] = required_channel_vector(sum_dz_xhat, "sum_dz_xhat", when, x);
-  }
-  if (sum_dz_rhat) {
-    TORCH_CHECK(residual, "sum_dz_rhat given without residual");
-    const char* when = "sum_dz_rhat is given";
-    r_stats[0] = required_channel_vector(res_mean, "res_mean", when, x);
-    r_stats[1] = required_channel_vector(res_invstd, "res_invstd", when, x);
-    r_stats[2] = channel_vector(*sum_dz_rhat, "sum_dz_rhat", x);
-  }
+  const PreActTensors checked = pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift);
+  const Tensor g = like_x(op, "grad_out", grad_out, checked.x, !lay.planes());
+  const ElemtStats stats =
+      elemt_stats(op, checked, mean, invstd, res_mean, res_invstd, sum_dz, sum_dz_xhat, sum_dz_rhat, count);
+  const PreActInputs in(checked);
   Tensor grad_x = at::empty_like(in.x);
-  Tensor grad_residual = residual ? at::empty_like(in.x) : at::empty({0}, x.options());
+  Tensor grad_residual = in.residual.defined() ? at::empty_like(in.x) : at::empty({0}, x.options());
   if (x.numel() == 0) return {grad_x, grad_residual};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_elemt", [&] {
     using L = Lanes<scalar_t>;
     using acc_t = typename L::acc_t;
     const auto pre = in.pointers<scalar_t>(relu);
     // The per-channel means sum / count, divided once here rather than by the caller.
-    const auto mean_dz = per_element<acc_t>(sdz, count);
-    const auto mean_dz_xhat = per_element<acc_t>(x_stats[2], count);
-    const auto mean_dz_rhat = per_element<acc_t>(r_stats[2], count);
-    const auto grad = [&](const acc_t* bn_scale, const Tensor (&stats)[3], const std::vector<acc_t>& mean_dz_vhat) {
-      return BnGrad<acc_t>{bn_scale, ptr_or_null<acc_t>(stats[0]), ptr_or_null<acc_t>(stats[1]),
-                           data_or_null(mean_dz), data_or_null(mean_dz_vhat)};
+    const auto mean_dz = per_element<acc_t>(stats.sum_dz, count);
+    const auto mean_dz_xhat = per_element<acc_t>(stats.sum_dz_xhat, count);
+    const auto mean_dz_rhat = per_element<acc_t>(stats.sum_dz_rhat, count);
+    const auto grad = [&](const acc_t* bn_scale, const Tensor& m, const Tensor& istd,
+                          const std::vector<acc_t>& mean_dz_vhat) {
+      return BnGrad<acc_t>{bn_scale, ptr_or_null<acc_t>(m), ptr_or_null<acc_t>(istd), data_or_null(mean_dz),
+                           data_or_null(mean_dz_vhat)};
     };
-    const auto x_grad = grad(pre.scale, x_stats, mean_dz_xhat), r_grad = grad(pre.res_scale, r_stats, mean_dz_rhat);
+    const auto x_grad = grad(pre.scale, stats.norm.mean, stats.norm.invstd, mean_dz_xhat);
+    const auto r_grad = grad(pre.res_scale, stats.norm.res_mean, stats.norm.res_invstd, mean_dz_rhat);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* gr = pre.residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;

@@ -36,71 +36,20 @@ struct CudaScalar<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-at::ScalarType acc_type(const Tensor& x) { return pyfast::acc_type(x.scalar_type()); }
-
-bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
-
 // What one call needs to know about x (N, C, ...): the kernel layout and the sizes. channels_last (channels
 // innermost) is kNHWC, everything else is made NCHW-contiguous; HW is the product of the sizes after C.
-// Messages and checks match the CPU implementation (csrc/cpu/batch_norm.cpp), so the op fails alike on both.
 struct Geometry {
   kern::Layout layout;
   int64_t N, C, HW;
+  bool channels_last() const { return layout == kern::Layout::kNHWC; }
 };
 
 Geometry geometry_of(const char* op, const Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
-              ": x must be float32, float64, bfloat16 or float16, got ", t);
+  check_input(op, x);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   const bool nhwc = x.dim() > 2 && channels_innermost(x) && !x.is_contiguous();
   return Geometry{nhwc ? kern::Layout::kNHWC : kern::Layout::kNCHW, x.size(0), x.size(1),
                   c10::multiply_integers(x.sizes().slice(2))};
-}
-
-// t (shaped like x) dense in the geometry's memory order; a copy only when its strides differ.
-Tensor in_layout(const Tensor& t, const Geometry& g) {
-  if (g.layout == kern::Layout::kNCHW) return t.contiguous();
-  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-}
-
-// A tensor shaped like x (grad_out, residual): checked, in x's memory order.
-Tensor like_x(const char* op, const char* name, const Tensor& t, const Tensor& x, const Geometry& g) {
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
-              "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
-              t.device());
-  return in_layout(t, g);
-}
-
-Tensor like_x(const char* op, const char* name, const OptTensor& t, const Tensor& x, const Geometry& g) {
-  return t.has_value() && t->defined() ? like_x(op, name, *t, x, g) : Tensor();
-}
-
-// A per-channel vector: 1-D, length C, the accumulation dtype, on x's device; made contiguous.
-// Returns an undefined tensor for None.
-Tensor channel_vector(const char* op, const char* name, const OptTensor& t, const Tensor& x) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must be 1-D of length C = ", x.size(1),
-              ", got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == acc_type(x), op, ": ", name, " must be ", acc_type(x), " for ", x.scalar_type(),
-              " input, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
-              t->device());
-  return t->contiguous();
-}
-
-Tensor required_channel_vector(const char* op, const char* name, const OptTensor& t, const Tensor& x,
-                               const char* when) {
-  TORCH_CHECK(t.has_value() && t->defined(), op, ": ", name, " is required when ", when);
-  return channel_vector(op, name, t, x);
-}
-
-template <typename A>
-const A* ptr(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
 }
 
 template <typename T>
@@ -116,26 +65,24 @@ T* mutable_elem_ptr(const Tensor& t) {
 // The inputs the two backward launchers share (kern::BnActBackwardInputs), from the checked tensors;
 // undefined tensors become nullptr.
 template <typename T>
-void set_backward_inputs(kern::BnActBackwardInputs<T>& a, const Tensor& grad_out, const Tensor& x,
-                         const Tensor& scale, const Tensor& shift, const Tensor& mean, const Tensor& invstd,
-                         const Tensor& residual, const Tensor& res_scale, const Tensor& res_shift,
-                         const Tensor& res_mean, const Tensor& res_invstd, bool relu) {
+void set_backward_inputs(kern::BnActBackwardInputs<T>& a, const Tensor& grad_out, const PreActTensors& in,
+                         const NormStats& stats, bool relu) {
   using A = kern::acc_t<T>;
   a.grad_out = elem_ptr<T>(grad_out);
-  a.x = elem_ptr<T>(x);
-  a.scale = ptr<A>(scale);
-  a.shift = ptr<A>(shift);
-  a.mean = ptr<A>(mean);
-  a.invstd = ptr<A>(invstd);
-  a.residual = elem_ptr<T>(residual);
-  a.res_scale = ptr<A>(res_scale);
-  a.res_shift = ptr<A>(res_shift);
-  a.res_mean = ptr<A>(res_mean);
-  a.res_invstd = ptr<A>(res_invstd);
+  a.x = elem_ptr<T>(in.x);
+  a.scale = ptr_or_null<A>(in.scale);
+  a.shift = ptr_or_null<A>(in.shift);
+  a.mean = ptr_or_null<A>(stats.mean);
+  a.invstd = ptr_or_null<A>(stats.invstd);
+  a.residual = elem_ptr<T>(in.residual);
+  a.res_scale = ptr_or_null<A>(in.res_scale);
+  a.res_shift = ptr_or_null<A>(in.res_shift);
+  a.res_mean = ptr_or_null<A>(stats.res_mean);
+  a.res_invstd = ptr_or_null<A>(stats.res_invstd);
   a.relu = relu;
 }
 
-// x is dense (in_layout): empty_like keeps its strides, so outputs keep x's memory format.
+// x is dense (in_memory_order): empty_like keeps its strides, so outputs keep x's memory format.
 Tensor empty_like_x(const Tensor& x) { return at::empty_like(x); }
 
 Tensor empty_channels(const Tensor& x, int64_t length) { return at::empty({length}, x.options().dtype(acc_type(x))); }
@@ -151,7 +98,7 @@ void* workspace_ptr(const Tensor& ws) { return ws.numel() > 0 ? ws.mutable_data_
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   constexpr const char* op = "pyfast.bn_stats";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = in_layout(x_in, g);
+  const Tensor x = in_memory_order(x_in, g.channels_last());
   Tensor mean = empty_channels(x, g.C);
   Tensor var = empty_channels(x, g.C);
   if (g.C == 0) return {mean, var};
@@ -179,14 +126,9 @@ Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const 
                            const OptTensor& res_shift_in, bool relu) {
   constexpr const char* op = "pyfast.bn_act_forward";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = in_layout(x_in, g);
-  const Tensor scale = channel_vector(op, "scale", scale_in, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, x);
-  const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
-  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
-              ": res_scale/res_shift given without residual");
+  const PreActTensors in =
+      pre_act_tensors(op, x_in, g.channels_last(), scale_in, shift_in, residual_in, res_scale_in, res_shift_in);
+  const Tensor& x = in.x;
   Tensor out = empty_like_x(x);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -194,9 +136,14 @@ Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_act_forward", [&] {
     using T = typename CudaScalar<scalar_t>::type;
     using A = kern::acc_t<T>;
-    const kern::BnActForwardArgs<T> args{elem_ptr<T>(x),         ptr<A>(scale),     ptr<A>(shift),
-                                         elem_ptr<T>(residual),  ptr<A>(res_scale), ptr<A>(res_shift),
-                                         relu,                   mutable_elem_ptr<T>(out)};
+    const kern::BnActForwardArgs<T> args{elem_ptr<T>(x),
+                                         ptr_or_null<A>(in.scale),
+                                         ptr_or_null<A>(in.shift),
+                                         elem_ptr<T>(in.residual),
+                                         ptr_or_null<A>(in.res_scale),
+                                         ptr_or_null<A>(in.res_shift),
+                                         relu,
+                                         mutable_elem_ptr<T>(out)};
     C10_CUDA_CHECK(kern::bn_act_forward<T>(args, g.N, g.C, g.HW, g.layout, stream));
   });
   return out;
@@ -208,26 +155,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
     const OptTensor& res_shift_in, const OptTensor& res_mean_in, const OptTensor& res_invstd_in, bool relu) {
   constexpr const char* op = "pyfast.bn_act_backward_reduce";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = in_layout(x_in, g);
-  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
-  const Tensor scale = channel_vector(op, "scale", scale_in, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, x);
-  const Tensor mean = channel_vector(op, "mean", mean_in, x);
-  const Tensor invstd = channel_vector(op, "invstd", invstd_in, x);
-  const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
-  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
-              ": res_scale/res_shift given without residual");
-  Tensor res_mean, res_invstd;
-  if (given(res_mean_in)) {
-    TORCH_CHECK(residual.defined(), op, ": res_mean given without residual");
-    res_mean = channel_vector(op, "res_mean", res_mean_in, x);
-    res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, x, "res_mean is given");
-  }
+  const PreActTensors in =
+      pre_act_tensors(op, x_in, g.channels_last(), scale_in, shift_in, residual_in, res_scale_in, res_shift_in);
+  const Tensor& x = in.x;
+  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g.channels_last());
+  const NormStats stats = reduce_stats(op, in, mean_in, invstd_in, res_mean_in, res_invstd_in);
   Tensor sum_dz = empty_channels(x, g.C);
   Tensor sum_dz_xhat = empty_channels(x, g.C);
-  Tensor sum_dz_rhat = empty_channels(x, res_mean.defined() ? g.C : 0);
+  Tensor sum_dz_rhat = empty_channels(x, stats.res_mean.defined() ? g.C : 0);
   if (g.C == 0) return {sum_dz, sum_dz_xhat, sum_dz_rhat};
   if (g.N * g.HW == 0) {  // empty sums
     sum_dz.zero_();
@@ -241,11 +176,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
     using T = typename CudaScalar<scalar_t>::type;
     using A = kern::acc_t<T>;
     kern::BnActBackwardReduceArgs<T> args{};
-    set_backward_inputs<T>(args, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
-                           res_invstd, relu);
+    set_backward_inputs<T>(args, grad_out, in, stats, relu);
     args.sum_dz = sum_dz.mutable_data_ptr<A>();
     args.sum_dz_xhat = sum_dz_xhat.mutable_data_ptr<A>();
-    args.sum_dz_rhat = res_mean.defined() ? sum_dz_rhat.mutable_data_ptr<A>() : nullptr;
+    args.sum_dz_rhat = stats.res_mean.defined() ? sum_dz_rhat.mutable_data_ptr<A>() : nullptr;
     size_t bytes = 0;
     C10_CUDA_CHECK(kern::bn_act_backward_reduce_workspace_bytes<T>(args, g.N, g.C, g.HW, g.layout, &bytes));
     const Tensor ws = workspace(x, bytes);
@@ -263,37 +197,14 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     const OptTensor& sum_dz_rhat_in, int64_t count) {
   constexpr const char* op = "pyfast.bn_act_backward_elemt";
   const Geometry g = geometry_of(op, x_in);
-  const Tensor x = in_layout(x_in, g);
-  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g);
-  const Tensor scale = channel_vector(op, "scale", scale_in, x);
-  const Tensor shift = channel_vector(op, "shift", shift_in, x);
-  const Tensor residual = like_x(op, "residual", residual_in, x, g);
-  const Tensor res_scale = channel_vector(op, "res_scale", res_scale_in, x);
-  const Tensor res_shift = channel_vector(op, "res_shift", res_shift_in, x);
-  TORCH_CHECK(residual.defined() || (!res_scale.defined() && !res_shift.defined()), op,
-              ": res_scale/res_shift given without residual");
-  // Batch statistics enter for x when sum_dz is given, for the residual when sum_dz_rhat is too; otherwise
-  // mean/invstd/res_mean/res_invstd are not used (eval: running statistics are folded into scale/shift).
-  TORCH_CHECK(given(sum_dz_in) || (!given(sum_dz_xhat_in) && !given(sum_dz_rhat_in)), op,
-              ": sum_dz_xhat/sum_dz_rhat given without sum_dz");
-  Tensor sum_dz, mean, invstd, sum_dz_xhat, res_mean, res_invstd, sum_dz_rhat;
-  if (given(sum_dz_in)) {
-    constexpr const char* when = "sum_dz is given";
-    TORCH_CHECK(count > 0 || x.numel() == 0, op, ": count must be positive when sum_dz is given, got ", count);
-    sum_dz = channel_vector(op, "sum_dz", sum_dz_in, x);
-    mean = required_channel_vector(op, "mean", mean_in, x, when);
-    invstd = required_channel_vector(op, "invstd", invstd_in, x, when);
-    sum_dz_xhat = required_channel_vector(op, "sum_dz_xhat", sum_dz_xhat_in, x, when);
-  }
-  if (given(sum_dz_rhat_in)) {
-    constexpr const char* when = "sum_dz_rhat is given";
-    TORCH_CHECK(residual.defined(), op, ": sum_dz_rhat given without residual");
-    res_mean = required_channel_vector(op, "res_mean", res_mean_in, x, when);
-    res_invstd = required_channel_vector(op, "res_invstd", res_invstd_in, x, when);
-    sum_dz_rhat = channel_vector(op, "sum_dz_rhat", sum_dz_rhat_in, x);
-  }
+  const PreActTensors in =
+      pre_act_tensors(op, x_in, g.channels_last(), scale_in, shift_in, residual_in, res_scale_in, res_shift_in);
+  const Tensor& x = in.x;
+  const Tensor grad_out = like_x(op, "grad_out", grad_out_in, x, g.channels_last());
+  const ElemtStats stats = elemt_stats(op, in, mean_in, invstd_in, res_mean_in, res_invstd_in, sum_dz_in,
+                                       sum_dz_xhat_in, sum_dz_rhat_in, count);
   Tensor grad_x = empty_like_x(x);
-  Tensor grad_residual = residual.defined() ? empty_like_x(x) : at::empty({0}, x.options());
+  Tensor grad_residual = in.residual.defined() ? empty_like_x(x) : at::empty({0}, x.options());
   if (grad_x.numel() == 0) return {grad_x, grad_residual};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
@@ -301,14 +212,13 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt_cuda(
     using T = typename CudaScalar<scalar_t>::type;
     using A = kern::acc_t<T>;
     kern::BnActBackwardElemtArgs<T> args{};
-    set_backward_inputs<T>(args, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
-                           res_invstd, relu);
-    args.sum_dz = ptr<A>(sum_dz);
-    args.sum_dz_xhat = ptr<A>(sum_dz_xhat);
-    args.sum_dz_rhat = ptr<A>(sum_dz_rhat);
-    args.count = count;
+    set_backward_inputs<T>(args, grad_out, in, stats.norm, relu);
+    args.sum_dz = ptr_or_null<A>(stats.sum_dz);
+    args.sum_dz_xhat = ptr_or_null<A>(stats.sum_dz_xhat);
+    args.sum_dz_rhat = ptr_or_null<A>(stats.sum_dz_rhat);
+    args.count = stats.count;
     args.grad_x = mutable_elem_ptr<T>(grad_x);
-    args.grad_residual = residual.defined() ? mutable_elem_ptr<T>(grad_residual) : nullptr;
+    args.grad_residual = in.residual.defined() ? mutable_elem_ptr<T>(grad_residual) : nullptr;
     C10_CUDA_CHECK(kern::bn_act_backward_elemt<T>(args, g.N, g.C, g.HW, g.layout, stream));
   });
   return {grad_x, grad_residual};

@@ -197,6 +197,46 @@ __device__ __forceinline__ int take(Cursor& cur, int64_t (&off)[U]) {
   return n;
 }
 
+// Walks the cursor U positions at a time: load(u, offset) for each, then use(u, offset) for each, so that U
+// loads are in flight before the first is used (memory-level parallelism). Both are inlined and unrolled:
+// per-position register arrays indexed by u stay in registers.
+template <int U, typename Cursor, typename Load, typename Use>
+__device__ __forceinline__ void walk(Cursor cur, const Load& load, const Use& use) {
+  while (cur.valid()) {
+    int64_t off[U];
+    const int nv = take(cur, off);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < nv) load(u, off[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < nv) use(u, off[u]);
+  }
+}
+
+// The per-channel parameters of the pre-activation z = x*scale + shift [+ r*res_scale + res_shift] for the NC
+// channels of a thread's tile, and the two things the kernels do with z.
+template <typename A, int NC>
+struct PreAct {
+  A sc[NC], sh[NC], rsc[NC], rsh[NC];
+  bool has_res, relu;
+
+  template <typename Args>
+  __device__ __forceinline__ PreAct(const Args& a, int64_t c0) : has_res(a.residual != nullptr), relu(a.relu) {
+    load_channels(a.scale, c0, A(1), sc);
+    load_channels(a.shift, c0, A(0), sh);
+    load_channels(a.res_scale, c0, A(1), rsc);
+    load_channels(a.res_shift, c0, A(0), rsh);
+  }
+  __device__ __forceinline__ A z(A x, A r, int k) const {
+    A v = x * sc[k] + sh[k];
+    if (has_res) v += r * rsc[k] + rsh[k];
+    return v;
+  }
+  // g through the ReLU (when there was one): 0 where z <= 0; a NaN z lets it through, as threshold_backward does.
+  __device__ __forceinline__ A dz(A g, A x, A r, int k) const { return relu && z(x, r, k) <= A(0) ? A(0) : g; }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Reduction helpers
 
@@ -329,18 +369,10 @@ __global__ void __launch_bounds__(kThreads)
     A mean[NC], m2[NC];
 #pragma unroll
     for (int k = 0; k < NC; ++k) mean[k] = m2[k] = A(0);
-    auto cur = g.cursor(tile);
-    while (cur.valid()) {
-      int64_t off[kStatsUnroll];
-      const int nv = take(cur, off);
-      Pack<T, VEC> xp[kStatsUnroll];
-#pragma unroll
-      for (int u = 0; u < kStatsUnroll; ++u)
-        if (u < nv) xp[u] = load_pack<T, VEC>(a.x, off[u]);
-#pragma unroll
-      for (int u = 0; u < kStatsUnroll; ++u)
-        if (u < nv) welford_add<T, VEC, NC>(cnt, mean, m2, xp[u]);
-    }
+    Pack<T, VEC> xp[kStatsUnroll];
+    walk<kStatsUnroll>(
+        g.cursor(tile), [&](int u, int64_t off) { xp[u] = load_pack<T, VEC>(a.x, off); },
+        [&](int u, int64_t) { welford_add<T, VEC, NC>(cnt, mean, m2, xp[u]); });
     A n = A(cnt);
     block_welford<A, NC>(n, mean, m2, smem);
     if (threadIdx.y == 0 && c0 >= 0) {
@@ -392,43 +424,27 @@ __global__ void __launch_bounds__(kThreads) bn_act_forward_kernel(const BnActFor
   constexpr int NC = G::kChannels;
   constexpr int K = VEC / NC;
   const G g(s);
-  const bool has_res = a.residual != nullptr;
   for (int64_t tile = blockIdx.y; tile < g.num_tiles(); tile += gridDim.y) {
     const int64_t c0 = g.channel(tile);
     if (c0 < 0) continue;
-    A sc[NC], sh[NC], rsc[NC], rsh[NC];
-    load_channels(a.scale, c0, A(1), sc);
-    load_channels(a.shift, c0, A(0), sh);
-    load_channels(a.res_scale, c0, A(1), rsc);
-    load_channels(a.res_shift, c0, A(0), rsh);
-    auto cur = g.cursor(tile);
-    while (cur.valid()) {
-      int64_t off[kForwardUnroll];
-      const int nv = take(cur, off);
-      Pack<T, VEC> xp[kForwardUnroll], rp[kForwardUnroll];
+    const PreAct<A, NC> pre(a, c0);
+    Pack<T, VEC> xp[kForwardUnroll], rp[kForwardUnroll];
+    const auto load = [&](int u, int64_t off) {
+      xp[u] = load_pack<T, VEC>(a.x, off);
+      if (pre.has_res) rp[u] = load_pack<T, VEC>(a.residual, off);
+    };
+    const auto use = [&](int u, int64_t off) {
+      Pack<T, VEC> o;
 #pragma unroll
-      for (int u = 0; u < kForwardUnroll; ++u) {
-        if (u < nv) {
-          xp[u] = load_pack<T, VEC>(a.x, off[u]);
-          if (has_res) rp[u] = load_pack<T, VEC>(a.residual, off[u]);
-        }
+      for (int j = 0; j < VEC; ++j) {
+        const A r = pre.has_res ? Num<T>::load(rp[u].v[j]) : A(0);
+        A z = pre.z(Num<T>::load(xp[u].v[j]), r, j / K);
+        if (a.relu) z = z < A(0) ? A(0) : z;  // keeps NaN, like torch.relu
+        o.v[j] = Num<T>::store(z);
       }
-#pragma unroll
-      for (int u = 0; u < kForwardUnroll; ++u) {
-        if (u < nv) {
-          Pack<T, VEC> o;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const int k = j / K;
-            A z = Num<T>::load(xp[u].v[j]) * sc[k] + sh[k];
-            if (has_res) z += Num<T>::load(rp[u].v[j]) * rsc[k] + rsh[k];
-            if (a.relu) z = z < A(0) ? A(0) : z;  // keeps NaN, like torch.relu
-            o.v[j] = Num<T>::store(z);
-          }
-          store_pack<T, VEC>(a.out, off[u], o);
-        }
-      }
-    }
+      store_pack<T, VEC>(a.out, off, o);
+    };
+    walk<kForwardUnroll>(g.cursor(tile), load, use);
   }
 }
 
@@ -445,56 +461,37 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ A smem[kThreads * 3 * NC];
   const G g(s);
   const int64_t P = gridDim.x;
-  const bool has_res = a.residual != nullptr;
   const bool has_rbn = a.res_mean != nullptr;
-  const bool load_res = has_res && (a.relu || has_rbn);
+  const bool load_res = a.residual != nullptr && (a.relu || has_rbn);
   for (int64_t tile = blockIdx.y; tile < g.num_tiles(); tile += gridDim.y) {
     const int64_t c0 = g.channel(tile);
     const int64_t cl = c0 < 0 ? 0 : c0;  // idle threads still take part in block_sum
-    A sc[NC], sh[NC], rsc[NC], rsh[NC], mu[NC], rmu[NC];
-    load_channels(a.scale, cl, A(1), sc);
-    load_channels(a.shift, cl, A(0), sh);
-    load_channels(a.res_scale, cl, A(1), rsc);
-    load_channels(a.res_shift, cl, A(0), rsh);
+    const PreAct<A, NC> pre(a, cl);
+    A mu[NC], rmu[NC];
     load_channels(a.mean, cl, A(0), mu);
     load_channels(a.res_mean, cl, A(0), rmu);
     A sum[3 * NC];  // [sum dz | sum dz*(x-mean) | sum dz*(r-res_mean)] x NC
 #pragma unroll
     for (int k = 0; k < 3 * NC; ++k) sum[k] = A(0);
-    auto cur = g.cursor(tile);
-    while (cur.valid()) {
-      int64_t off[kBackwardReduceUnroll];
-      const int nv = take(cur, off);
-      Pack<T, VEC> gp[kBackwardReduceUnroll], xp[kBackwardReduceUnroll], rp[kBackwardReduceUnroll];
+    Pack<T, VEC> gp[kBackwardReduceUnroll], xp[kBackwardReduceUnroll], rp[kBackwardReduceUnroll];
+    const auto load = [&](int u, int64_t off) {
+      gp[u] = load_pack<T, VEC>(a.grad_out, off);
+      xp[u] = load_pack<T, VEC>(a.x, off);
+      if (load_res) rp[u] = load_pack<T, VEC>(a.residual, off);
+    };
+    const auto use = [&](int u, int64_t) {
 #pragma unroll
-      for (int u = 0; u < kBackwardReduceUnroll; ++u) {
-        if (u < nv) {
-          gp[u] = load_pack<T, VEC>(a.grad_out, off[u]);
-          xp[u] = load_pack<T, VEC>(a.x, off[u]);
-          if (load_res) rp[u] = load_pack<T, VEC>(a.residual, off[u]);
-        }
+      for (int j = 0; j < VEC; ++j) {
+        const int k = j / K;
+        const A x = Num<T>::load(xp[u].v[j]);
+        const A r = load_res ? Num<T>::load(rp[u].v[j]) : A(0);
+        const A dz = pre.dz(Num<T>::load(gp[u].v[j]), x, r, k);
+        sum[k] += dz;
+        sum[NC + k] += dz * (x - mu[k]);
+        if (has_rbn) sum[2 * NC + k] += dz * (r - rmu[k]);
       }
-#pragma unroll
-      for (int u = 0; u < kBackwardReduceUnroll; ++u) {
-        if (u < nv) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const int k = j / K;
-            const A x = Num<T>::load(xp[u].v[j]);
-            const A r = load_res ? Num<T>::load(rp[u].v[j]) : A(0);
-            A dz = Num<T>::load(gp[u].v[j]);
-            if (a.relu) {
-              A z = x * sc[k] + sh[k];
-              if (has_res) z += r * rsc[k] + rsh[k];
-              dz = z <= A(0) ? A(0) : dz;  // NaN z lets the gradient through, as threshold_backward does
-            }
-            sum[k] += dz;
-            sum[NC + k] += dz * (x - mu[k]);
-            if (has_rbn) sum[2 * NC + k] += dz * (r - rmu[k]);
-          }
-        }
-      }
-    }
+    };
+    walk<kBackwardReduceUnroll>(g.cursor(tile), load, use);
     block_sum<A, 3 * NC>(sum, smem);
     if (threadIdx.y == 0 && c0 >= 0) {
 #pragma unroll
@@ -562,13 +559,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t tile = blockIdx.y; tile < g.num_tiles(); tile += gridDim.y) {
     const int64_t c0 = g.channel(tile);
     if (c0 < 0) continue;
+    const PreAct<A, NC> pre(a, c0);
     // grad_x = sc*(dz - mdz - (x - mu)*kx) with mdz = sum_dz/count, kx = invstd*sum_dz_xhat/count; likewise
     // for the residual.
-    A sc[NC], sh[NC], rsc[NC], rsh[NC], mu[NC], mdz[NC], kx[NC], rmu[NC], krx[NC];
-    load_channels(a.scale, c0, A(1), sc);
-    load_channels(a.shift, c0, A(0), sh);
-    load_channels(a.res_scale, c0, A(1), rsc);
-    load_channels(a.res_shift, c0, A(0), rsh);
+    A mu[NC], mdz[NC], kx[NC], rmu[NC], krx[NC];
     load_channels(train ? a.mean : nullptr, c0, A(0), mu);
     load_channels(a.sum_dz, c0, A(0), mdz);
     load_channels(train ? a.invstd : nullptr, c0, A(0), kx);
@@ -586,42 +580,27 @@ __global__ void __launch_bounds__(kThreads)
         krx[k] *= rt[k] / count;
       }
     }
-    auto cur = g.cursor(tile);
-    while (cur.valid()) {
-      int64_t off[kBackwardElemtUnroll];
-      const int nv = take(cur, off);
-      Pack<T, VEC> gp[kBackwardElemtUnroll], xp[kBackwardElemtUnroll], rp[kBackwardElemtUnroll];
+    Pack<T, VEC> gp[kBackwardElemtUnroll], xp[kBackwardElemtUnroll], rp[kBackwardElemtUnroll];
+    const auto load = [&](int u, int64_t off) {
+      gp[u] = load_pack<T, VEC>(a.grad_out, off);
+      if (need_x) xp[u] = load_pack<T, VEC>(a.x, off);
+      if (need_r) rp[u] = load_pack<T, VEC>(a.residual, off);
+    };
+    const auto use = [&](int u, int64_t off) {
+      Pack<T, VEC> gx, gr;
 #pragma unroll
-      for (int u = 0; u < kBackwardElemtUnroll; ++u) {
-        if (u < nv) {
-          gp[u] = load_pack<T, VEC>(a.grad_out, off[u]);
-          if (need_x) xp[u] = load_pack<T, VEC>(a.x, off[u]);
-          if (need_r) rp[u] = load_pack<T, VEC>(a.residual, off[u]);
-        }
+      for (int j = 0; j < VEC; ++j) {
+        const int k = j / K;
+        const A x = need_x ? Num<T>::load(xp[u].v[j]) : A(0);
+        const A r = need_r ? Num<T>::load(rp[u].v[j]) : A(0);
+        const A dz = pre.dz(Num<T>::load(gp[u].v[j]), x, r, k);
+        gx.v[j] = Num<T>::store(train ? pre.sc[k] * (dz - mdz[k] - (x - mu[k]) * kx[k]) : pre.sc[k] * dz);
+        gr.v[j] = Num<T>::store(res_train ? pre.rsc[k] * (dz - mdz[k] - (r - rmu[k]) * krx[k]) : pre.rsc[k] * dz);
       }
-#pragma unroll
-      for (int u = 0; u < kBackwardElemtUnroll; ++u) {
-        if (u < nv) {
-          Pack<T, VEC> gx, gr;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const int k = j / K;
-            const A x = need_x ? Num<T>::load(xp[u].v[j]) : A(0);
-            const A r = need_r ? Num<T>::load(rp[u].v[j]) : A(0);
-            A dz = Num<T>::load(gp[u].v[j]);
-            if (a.relu) {
-              A z = x * sc[k] + sh[k];
-              if (has_res) z += r * rsc[k] + rsh[k];
-              dz = z <= A(0) ? A(0) : dz;  // NaN z lets the gradient through, as threshold_backward does
-            }
-            gx.v[j] = Num<T>::store(train ? sc[k] * (dz - mdz[k] - (x - mu[k]) * kx[k]) : sc[k] * dz);
-            gr.v[j] = Num<T>::store(res_train ? rsc[k] * (dz - mdz[k] - (r - rmu[k]) * krx[k]) : rsc[k] * dz);
-          }
-          store_pack<T, VEC>(a.grad_x, off[u], gx);
-          if (write_gr) store_pack<T, VEC>(a.grad_residual, off[u], gr);
-        }
-      }
-    }
+      store_pack<T, VEC>(a.grad_x, off, gx);
+      if (write_gr) store_pack<T, VEC>(a.grad_residual, off, gr);
+    };
+    walk<kBackwardElemtUnroll>(g.cursor(tile), load, use);
   }
 }
 
