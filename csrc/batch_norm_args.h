@@ -30,7 +30,24 @@ const T* ptr_or_null(const at::Tensor& t) {
 // -------------------------------------------------------------------------------------------------------------
 // Activations: x (N, C, ...) and the tensors shaped like it
 
-inline bool channels_innermost(const at::Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+// t.movedim(1, -1).is_contiguous(), read off the strides: building the view costs more host time than a
+// small kernel (every primitive asks this of each of its activations).
+inline bool channels_innermost(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  int64_t expected = 1;
+  const auto dense = [&](int64_t d) {
+    if (sizes[d] != 1 && strides[d] != expected) return false;
+    expected *= sizes[d];
+    return true;
+  };
+  if (!dense(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (!dense(d)) return false;
+  }
+  return dense(0);
+}
 
 inline void check_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, ...) with at least 2 dimensions, got ", x.dim(), "-D");

@@ -277,7 +277,13 @@ Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
 
 // A None per-channel vector as its neutral value: the kernels read scale/shift pointers unconditionally.
 Tensor filled(const Tensor& t, const Tensor& x, double fill) {
-  return t.defined() ? t : at::full({x.size(1)}, fill, x.options().dtype(acc_type(x)));
+  if (t.defined()) return t;
+  // at::empty and a host loop: at::full would dispatch a fill_ kernel, host time that matters on small inputs
+  Tensor out = at::empty({x.size(1)}, x.options().dtype(acc_type(x)));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "filled", [&] {
+    std::fill_n(out.mutable_data_ptr<scalar_t>(), out.numel(), static_cast<scalar_t>(fill));
+  });
+  return out;
 }
 
 // The pre-activation z = x*scale + shift [+ residual*res_scale + res_shift] as raw pointers;
@@ -348,28 +354,28 @@ struct BnGrad {
 // ---------------------------------------------------------------------------------------------
 // The primitives
 
-// One element of each channel, x[0, c, 0, ...], as a finite acc-dtype vector (0 where it is not).
-Tensor channel_sample(const Tensor& x) {
-  if (x.numel() == 0) return at::zeros({x.size(1)}, x.options().dtype(acc_type(x)));
-  Tensor sample = x.select(0, 0);
-  while (sample.dim() > 1) sample = sample.select(1, 0);
-  return sample.to(acc_type(x)).nan_to_num(0, 0, 0).contiguous();
-}
-
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   check_input("pyfast.bn_stats", x_in);
   const Layout lay = layout_of(x_in);
   const Tensor x = in_memory_order(x_in, !lay.planes());
   // Welford runs on x - shift[c]: in float, the running mean of uncentred data is rounded at the
   // scale of the mean (1e-3 for a mean of 1e4), which would show in a variance of 1.
-  const Tensor shift = channel_sample(x);
   Tensor mean = at::empty({lay.channels}, x.options().dtype(acc_type(x)));
   Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_stats", [&] {
     using L = Lanes<scalar_t>;
     using acc_t = typename L::acc_t;
     const scalar_t* data = x.const_data_ptr<scalar_t>();
-    const acc_t* sh = shift.const_data_ptr<acc_t>();
+    // One element of each channel, x[0, c, 0, ...], as a finite shift (0 where it is not), read in place:
+    // slicing it out with tensor ops would cost more host time than the whole reduction of a small input.
+    std::vector<acc_t> shift(lay.channels, acc_t(0));
+    if (x.numel() > 0) {
+      for (int64_t c = 0; c < lay.channels; ++c) {
+        const auto value = static_cast<acc_t>(data[c * x.stride(1)]);
+        shift[c] = std::isfinite(value) ? value : acc_t(0);
+      }
+    }
+    const acc_t* sh = shift.data();
     const auto welford = [&](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, int64_t n, const auto& param) {
       const auto v = L::load(data + offset, n) - param(sh);
       const auto delta = v - s[0];
