@@ -64,6 +64,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MMA_K = 16  # smallest K of tl.dot: narrower groups take the direct path
 _SMS = 132  # H100 SXM streaming multiprocessors: the default config fills them when the problem allows
 _MAX_GROUP_K = 128  # widest K of a multi-group tile (GROUP_TILE * C_in_g)
+_SMEM_BUDGET = 200 * 1024  # operand tiles x stages in shared memory, under the 227 KB an H100 block may use
 # Triton's interpreter (3.9) keeps bf16 as raw uint16 bits: tl.dot multiplies those bits, and fp32 -> bf16
 # truncates instead of rounding to nearest even. Under it the kernel works around both, so that CPU
 # tests see the numbers the GPU computes.
@@ -164,12 +165,13 @@ def _group_tiles(problem, config):
     if not narrow:
         return 1
     tile = config.block_n // p.c_out_g
-    return tile if tile <= triton.next_power_of_2(p.groups) and tile * p.c_in_g <= _MAX_GROUP_K else 0
+    return tile if tile <= p.groups and tile * p.c_in_g <= _MAX_GROUP_K else 0
 
 
 def candidates(problem):
     """The configs worth trying on this problem: channel tiles no wider than the channels to cover
-    (several groups per tile where the groups are narrow), statistics tiles small enough not to spill."""
+    (several groups per tile where the groups are narrow), operand stages that fit in shared memory,
+    statistics tiles small enough not to spill."""
     p = problem
     kept = []
     if p.direct:
@@ -184,10 +186,12 @@ def candidates(problem):
                 c = replace(c, block_k=tile * p.c_in_g, group_tile=tile)
             elif tile == 0 or c.block_n > max_n or c.block_k > max_k:
                 continue
-            if c not in kept:
+            operands = (c.block_m + c.block_n) * c.block_k * c.num_stages * p.dtype.itemsize
+            if c not in kept and operands <= _SMEM_BUDGET:
                 kept.append(c)
-    if p.stats:
-        kept = [c for c in kept if c.block_m * c.block_n <= _STATS_MAX_TILE_PER_WARP * c.num_warps]
+    if p.stats:  # int64 offsets hold more registers: 1024 accumulator elements per warp spilled (sm_90, fp16)
+        per_warp = _STATS_MAX_TILE_PER_WARP // (4 if p.int64 else 1)
+        kept = [c for c in kept if c.block_m * c.block_n <= per_warp * c.num_warps]
     pool = _DIRECT_CONFIGS if p.direct else _DOT_CONFIGS
     return kept or [min(pool, key=lambda c: (c.block_n, c.block_k, c.block_m))]
 
@@ -207,13 +211,17 @@ def _programs(problem, config):
 
 
 def _default_config(problem):
-    """Without timing: the largest tile that still gives every SM a program (wider MMA first), else the
-    config with the most programs."""
+    """Without timing: among the configs that give every SM a program (else those with the most programs),
+    an MMA 64 wide (or as wide as the layer) with the fewest groups per tile (a block-diagonal tile of g groups
+    does g times the useful multiply-adds), then the largest tile."""
     options = candidates(problem)
     filling = [c for c in options if _programs(problem, c) >= _SMS]
-    if filling:
-        return max(filling, key=lambda c: (c.block_m * c.block_n, c.block_n, c.block_k, c.num_warps))
-    return max(options, key=lambda c: (_programs(problem, c), c.block_n, c.block_k))
+    if not filling:
+        most = max(_programs(problem, c) for c in options)
+        filling = [c for c in options if _programs(problem, c) == most]
+    columns = problem.c_out if problem.groups > 1 else problem.c_out_g
+    return max(filling, key=lambda c: (problem.direct or c.block_n >= min(64, columns), -c.group_tile,
+                                       c.block_m * c.block_n, c.block_n, c.block_k, c.num_warps))
 
 
 _TUNED = {}  # tuning key -> Config, filled once per key by timing the candidates
