@@ -362,3 +362,59 @@ def test_output_beyond_2_to_the_31_elements():
     for img, rows in ((0, slice(0, 8)), (2, slice(-8, None))):  # 1x1, stride 1: output rows = input rows
         x_part = x[img:img + 1, :, rows]
         _check(out[img:img + 1, :, rows], *_expected(x_part, w, bias), bf16)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen ops dispatched outside kernel launches (the interpreter copies tensors inside them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches, self._in_launch = [], 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._in_launch:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("groups, stats", [(2, True), (2, False), (8, True)], ids=["dot-stats", "dot", "direct-stats"])
+def test_a_repeated_call_only_allocates_and_launches(monkeypatch, groups, stats):
+    """Once a weight's copy is cached, conv2d dispatches no ATen compute (no weight reorder, no zero-fill):
+    allocations and its kernels, one conv plus the statistics combine (forced to two levels)."""
+    monkeypatch.setattr(conv, "_COMBINE_FINAL_ROWS", 0)
+    x, w = _make(2, 32, 32, (5, 5), 3, groups, f32)
+    conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
+    mode = _AtenOps()
+    run = conv.Launch.run
+
+    def counted(launch):
+        mode.launches += 1
+        mode._in_launch = True
+        try:
+            run(launch)
+        finally:
+            mode._in_launch = False
+
+    monkeypatch.setattr(conv.Launch, "run", counted)
+    with mode:
+        conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
+    assert set(mode.ops) <= {"empty", "empty_like", "empty_strided"}, mode.ops
+    assert mode.launches == (3 if stats else 1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """After a warm-up call (which tunes), conv2d with statistics is captured and replayed by a CUDA graph:
+    nothing in it synchronizes or reads back to the host."""
+    x, w = _make(8, 64, 64, (28, 28), 3, 4, bf16)
+    conv.conv2d(x, w, padding=1, groups=4, compute_stats=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, mean, var = conv.conv2d(x, w, padding=1, groups=4, compute_stats=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    _check(out, *_expected(x, w, padding=1, groups=4), bf16)
+    ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, dtype=f32, what="mean")
+    assert_close(var, ref_var, dtype=f32, what="var")
