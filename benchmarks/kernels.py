@@ -357,7 +357,8 @@ def static_rows(nets, batch: int = 128, image: int = 224, compile: bool = True) 
                 compile_key = _compile_key(launch) if compile else None
                 if compile and compile_key not in binaries:
                     binaries[compile_key] = compile_sm90(launch)
-                rows[key] = dict(net=net, layer=layer, conv=what, c_out=problem.c_out, kernel=kernel, config=launch.config,
+                rows[key] = dict(net=net, layer=layer, conv=what, c_out=problem.c_out, kernel=kernel,
+                                 config=launch.config,
                                  grid=launch.grid, programs=launch.grid[0] * launch.grid[1] * launch.grid[2],
                                  elements=launch.elements, count=1, **binaries.get(compile_key, {}))
     return list(rows.values())
@@ -397,13 +398,14 @@ def _mma_n(instruction: str) -> int:
 
 
 def static_main(args: argparse.Namespace) -> List[dict]:
+    batch, image = args.batch_size or 128, args.image_size or 224
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the kernels must be decorated for compiling
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         command = [sys.executable, "-m", "pyfast.benchmarks.kernels", "--static", "--nets", *args.nets,
-                   "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+                   "--batch-size", str(batch), "--image-size", str(image)]
         subprocess.run(command, env=env, check=True)
         return []
-    rows = static_rows(args.nets, args.batch_size, args.image_size)
+    rows = static_rows(args.nets, batch, image)
     print(static_table(rows))
     misses = static_check(rows)
     print("\n".join(["targets missed:"] + misses) if misses else "all targets met")
@@ -417,8 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=["inference", "train_step"], choices=MODES)
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"] if gpu else ["fp32"], choices=list(DTYPES))
     parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=["channels_last", "nchw"])
-    parser.add_argument("--batch-size", type=int, default=128 if gpu else 2)
-    parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 on a GPU and with --static, else 2")
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 on a GPU and with --static, else 32")
     parser.add_argument("--repeats", type=int, default=50 if gpu else 5)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is busy)")
@@ -436,7 +438,9 @@ def main(args: argparse.Namespace) -> dict:
         timing.choose_cpu_threads(args.threads)
     start = time.monotonic()
     env, ceil = timing.environment(device), timing.ceilings(device)
-    cases = [c for net in args.nets for c in NETS[net](args.batch_size, args.image_size) if c.op in args.ops]
+    gpu = device == "cuda"
+    batch, image = args.batch_size or (128 if gpu else 2), args.image_size or (224 if gpu else 32)
+    cases = [c for net in args.nets for c in NETS[net](batch, image) if c.op in args.ops]
     backends = ["reference"] + fused_backends(device)
     doc = {"schema": results.KERNELS_SCHEMA, "environment": env, "ceilings": ceil.as_dict(), "rows": [],
            "skipped": []}
@@ -468,11 +472,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    arguments = parser.parse_args(sys.argv[1:])
-    if arguments.static:
-        given = set(sys.argv[1:])
-        arguments.batch_size = arguments.batch_size if "--batch-size" in given else 128
-        arguments.image_size = arguments.image_size if "--image-size" in given else 224
-        static_main(arguments)
-    else:
-        main(arguments)
+    arguments = parser.parse_args()
+    static_main(arguments) if arguments.static else main(arguments)

@@ -681,7 +681,8 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
             return None
         return torch.empty((_cdiv(problem.m, config.block_m), 3, C_out), device=x.device, dtype=torch.float32)
 
-    config = _choose_config(problem, lambda c: _conv_launch(problem, c, dict(tensors, tile_stats_ptr=tile_stats(c))).run)
+    config = _choose_config(problem,
+                            lambda c: _conv_launch(problem, c, dict(tensors, tile_stats_ptr=tile_stats(c))).run)
     stats = tile_stats(config)
     _conv_launch(problem, config, dict(tensors, tile_stats_ptr=stats)).run()
     if not compute_stats:

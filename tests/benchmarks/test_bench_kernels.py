@@ -96,7 +96,8 @@ def test_kernels_main_on_a_tiny_size(tmp_path, fixed_ceilings, capsys):
     assert "x eager" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("net, skipped", [("regnetx_32", (".f.c.0", ".proj.0")), ("resnet50", (".conv3", ".downsample.0"))])
+@pytest.mark.parametrize("net, skipped", [("regnetx_32", (".f.c.0", ".proj.0")),
+                                         ("resnet50", (".conv3", ".downsample.0"))])
 def test_static_launches_are_the_fused_convolutions(net, skipped):
     """Every convolution of the training forward but a block's last one and its projection (plain ATen
     convolutions before bn_add_relu) is a Triton launch with the statistics epilogue, in forward order."""
@@ -125,4 +126,5 @@ def test_static_check_reports_each_missed_target():
     bad = [dict(good, spills=8), dict(good, programs=100), dict(good, mma="HGMMA.64x16x16.F32.BF16"),
            dict(good, loops=2), dict(good, pipelined=False)]
     assert [len(kernels.static_check([row])) for row in bad] == [1, 1, 1, 1, 1]
-    assert kernels.static_check([dict(good, conv="3x3 g2 32->32 @56x56", c_out=32, mma="HGMMA.64x32x16.F32.BF16")]) == []
+    narrow_layer = dict(good, conv="3x3 g2 32->32 @56x56", c_out=32, mma="HGMMA.64x32x16.F32.BF16")
+    assert kernels.static_check([narrow_layer]) == []  # the whole layer is 32 wide
