@@ -10,10 +10,23 @@ weight read once and each output written once, forward; fwd+bwd (`train_step`) a
 gradient read, the inputs re-read and their gradients written (3 A + 2 O + 3 W).
 
     python -m pyfast.benchmarks.kernels [--dtype bf16 fp32] [--modes inference train_step] [--out f.json]
+
+`--static` needs no GPU: it lists every Triton convolution launch of a RegNetX-32 and a ResNet-50
+training step (batch 128, bf16, channels_last; `static_launches`) with its config, grid, elements
+touched and, from an sm_90 ahead-of-time compile with Triton's bundled ptxas, registers, spills,
+shared memory, MMA instruction and the loops of its main body (`compile_sm90`).
+
+    python -m pyfast.benchmarks.kernels --static [--nets regnetx_32] [--batch-size 128] [--image-size 224]
 """
 import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import List
 
 import torch
@@ -230,6 +243,180 @@ def time_case(case: OpCase, config: Config, backends: List[str], ceil: timing.Ce
     return row
 
 
+# -- the static table: Triton conv launches of a training step, compiled for sm_90 without a GPU ------------
+
+STATIC_NETS = {"regnetx_32": 1, "resnet50": 3}  # model name -> input planes
+
+
+def static_launches(net: str, batch: int = 128, image: int = 224, dtype: torch.dtype = torch.bfloat16):
+    """[(layer name, conv.Problem)] of each Triton convolution of `net`'s training forward, in order.
+
+    The model runs on the meta device with a kit that records, for each fused step, the convolution the
+    Triton backend launches for it in training: conv_bn_relu convolves with the statistics epilogue,
+    bn_relu_conv with the scale/shift/ReLU prologue; plain convolutions (a block's last one, projections)
+    and the backward go through ATen.
+    """
+    from pyfast import models
+    from pyfast.kernels import conv
+    from pyfast.models.layers import EagerKit, switch_backend
+
+    problems = []
+
+    class Recorder(EagerKit):
+        def _record(self, x, layer, **flags):
+            problems.append((names[id(layer)], conv.Problem(
+                *x.shape, layer.out_channels, *layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                layer.groups, x.dtype, has_bias=layer.bias is not None, **flags)))
+
+        def conv_bn_relu(self, x, layer, bn, relu=True):
+            self._record(x, layer, stats=True)
+            return super().conv_bn_relu(x, layer, bn, relu)
+
+        def bn_relu_conv(self, x, bn, layer):
+            self._record(x, layer, has_scale=True, has_shift=True, in_relu=True)
+            return super().bn_relu_conv(x, bn, layer)
+
+    with torch.device("meta"):
+        model = models.create(net, in_chans=STATIC_NETS[net]).to(dtype=dtype, memory_format=torch.channels_last)
+        names = {id(m): name for name, m in model.named_modules()}
+        switch_backend(model.train(), Recorder())
+        model(torch.empty(batch, STATIC_NETS[net], image, image, dtype=dtype).contiguous(
+            memory_format=torch.channels_last))
+    return problems
+
+
+def _triton_tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _signature(fn, args: dict):
+    """Triton's (signature, constexprs, attrs) for a launch's arguments as the JIT specializes them: pointers
+    16-byte aligned, ints equal to 1 and absent pointers constant, ints divisible by 16 marked so."""
+    _names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    signature, constants, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        value = args[p.name]
+        if p.is_constexpr or value is None or value == 1 and isinstance(value, int):
+            signature[p.name], constants[(i,)] = "constexpr", value
+        elif isinstance(value, torch.dtype):
+            signature[p.name], attrs[(i,)] = "*" + _names[value], [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constants, attrs
+
+
+def compile_sm90(launch) -> dict:
+    """Compile a `conv.Launch` (arguments as dtypes) for sm_90; its resources as ptxas reports them, the
+    SASS's MMA instruction and the scf.for loops of its pipelined Triton GPU IR. Needs TRITON_INTERPRET unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    compiled = triton.compile(ASTSource(fn, *_signature(fn, launch.args)), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(compiled.asm["ptx"])
+        cubin.write_bytes(compiled.asm["cubin"])
+        arch = re.search(r"\.target\s+(\S+)", compiled.asm["ptx"]).group(1)
+        info = subprocess.run([str(_triton_tool("ptxas")), "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([str(_triton_tool("cuobjdump")), "-sass", str(cubin)], capture_output=True,
+                              text=True).stdout
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, info)) else None  # noqa: E731
+    mma = re.search(r"\b(HGMMA\.\S+?|HMMA\.\S+?)[ ,;]", sass)
+    ttgir = compiled.asm["ttgir"]
+    return dict(registers=number(r"Used (\d+) registers"), spills=number(r"(\d+) bytes spill stores"),
+                shared=compiled.metadata.shared, mma=mma.group(1) if mma else "-", loops=ttgir.count("scf.for"),
+                pipelined="async_copy" in ttgir or "async_wait" in ttgir)
+
+
+def _compile_key(launch):
+    """Launches that compile to the same binary: the constexprs, the int specialization and the options."""
+    sig, constants, attrs = _signature(launch.kernel, launch.args)
+    return (launch.kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constants.items(), key=str)),
+            tuple(sorted(attrs)), launch.num_warps, launch.num_stages)
+
+
+def static_rows(nets, batch: int = 128, image: int = 224, compile: bool = True) -> List[dict]:
+    """One row per distinct Triton launch of each net's training step (identical launches counted)."""
+    from pyfast.kernels import conv
+
+    rows, binaries = {}, {}
+    for net in nets:
+        for layer, problem in static_launches(net, batch, image):
+            for launch in conv.launch_plan(problem):
+                kernel = launch.kernel.__name__.strip("_")
+                what = (f"{problem.kh}x{problem.kw}" + (f" g{problem.groups}" if problem.groups > 1 else "")
+                        + (f" s{problem.stride[0]}" if problem.stride[0] > 1 else "")
+                        + f" {problem.c_in}->{problem.c_out} @{problem.h}x{problem.w}")
+                key = (net, what, kernel, launch.config, launch.grid)
+                if key in rows:
+                    rows[key]["count"] += 1
+                    continue
+                compile_key = _compile_key(launch) if compile else None
+                if compile and compile_key not in binaries:
+                    binaries[compile_key] = compile_sm90(launch)
+                rows[key] = dict(net=net, layer=layer, conv=what, c_out=problem.c_out, kernel=kernel,
+                                 config=launch.config,
+                                 grid=launch.grid, programs=launch.grid[0] * launch.grid[1] * launch.grid[2],
+                                 elements=launch.elements, count=1, **binaries.get(compile_key, {}))
+    return list(rows.values())
+
+
+def static_table(rows: List[dict]) -> str:
+    columns = ("net", "conv", "kernel", "config", "grid", "programs", "elements", "count", "registers", "spills",
+               "shared", "mma", "loops", "pipelined")
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(columns)] + [line(row) for row in cells])
+
+
+def static_check(rows: List[dict]) -> List[str]:
+    """Where the rows miss issue 14's targets: spills, launches of >= 2**20 elements on fewer programs than
+    SMs, MMA narrower than 64 at group width 16, a tl.dot main loop that is not one pipelined loop."""
+    from pyfast.kernels import conv
+
+    misses = []
+    for r in rows:
+        where = f"{r['net']} {r['conv']} {r['kernel']} {r['config']}"
+        if r.get("spills"):
+            misses.append(f"{where}: {r['spills']} bytes of spills")
+        if r["elements"] >= 2**20 and r["programs"] < conv._SMS:
+            misses.append(f"{where}: {r['programs']} programs for {r['elements']} elements")
+        if " g" in r["conv"] and "HGMMA" in r.get("mma", "") and _mma_n(r["mma"]) < min(64, r["c_out"]):
+            misses.append(f"{where}: MMA {r['mma']} narrower than 64 (or the layer's {r['c_out']} channels)")
+        if r.get("mma", "-") != "-" and (r.get("loops") != 1 or not r.get("pipelined")):
+            misses.append(f"{where}: {r.get('loops')} loops, pipelined {r.get('pipelined')}")
+    return misses
+
+
+def _mma_n(instruction: str) -> int:
+    """N of a Hopper MMA instruction such as HGMMA.64x128x16.F32.BF16."""
+    return int(instruction.split(".")[1].split("x")[1])
+
+
+def static_main(args: argparse.Namespace) -> List[dict]:
+    batch, image = args.batch_size or 128, args.image_size or 224
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the kernels must be decorated for compiling
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "pyfast.benchmarks.kernels", "--static", "--nets", *args.nets,
+                   "--batch-size", str(batch), "--image-size", str(image)]
+        subprocess.run(command, env=env, check=True)
+        return []
+    rows = static_rows(args.nets, batch, image)
+    print(static_table(rows))
+    misses = static_check(rows)
+    print("\n".join(["targets missed:"] + misses) if misses else "all targets met")
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
@@ -237,12 +424,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=["inference", "train_step"], choices=MODES)
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"] if gpu else ["fp32"], choices=list(DTYPES))
     parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=["channels_last", "nchw"])
-    parser.add_argument("--batch-size", type=int, default=128 if gpu else 2)
-    parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 on a GPU and with --static, else 2")
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 on a GPU and with --static, else 32")
     parser.add_argument("--repeats", type=int, default=50 if gpu else 5)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is busy)")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
+    parser.add_argument("--static", action="store_true",
+                        help="no timing: the Triton conv launches of a training step compiled for sm_90 "
+                             "(batch 128, 224x224 unless given)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -253,7 +443,9 @@ def main(args: argparse.Namespace) -> dict:
         timing.choose_cpu_threads(args.threads)
     start = time.monotonic()
     env, ceil = timing.environment(device), timing.ceilings(device)
-    cases = [c for net in args.nets for c in NETS[net](args.batch_size, args.image_size) if c.op in args.ops]
+    gpu = device == "cuda"
+    batch, image = args.batch_size or (128 if gpu else 2), args.image_size or (224 if gpu else 32)
+    cases = [c for net in args.nets for c in NETS[net](batch, image) if c.op in args.ops]
     backends = ["reference"] + fused_backends(device)
     doc = {"schema": results.KERNELS_SCHEMA, "environment": env, "ceilings": ceil.as_dict(), "rows": [],
            "skipped": []}
@@ -285,4 +477,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    main(parser.parse_args())
+    arguments = parser.parse_args()
+    static_main(arguments) if arguments.static else main(arguments)

@@ -10,16 +10,26 @@ pixel m = (n, oh, ow):
 where a = x, or a = relu?(x*in_scale[c] + in_shift[c]) with the prologue (bn_relu_conv), and a = 0
 outside the image: padding zeros are zeros of the *normalized* activation. Per group this is a GEMM
 with M = N*OH*OW rows (pixels), C_out_g columns and K = KH*KW*C_in_g: the A tile is gathered from x
-while loading ("implicit" GEMM, nothing is unfolded in memory), B is the weight reordered once per
-call to (KH*KW*C_in_g, C_out), output channels contiguous.
+while loading ("implicit" GEMM, nothing is unfolded in memory). The weight is read through its strides;
+each path wants one dim contiguous (in channels for tl.dot, out channels for the direct path) and a
+weight laid out otherwise is copied once and the copy cached until the weight changes (`_weight_for`).
 
-Two inner loops in one kernel, chosen by the constexpr DIRECT:
-  * tl.dot (C_in_g >= 16): the grid is (pixel tiles, channel tiles of one group, groups); a tile
-    multiplies [BLOCK_M, BLOCK_K] activations by [BLOCK_K, BLOCK_N] weights per kernel tap (kh, kw),
-    masking the channels past the group's end.
-  * direct (C_in_g < 16: depthwise and narrow groups, too thin for an MMA's K of 16): a channel tile
-    spans groups, each output channel gathering its own group's inputs, and one multiply-add of
-    [BLOCK_M, BLOCK_N] per (kh, kw, ci), on the CUDA cores, so no MMA lanes are wasted on padding.
+Two inner loops in one kernel, chosen by the constexpr DIRECT; each is one loop over (tap, channel
+block) pairs, so that the tl.dot loop is software-pipelined across taps, not drained at each tap:
+  * tl.dot (C_in_g >= 16): the grid is (pixel tiles, channel tiles, group tiles). A program covers
+    GROUP_TILE consecutive groups: with GROUP_TILE = 1 a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] product
+    per (tap, channel block) inside one group; with GROUP_TILE > 1 (narrow groups, e.g. RegNet's width
+    16) the A tile spans the GROUP_TILE groups' input channels (contiguous in NHWC) and the B tile is
+    block-diagonal (zero where input and output channel belong to different groups), so the MMA is
+    BLOCK_N = GROUP_TILE*C_out_g wide instead of C_out_g.
+  * direct (C_in_g < 16: depthwise, narrow groups, stems; too thin for an MMA's K of 16): a channel
+    tile spans groups, each output channel gathering its own group's inputs, and one multiply-add of
+    [BLOCK_M, BLOCK_N] per (tap, ci), on the CUDA cores. With groups == 1 (DENSE) every output channel
+    reads the same input: one [BLOCK_M] load broadcast over the columns.
+
+Configs are chosen per problem (`_choose_config`): by timing the candidates once per tuning key on a GPU
+(M bucketed to a power of two, so a new batch size does not retune), else by `_default_config`'s
+heuristic (PYFAST_TRITON_AUTOTUNE=0, the interpreter, `launch_plan` for the static table).
 
 Precision: accumulation is fp32 for fp16/bf16/fp32 inputs; the output is cast to x's dtype once.
 fp32 operands go through tl.dot as TF32 when `torch.backends.cudnn.allow_tf32` is set (PyTorch's
@@ -28,63 +38,228 @@ interpreter (TRITON_INTERPRET=1) always computes in fp32.
 
 Epilogue with compute_stats: each pixel tile writes per-channel statistics of the values it stores
 (post-bias, as rounded to the output dtype): the mean as an fp32 pair hi + lo and M2, the sum of
-squared deviations from it, to a (num_pixel_tiles, 3, C_out) fp32 buffer, no atomics.
-`_stats_combine_kernel` merges the tiles with Chan's formula into the mean and biased variance, so
-the output is never read back for statistics.
+squared deviations from it, to a (pixel tiles, 3, C_out) fp32 buffer sized from the launched config,
+no atomics, nothing zero-filled. `_stats_combine_kernel` merges them with Chan's formula, in parallel
+over blocks of tiles and then once more over the blocks' results, into the mean and biased variance,
+so the output is never read back for statistics. Nothing in a launch reads back to the host (CUDA graphs
+can capture it after the first call of a tuning key).
 """
+import functools
+import weakref
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .. import _flags
 from .._shapes import conv_output_size, pair
 
 _INTERPRET = _flags.TRITON_INTERPRET
-# PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
-# shape would cost more than the tests themselves.
+# PYFAST_TRITON_AUTOTUNE=0 launches _default_config's choice without timing: for GPU test runs, where
+# tuning every new shape would cost more than the tests themselves.
 _AUTOTUNE = _flags.TRITON_AUTOTUNE
 # Beyond this many elements in x or out, the kernel computes its offsets in int64.
 _MAX_INT32_NUMEL = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MMA_K = 16  # smallest K of tl.dot: narrower groups take the direct path
+_SMS = 132  # H100 SXM streaming multiprocessors: the default config fills them when the problem allows
+_MAX_GROUP_K = 128  # widest K of a multi-group tile (GROUP_TILE * C_in_g)
+_SMEM_BUDGET = 200 * 1024  # operand tiles x stages in shared memory, under the 227 KB an H100 block may use
 # Triton's interpreter (3.9) keeps bf16 as raw uint16 bits: tl.dot multiplies those bits, and fp32 -> bf16
 # truncates instead of rounding to nearest even. Under it the kernel works around both, so that CPU
 # tests see the numbers the GPU computes.
 _INTERPRETER_FIXES = tl.constexpr(_INTERPRET)
 
 
-def _configs(blocks, interpret_blocks, untuned):
-    """Autotune configs; one fixed config in the interpreter, where each tuning run costs seconds, and
-    only blocks[untuned] when autotuning is off."""
-    if _INTERPRET:
-        return [triton.Config(interpret_blocks)]
-    if not _AUTOTUNE:
-        blocks = [blocks[untuned]]
-    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), b[:3])), num_warps=b[3], num_stages=b[4])
-            for b in blocks]
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _next_pow2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration; GROUP_TILE > 1 only for tl.dot tiles spanning groups (then
+    block_n == group_tile * C_out_g and block_k == group_tile * C_in_g)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_tile: int = 1
+
+    def __str__(self):
+        groups = f" g{self.group_tile}" if self.group_tile > 1 else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}{groups} w{self.num_warps} s{self.num_stages}"
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Starting points for H100, to be tuned there.
-_DOT_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (256, 64, 32, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-     (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (128, 32, 16, 4, 4),
-     (128, 16, 16, 4, 4), (64, 16, 16, 2, 4)],
-    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, untuned=6)
+_DOT_CONFIGS = [Config(*b) for b in [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (256, 64, 32, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (128, 16, 16, 4, 4),
+    (64, 16, 16, 2, 4)]]
 # BLOCK_K is unused on the direct path.
-_DIRECT_CONFIGS = _configs(
-    [(64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (256, 32, 1, 8, 2), (64, 64, 1, 4, 2), (128, 64, 1, 8, 2),
-     (32, 128, 1, 4, 2), (64, 128, 1, 8, 2), (128, 16, 1, 4, 2)],
-    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 1}, untuned=0)
+_DIRECT_CONFIGS = [Config(*b) for b in [
+    (64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (256, 32, 1, 8, 2), (64, 64, 1, 4, 2), (128, 64, 1, 8, 2),
+    (32, 128, 1, 4, 2), (64, 128, 1, 8, 2), (128, 16, 1, 4, 2)]]
+# The statistics epilogue holds the tile's values twice (y and its deviations): tiles above this many
+# accumulator elements per warp would spill (128x128 on 8 warps needs 252 registers without it).
+_STATS_MAX_TILE_PER_WARP = 128 * 64 // 4
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose channel tiles are wider than the next power of two of the channels to cover."""
-    args = {**named_args, **kwargs}
-    cols = args["C_out"] if args["DIRECT"] else args["C_out_g"]
-    depth = 1 if args["DIRECT"] else args["C_in_g"]
-    max_n, max_k = max(16, triton.next_power_of_2(cols)), max(16, triton.next_power_of_2(depth))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+@dataclass(frozen=True)
+class Problem:
+    """Everything about a conv2d call that shapes its launches (no tensors)."""
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    dtype: torch.dtype
+    has_bias: bool = False
+    has_scale: bool = False
+    has_shift: bool = False
+    in_relu: bool = False
+    relu: bool = False
+    stats: bool = False
+    tf32: bool = True
+
+    @property
+    def oh(self):
+        return self.output_size[0]
+
+    @property
+    def ow(self):
+        return self.output_size[1]
+
+    @property
+    def output_size(self):
+        return conv_output_size(self.h, self.w, (self.kh, self.kw), self.stride, self.padding, self.dilation)
+
+    @property
+    def m(self):
+        return self.n * self.oh * self.ow
+
+    @property
+    def c_in_g(self):
+        return self.c_in // self.groups
+
+    @property
+    def c_out_g(self):
+        return self.c_out // self.groups
+
+    @property
+    def direct(self):
+        return self.c_in_g < _MMA_K
+
+    @property
+    def int64(self):
+        return max(self.n * self.c_in * self.h * self.w, self.m * self.c_out) > _MAX_INT32_NUMEL
+
+    def tuning_key(self):
+        """What the best config depends on; M only as its power-of-two bucket."""
+        return (self.c_in_g, self.c_out_g, self.groups, self.kh, self.kw, self.stride, self.dilation, self.dtype,
+                self.has_scale or self.has_shift or self.in_relu, self.stats, self.tf32, _next_pow2(self.m))
+
+
+def _group_tiles(problem, config):
+    """Groups per program for a tl.dot config at this problem, or 0 if the config does not fit it."""
+    p = problem
+    narrow = p.groups > 1 and p.c_out_g < config.block_n and (p.c_out_g & (p.c_out_g - 1)) == 0
+    if not narrow:
+        return 1
+    tile = config.block_n // p.c_out_g
+    return tile if tile <= p.groups and tile * p.c_in_g <= _MAX_GROUP_K else 0
+
+
+def candidates(problem):
+    """The configs worth trying on this problem: channel tiles no wider than the channels to cover
+    (several groups per tile where the groups are narrow), operand stages that fit in shared memory,
+    statistics tiles small enough not to spill."""
+    p = problem
+    kept = []
+    if p.direct:
+        max_n = max(16, _next_pow2(p.c_out))
+        kept = [c for c in _DIRECT_CONFIGS if c.block_n <= max_n]
+    else:
+        max_n = max(16, _next_pow2(p.c_out_g))
+        max_k = max(16, _next_pow2(p.c_in_g))
+        for c in _DOT_CONFIGS:
+            tile = _group_tiles(p, c)
+            if tile > 1:
+                c = replace(c, block_k=tile * p.c_in_g, group_tile=tile)
+            elif tile == 0 or c.block_n > max_n or c.block_k > max_k:
+                continue
+            operands = (c.block_m + c.block_n) * c.block_k * c.num_stages * p.dtype.itemsize
+            if c not in kept and operands <= _SMEM_BUDGET:
+                kept.append(c)
+    if p.stats:  # int64 offsets hold more registers: 1024 accumulator elements per warp spilled (sm_90, fp16)
+        per_warp = _STATS_MAX_TILE_PER_WARP // (4 if p.int64 else 1)
+        kept = [c for c in kept if c.block_m * c.block_n <= per_warp * c.num_warps]
+    pool = _DIRECT_CONFIGS if p.direct else _DOT_CONFIGS
+    return kept or [min(pool, key=lambda c: (c.block_n, c.block_k, c.block_m))]
+
+
+def _grid(problem, config):
+    p = problem
+    if p.direct:
+        return _cdiv(p.m, config.block_m), _cdiv(p.c_out, config.block_n), 1
+    columns = config.group_tile * p.c_out_g
+    return (_cdiv(p.m, config.block_m), _cdiv(columns, config.block_n),
+            _cdiv(p.groups, config.group_tile))
+
+
+def _programs(problem, config):
+    grid = _grid(problem, config)
+    return grid[0] * grid[1] * grid[2]
+
+
+def _default_config(problem):
+    """Without timing: among the configs that give every SM a program (else those with the most programs),
+    an MMA 64 wide (or as wide as the layer) with the fewest groups per tile (a block-diagonal tile of g groups
+    does g times the useful multiply-adds), then the largest tile."""
+    options = candidates(problem)
+    filling = [c for c in options if _programs(problem, c) >= _SMS]
+    if not filling:
+        most = max(_programs(problem, c) for c in options)
+        filling = [c for c in options if _programs(problem, c) == most]
+    columns = problem.c_out if problem.groups > 1 else problem.c_out_g
+    return max(filling, key=lambda c: (problem.direct or c.block_n >= min(64, columns), -c.group_tile,
+                                       c.block_m * c.block_n, c.block_n, c.block_k, c.num_warps))
+
+
+_TUNED = {}  # tuning key -> Config, filled once per key by timing the candidates
+_CHOSEN = {}  # Problem -> Config: after the first call of a problem, choosing costs one dict look-up
+
+
+def _choose_config(problem, make_run):
+    """The config to launch: timed once per tuning key on a GPU (`make_run(config)` returns a callable
+    launching it), the default heuristic's choice otherwise."""
+    config = _CHOSEN.get(problem)
+    if config is not None:
+        return config
+    options = candidates(problem)
+    if _INTERPRET or not _AUTOTUNE or len(options) == 1:
+        config = _default_config(problem)
+    else:
+        key = problem.tuning_key()
+        if key not in _TUNED:
+            times = [triton.testing.do_bench(make_run(c), warmup=5, rep=20) for c in options]
+            _TUNED[key] = options[min(range(len(options)), key=times.__getitem__)]
+        config = _TUNED[key]
+    _CHOSEN[problem] = config
+    return config
 
 
 @triton.jit
@@ -99,31 +274,31 @@ def _cast(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _load_activation(ptrs, mask, c, c_mask, scale_ptr, shift_ptr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr):
+def _load_activation(ptrs, mask, c, c_mask, scale_ptr, shift_ptr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr):
     """Load an activation tile [rows, channels c] and apply the prologue relu?(x*scale[c] + shift[c])."""
     a = tl.load(ptrs, mask=mask, other=0.0)
-    if PROLOGUE:
-        scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-        a = a.to(tl.float32) * scale[None, :] + shift[None, :]
+    if HAS_SCALE:
+        a = a.to(tl.float32) * tl.load(scale_ptr + c, mask=c_mask, other=0.0)[None, :]
+    if HAS_SHIFT:
+        a = a.to(tl.float32) + tl.load(shift_ptr + c, mask=c_mask, other=0.0)[None, :]
     if IN_RELU:
         a = a.to(tl.float32)  # as after the prologue (and the interpreter cannot compare bf16)
         a = tl.where(a < 0, 0.0, a)  # not tl.maximum: NaN must propagate as in torch.relu
-    if PROLOGUE:
+    if HAS_SHIFT:
         a = tl.where(mask, a, 0.0)  # padding and masked lanes are zeros *after* the prologue
     return a
 
 
 @triton.jit
-def _store_tile_stats(y, m_mask, co, n_mask, pid_m, pid_n, pid_g, M, C_out,
-                      tile_stats_ptr, tile_count_ptr, BLOCK_M: tl.constexpr):
+def _store_tile_stats(y, m_mask, co, n_mask, pid_m, M, C_out, tile_stats_ptr, BLOCK_M: tl.constexpr):
     """Write this tile's per-channel mean, as hi + lo, and M2 (sum of squared deviations from the mean).
 
     Corrected two-pass: hi = fp32(sum y / n); s1 = sum (y - hi) is what hi's rounding missed (the
     deviations are exact near a large mean), so mean = hi + s1/n and M2 = sum (y - hi)^2 - s1^2/n.
     The combine needs lo = s1/n: one fp32 cannot hold a mean of 1e4 to better than ~5e-4.
     """
-    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     hi = tl.sum(tl.where(m_mask[:, None], y, 0.0), axis=0) / count
     dev = tl.where(m_mask[:, None], y - hi[None, :], 0.0)
     s1 = tl.sum(dev, axis=0)
@@ -131,29 +306,29 @@ def _store_tile_stats(y, m_mask, co, n_mask, pid_m, pid_n, pid_g, M, C_out,
     tl.store(row, hi, mask=n_mask)
     tl.store(row + C_out, s1 / count, mask=n_mask)
     tl.store(row + 2 * C_out, tl.sum(dev * dev, axis=0) - s1 * s1 / count, mask=n_mask)
-    # The count is the same for every channel tile: one program per pixel tile writes it.
-    tl.store(tile_count_ptr + pid_m, count.to(tl.float32), mask=(pid_n == 0) & (pid_g == 0))
 
 
 @triton.jit
 def _conv2d_kernel(
     x_ptr,  # activation (N, H, W, C_in), dense NHWC
-    w_ptr,  # weight reordered to (KH*KW*C_in_g, C_out): row (kh*KW + kw)*C_in_g + ci, out channels contiguous
+    w_ptr,  # weight (C_out, C_in_g, KH, KW) with strides w_stride_*
     bias_ptr,  # (C_out,) fp32, read if HAS_BIAS
-    scale_ptr, shift_ptr,  # (C_in,) fp32 prologue scale and shift, read if PROLOGUE
+    scale_ptr, shift_ptr,  # (C_in,) fp32 prologue scale and shift, read if HAS_SCALE / HAS_SHIFT
     out_ptr,  # output (N, OH, OW, C_out), dense NHWC, dtype of x
-    tile_stats_ptr,  # (num_pixel_tiles, 3, C_out) fp32 per tile: channel mean as hi, lo and M2, written if STATS
-    tile_count_ptr,  # (num_pixel_tiles,) fp32 valid pixels per tile, written if STATS
+    tile_stats_ptr,  # (cdiv(M, BLOCK_M), 3, C_out) fp32 per tile: channel mean as hi, lo and M2, written if STATS
     H, W, C_in,  # input height, width, channels
     OH, OW, C_out,  # output height, width, channels
     M,  # output pixels N*OH*OW: the GEMM's rows
     C_in_g, C_out_g,  # channels per group
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    w_stride_o, w_stride_i, w_stride_h, w_stride_w,
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size
-    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,  # x -> x*scale + shift, then ReLU, while loading
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,  # prologue relu?(x*scale + shift)
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr,  # epilogue: + bias, then ReLU
     STATS: tl.constexpr,  # epilogue: per-tile channel statistics of the stored output
     DIRECT: tl.constexpr,  # CUDA-core multiply-add over channel tiles spanning groups instead of tl.dot
+    DENSE: tl.constexpr,  # direct path with groups == 1: every output channel reads the same inputs
+    GROUP_TILE: tl.constexpr,  # tl.dot path: groups per program (block-diagonal weight tile if > 1)
     INT64: tl.constexpr,  # offsets in int64 (x or out has 2**31 elements or more)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # pixels, out channels, in channels
@@ -167,100 +342,123 @@ def _conv2d_kernel(
     m_mask = offs_m < M
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
-    img = offs_m // (OW * OH)
+    img_h = (offs_m // (OW * OH)) * H
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
     if DIRECT:
         co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = co < C_out
         c_first = (co // C_out_g) * C_in_g  # first input channel of each output channel's group
-    else:
-        co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = co_g < C_out_g
-        co = pid_g * C_out_g + co_g
-        c_first = pid_g * C_in_g
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(KH * KW):  # kernel taps
-        ih = oh * stride_h - pad_h + (r // KW) * dil_h
-        iw = ow * stride_w - pad_w + (r % KW) * dil_w
-        in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_pix = x_ptr + ((img * H + ih) * W + iw) * C_in  # [BLOCK_M] pointers to channel 0 of each pixel
-        w_tap = w_ptr + r * C_in_g * C_out
-        if DIRECT:
-            mask = in_image[:, None] & n_mask[None, :]
-            for ci in range(C_in_g):
+        w_co = w_ptr + co * w_stride_o
+        for it in range(KH * KW * C_in_g):  # (tap, input channel) pairs
+            r = it // C_in_g
+            ci = it - r * C_in_g
+            kh = r // KW
+            kw = r - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pix = x_ptr + ((img_h + ih) * W + iw) * C_in  # [BLOCK_M] pointers to channel 0 of each pixel
+            if DENSE:  # one column of inputs, broadcast over the output channels
+                c = ci + tl.zeros((1,), dtype=tl.int32)
+                a = _load_activation((x_pix + ci)[:, None], in_image[:, None], c, c < C_in, scale_ptr, shift_ptr,
+                                     HAS_SCALE, HAS_SHIFT, IN_RELU)
+            else:
                 c = c_first + ci
-                a = _load_activation(x_pix[:, None] + c[None, :], mask, c, n_mask, scale_ptr, shift_ptr,
-                                     PROLOGUE, IN_RELU)
-                b = tl.load(w_tap + ci * C_out + co, mask=n_mask, other=0.0)
-                acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
-        else:
-            for k0 in range(0, C_in_g, BLOCK_K):
-                ci = k0 + tl.arange(0, BLOCK_K)
+                a = _load_activation(x_pix[:, None] + c[None, :], in_image[:, None] & n_mask[None, :], c, n_mask,
+                                     scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+            b = tl.load(w_co + ci * w_stride_i + kh * w_stride_h + kw * w_stride_w, mask=n_mask, other=0.0)
+            acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+    else:
+        n_local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # column within the group tile
+        co = pid_g * GROUP_TILE * C_out_g + n_local
+        n_mask = (n_local < GROUP_TILE * C_out_g) & (co < C_out)
+        c_first = pid_g * GROUP_TILE * C_in_g
+        k_span = GROUP_TILE * C_in_g  # input channels of the tile's groups, contiguous in NHWC
+        k_blocks = tl.cdiv(k_span, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K)
+        w_co = w_ptr + co[None, :] * w_stride_o
+        if GROUP_TILE > 1:  # one channel block per tap (BLOCK_K == k_span): the block-diagonal mask is fixed
+            ci_tile = kk % C_in_g
+            w_mask = ((kk // C_in_g)[:, None] == (n_local // C_out_g)[None, :]) & n_mask[None, :]
+        for it in range(KH * KW * k_blocks):  # (tap, channel block) pairs: one pipelined loop
+            r = it // k_blocks
+            kh = r // KW
+            kw = r - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            in_image = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pix = x_ptr + ((img_h + ih) * W + iw) * C_in
+            w_tap = w_co + kh * w_stride_h + kw * w_stride_w
+            if GROUP_TILE > 1:
+                c = c_first + kk
+                k_mask = c < C_in
+                b = tl.load(w_tap + ci_tile[:, None] * w_stride_i, mask=w_mask, other=0.0)
+            else:
+                ci = (it - r * k_blocks) * BLOCK_K + kk
                 k_mask = ci < C_in_g
                 c = c_first + ci
-                a = _load_activation(x_pix[:, None] + c[None, :], in_image[:, None] & k_mask[None, :], c, k_mask,
-                                     scale_ptr, shift_ptr, PROLOGUE, IN_RELU)
-                b = tl.load(w_tap + ci[:, None] * C_out + co[None, :], mask=k_mask[:, None] & n_mask[None, :],
-                            other=0.0)
-                a = _cast(a, b.dtype)  # the prologue computes in fp32: back to the operand dtype for the MMA
-                if _INTERPRETER_FIXES:  # exact fp32 products of the fp16/bf16 operands, as the MMA makes
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                b = tl.load(w_tap + ci[:, None] * w_stride_i, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            a = _load_activation(x_pix[:, None] + c[None, :], in_image[:, None] & k_mask[None, :], c, k_mask,
+                                 scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+            a = _cast(a, b.dtype)  # the prologue computes in fp32: back to the operand dtype for the MMA
+            if _INTERPRETER_FIXES:  # exact fp32 products of the fp16/bf16 operands, as the MMA makes
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_mask, other=0.0)[None, :]
     out_dtype = out_ptr.dtype.element_ty
     if STATS:  # of the values stored (rounded to the output dtype), before the (excluded) ReLU
-        _store_tile_stats(_cast(acc, out_dtype).to(tl.float32), m_mask, co, n_mask, pid_m, pid_n, pid_g, M, C_out,
-                          tile_stats_ptr, tile_count_ptr, BLOCK_M)
+        _store_tile_stats(_cast(acc, out_dtype).to(tl.float32), m_mask, co, n_mask, pid_m, M, C_out,
+                          tile_stats_ptr, BLOCK_M)
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)
     tl.store(out_ptr + offs_m[:, None] * C_out + co[None, :], _cast(acc, out_dtype),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-_AUTOTUNE_KEY = ["C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w", "M", "PROLOGUE", "STATS", "DOT_PRECISION"]
-# One kernel, two tuning tables: the paths favour different tile shapes. Tile counts are zeroed before
-# each tuning run, or rows written by a config with a smaller BLOCK_M would survive into the combine.
-_TUNING = dict(key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
-               reset_to_zero=["tile_count_ptr"])
-_conv2d_dot = triton.autotune(_DOT_CONFIGS, **_TUNING)(_conv2d_kernel)
-_conv2d_direct = triton.autotune(_DIRECT_CONFIGS, **_TUNING)(_conv2d_kernel)
-
-
 @triton.jit
 def _stats_combine_kernel(
-    tile_stats_ptr,  # (T, 3, C) fp32 per tile: channel mean as hi + lo, and M2; rows whose count is 0 are ignored
-    tile_count_ptr,  # (T,) fp32 pixels per tile (0 for rows no tile wrote)
-    mean_ptr, var_ptr,  # (C,) fp32 outputs: mean and biased variance
-    T, C,  # rows and channels of the tile buffers
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    tile_stats_ptr,  # (T, 3, C) fp32: per row, the channel mean as hi + lo, and M2
+    out_ptr,  # FINAL: (C,) fp32 mean; else (cdiv(T, rows), 3, C) rows of the same format, one per program
+    var_ptr,  # FINAL: (C,) fp32 biased variance
+    T, C,  # rows and channels of tile_stats
+    M, row_pixels,  # pixels in all and per row: row t holds min(M - t*row_pixels, row_pixels) of them
+    rows,  # rows merged by one program
+    FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge per-tile (n_t, mean_t, M2_t) into per-channel mean and biased variance M2 / n.
+    """Merge rows [pid_t*rows, (pid_t+1)*rows) of per-tile (n_t, mean_t, M2_t) for channels of block pid_c.
 
-    BLOCK_T tiles are merged exactly about their joint mean:
+    BLOCK_T rows are merged exactly about their joint mean:
         n_B = sum n_t,  mean_B = sum n_t*mean_t / n_B,  M2_B = sum M2_t + n_t*(mean_t - mean_B)^2
     and the block into the running result with Chan et al.'s pairwise formula:
         n = n_a + n_B,  d = mean_B - mean_a,  mean = mean_a + d*n_B/n,  M2 = M2_a + M2_B + d^2*n_a*n_B/n
     Only deviations are squared, so a large mean costs no precision (unlike E[y^2] - E[y]^2); the
-    means are taken relative to tile 0's hi (always written): mean_t = (hi_t - hi_0) + lo_t is small
-    and exact to fp32 rounding, and so is sum n_t*mean_t.
+    means are taken relative to the first row's hi: mean_t = (hi_t - hi_0) + lo_t is small and exact to
+    fp32 rounding, and so is sum n_t*mean_t. A non-final program writes its result as a row again, the
+    mean split as hi = fp32(hi_0 + mean) and lo = mean - (hi - hi_0).
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_t = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    shift = tl.load(tile_stats_ptr + c, mask=c_mask, other=0.0)
+    first = pid_t * rows
+    end = tl.minimum(first + rows, T)
+    shift = tl.load(tile_stats_ptr + first * 3 * C + c, mask=c_mask, other=0.0)
     n = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(first, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        n_t = tl.load(tile_count_ptr + t, mask=t < T, other=0.0)
-        mask = (n_t > 0)[:, None] & c_mask[None, :]
-        rows = tile_stats_ptr + t[:, None] * 3 * C + c[None, :]
-        hi = tl.load(rows, mask=mask, other=0.0)
-        lo = tl.load(rows + C, mask=mask, other=0.0)
-        mean_t = tl.where(mask, (hi - shift[None, :]) + lo, 0.0)
-        m2_t = tl.load(rows + 2 * C, mask=mask, other=0.0)
+        t_mask = t < end
+        n_t = tl.where(t_mask, tl.minimum(M - t * row_pixels, row_pixels), 0).to(tl.float32)
+        mask = t_mask[:, None] & c_mask[None, :]
+        row = tile_stats_ptr + t[:, None] * 3 * C + c[None, :]
+        mean_t = tl.where(mask, (tl.load(row, mask=mask, other=0.0) - shift[None, :])
+                          + tl.load(row + C, mask=mask, other=0.0), 0.0)
+        m2_t = tl.load(row + 2 * C, mask=mask, other=0.0)
         n_b = tl.sum(n_t, axis=0)
         mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / tl.maximum(n_b, 1.0)
         dev = tl.where(mask, mean_t - mean_b[None, :], 0.0)
@@ -270,19 +468,140 @@ def _stats_combine_kernel(
         mean += d * (n_b / tl.maximum(n_ab, 1.0))
         m2 += m2_b + d * d * (n * n_b / tl.maximum(n_ab, 1.0))
         n = n_ab
-    tl.store(mean_ptr + c, shift + mean, mask=c_mask)
-    tl.store(var_ptr + c, m2 / n, mask=c_mask)
+    if FINAL:
+        tl.store(out_ptr + c, shift + mean, mask=c_mask)
+        tl.store(var_ptr + c, m2 / n, mask=c_mask)
+    else:
+        hi = shift + mean
+        out = out_ptr + pid_t * 3 * C + c
+        tl.store(out, hi, mask=c_mask)
+        tl.store(out + C, mean - (hi - shift), mask=c_mask)
+        tl.store(out + 2 * C, m2, mask=c_mask)
 
 
-def _combine_stats(tile_stats, tile_count, block_t=64):
-    """Per-channel (mean, biased var) from the conv kernel's (T, 3, C) tile statistics and (T,) counts."""
-    T, _, C = tile_stats.shape
-    mean = torch.empty(C, device=tile_stats.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
-    block_c = min(64, triton.next_power_of_2(C))
-    _stats_combine_kernel[(triton.cdiv(C, block_c),)](tile_stats, tile_count, mean, var, T, C,
-                                                      BLOCK_T=block_t, BLOCK_C=block_c)
-    return mean, var
+@dataclass
+class Launch:
+    """One kernel launch: the kernel, its grid, its arguments (tensors, or for `launch_plan` their dtypes;
+    None for absent pointers) and its compile options. `elements` counts what it reads and writes."""
+    kernel: object
+    grid: Tuple[int, int, int]
+    args: dict
+    num_warps: int
+    num_stages: int
+    config: str
+    elements: int
+
+    def run(self):
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+_COMBINE_BLOCK_T = 16
+_COMBINE_FINAL_ROWS = 512  # rows one program merges in the final level
+
+
+def _combine_launches(T, C, M, tile_pixels, tile_stats, mean, var, alloc):
+    """The statistics combine: one program per channel block merging all rows when they are few, else
+    first a level over blocks of rows sized to give every SM one or two programs, whose results (at most
+    2 * _SMS rows) the final level merges."""
+    block_c = min(64, _next_pow2(C))
+    c_blocks = _cdiv(C, block_c)
+    launches = []
+    if T > _COMBINE_FINAL_ROWS:
+        rows = max(_COMBINE_BLOCK_T, _next_pow2(_cdiv(T * c_blocks, 2 * _SMS)))
+        partial_rows = _cdiv(T, rows)
+        partial = alloc((partial_rows, 3, C))
+        launches.append(_combine_launch((partial_rows, c_blocks), tile_stats, partial, None, T, C, M, tile_pixels,
+                                        rows, False, block_c))
+        tile_stats, T, tile_pixels = partial, partial_rows, tile_pixels * rows
+    launches.append(_combine_launch((1, c_blocks), tile_stats, mean, var, T, C, M, tile_pixels, T, True, block_c))
+    return launches
+
+
+def _combine_launch(grid, rows_in, out, var, T, C, M, tile_pixels, rows, final, block_c):
+    args = dict(tile_stats_ptr=rows_in, out_ptr=out, var_ptr=var, T=T, C=C, M=M, row_pixels=tile_pixels, rows=rows,
+                FINAL=final, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_C=block_c)
+    written = (2 if final else 3 * grid[0]) * C
+    return Launch(_stats_combine_kernel, (*grid, 1), args, 4, 1, f"{_COMBINE_BLOCK_T}x{block_c}",
+                  3 * T * C + written)
+
+
+def _conv_launch(problem, config, tensors):
+    """The convolution kernel's launch for `config`; `tensors` maps pointer names to tensors (or dtypes)
+    and the weight strides."""
+    grid, static_args, elements = _conv_static_args(problem, config)
+    return Launch(_conv2d_kernel, grid, {**tensors, **static_args}, config.num_warps, config.num_stages, str(config),
+                  elements)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_static_args(problem, config):
+    """(grid, the int and constexpr arguments, elements touched): the same for every call of a problem."""
+    p = problem
+    args = dict(H=p.h, W=p.w, C_in=p.c_in, OH=p.oh, OW=p.ow, C_out=p.c_out, M=p.m, C_in_g=p.c_in_g, C_out_g=p.c_out_g,
+                stride_h=p.stride[0], stride_w=p.stride[1], pad_h=p.padding[0], pad_w=p.padding[1],
+                dil_h=p.dilation[0], dil_w=p.dilation[1],
+                KH=p.kh, KW=p.kw, HAS_SCALE=p.has_scale, HAS_SHIFT=p.has_shift, IN_RELU=p.in_relu,
+                HAS_BIAS=p.has_bias, RELU=p.relu, STATS=p.stats, DIRECT=p.direct, DENSE=p.direct and p.groups == 1,
+                GROUP_TILE=config.group_tile, INT64=p.int64, DOT_PRECISION="tf32" if p.tf32 else "ieee",
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    elements = p.n * p.c_in * p.h * p.w + p.c_out * p.c_in_g * p.kh * p.kw + p.m * p.c_out
+    if p.stats:
+        elements += _cdiv(p.m, config.block_m) * 3 * p.c_out
+    return _grid(p, config), args, elements
+
+
+def _weight_order(direct):
+    """Dims of (C_out, C_in_g, KH, KW) from outermost to innermost in the layout each path reads fastest:
+    out channels innermost for the direct path, in channels innermost (channels_last) for tl.dot."""
+    return (2, 3, 1, 0) if direct else (0, 2, 3, 1)
+
+
+def _weight_strides(weight):
+    return dict(zip(("w_stride_o", "w_stride_i", "w_stride_h", "w_stride_w"), weight.stride()))
+
+
+def launch_plan(problem, config=None):
+    """The launches conv2d makes for `problem` with `config` (default: `_default_config`), with dtypes
+    in place of tensors: for tables and ahead-of-time compiles, without a GPU."""
+    config = config or _default_config(problem)
+    f32, dtype = torch.float32, problem.dtype
+    order = _weight_order(problem.direct)
+    shape = [(problem.c_out, problem.c_in_g, problem.kh, problem.kw)[d] for d in order]
+    weight_strides = _weight_strides(torch.empty(shape, device="meta").permute(*_inverse(order)))
+    tensors = dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=f32 if problem.has_bias else None,
+                   scale_ptr=f32 if problem.has_scale else None, shift_ptr=f32 if problem.has_shift else None,
+                   out_ptr=dtype, tile_stats_ptr=f32 if problem.stats else None, **weight_strides)
+    launches = [_conv_launch(problem, config, tensors)]
+    if problem.stats and problem.m:
+        launches += _combine_launches(_cdiv(problem.m, config.block_m), problem.c_out, problem.m,
+                                      config.block_m, f32, f32, f32, lambda shape: f32)
+    return launches
+
+
+def _inverse(order):
+    return tuple(order.index(d) for d in range(len(order)))
+
+
+_WEIGHTS = {}  # (id(weight), direct) -> (weakref to weight, its state, the copy in the path's layout)
+
+
+def _weight_for(weight, direct):
+    """The weight as the path reads it: itself when its innermost dim is already the one the path wants,
+    else a copy in that layout, cached per weight tensor until the weight changes (version counter,
+    storage, dtype, shape or strides), so that repeated calls with one weight copy it once."""
+    order = _weight_order(direct)
+    if weight.stride(order[-1]) == 1 or weight.shape[order[-1]] == 1:
+        return weight
+    copy = lambda: weight.detach().permute(*order).contiguous().permute(*_inverse(order))  # noqa: E731
+    if weight.is_inference():  # no version counter to tell when it changes
+        return copy()
+    key = (id(weight), direct)
+    state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+    entry = _WEIGHTS.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != state:
+        ref = weakref.ref(weight, lambda _, key=key: _WEIGHTS.pop(key, None))
+        entry = _WEIGHTS[key] = (ref, state, copy())
+    return entry[2]
 
 
 def _check_vector(t, name, length, device):
@@ -334,46 +653,42 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
     stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     _check_conv_inputs(x, weight, groups, relu, compute_stats)
     N, C_in, H, W = x.shape
-    C_out, C_in_g, KH, KW = weight.shape
+    C_out, _, KH, KW = weight.shape
     bias = _check_vector(bias, "bias", C_out, x.device)
     in_scale = _check_vector(in_scale, "in_scale", C_in, x.device)
     in_shift = _check_vector(in_shift, "in_shift", C_in, x.device)
-    OH, OW = conv_output_size(H, W, (KH, KW), stride, padding, dilation)
-    if OH < 1 or OW < 1:
+    problem = Problem(N, C_in, H, W, C_out, KH, KW, stride, padding, dilation, groups, x.dtype,
+                      has_bias=bias is not None, has_scale=in_scale is not None, has_shift=in_shift is not None,
+                      in_relu=in_relu, relu=relu, stats=compute_stats, tf32=torch.backends.cudnn.allow_tf32)
+    if problem.oh < 1 or problem.ow < 1:
         raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the dilated kernel")
 
     x = x.contiguous(memory_format=torch.channels_last)
-    w = weight.permute(2, 3, 1, 0).contiguous().view(KH * KW * C_in_g, C_out)
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    M = N * OH * OW
-    prologue = in_scale is not None or in_shift is not None
-    if prologue:
-        in_scale = torch.ones(C_in, device=x.device) if in_scale is None else in_scale
-        in_shift = torch.zeros(C_in, device=x.device) if in_shift is None else in_shift
-    direct = C_in_g < _MMA_K
-    kernel, configs = (_conv2d_direct, _DIRECT_CONFIGS) if direct else (_conv2d_dot, _DOT_CONFIGS)
-    # Sized for the smallest BLOCK_M; rows past the chosen config's tiles keep count 0 and are skipped.
-    tiles = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in configs)) if compute_stats else 0
-    tile_stats = torch.empty((tiles, 3, C_out), device=x.device, dtype=torch.float32)
-    tile_count = torch.zeros(tiles, device=x.device, dtype=torch.float32)
-
-    if M and C_out:
-        cols, grid_g = (C_out, 1) if direct else (C_out // groups, groups)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), grid_g)  # noqa: E731
-        kernel[grid](
-            x_ptr=x, w_ptr=w, bias_ptr=out if bias is None else bias,
-            scale_ptr=in_scale if prologue else out, shift_ptr=in_shift if prologue else out,
-            out_ptr=out, tile_stats_ptr=tile_stats, tile_count_ptr=tile_count,
-            H=H, W=W, C_in=C_in, OH=OH, OW=OW, C_out=C_out, M=M, C_in_g=C_in_g, C_out_g=C_out // groups,
-            stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
-            dil_h=dilation[0], dil_w=dilation[1], KH=KH, KW=KW,
-            PROLOGUE=prologue, IN_RELU=in_relu, HAS_BIAS=bias is not None, RELU=relu, STATS=compute_stats,
-            DIRECT=direct, INT64=max(x.numel(), out.numel()) > _MAX_INT32_NUMEL,
-            DOT_PRECISION="tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
-        )
-    if not compute_stats:
-        return out
-    if out.numel() == 0:
+    w = _weight_for(weight, problem.direct)
+    out = torch.empty((N, C_out, problem.oh, problem.ow), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    if problem.m == 0 or C_out == 0:
+        if not compute_stats:
+            return out
         nan = torch.full((C_out,), float("nan"), device=x.device)
         return out, nan, nan.clone()
-    return (out, *_combine_stats(tile_stats, tile_count))
+    tensors = dict(x_ptr=x, w_ptr=w, bias_ptr=bias, scale_ptr=in_scale, shift_ptr=in_shift, out_ptr=out,
+                   **_weight_strides(w))
+
+    def tile_stats(config):
+        if not compute_stats:
+            return None
+        return torch.empty((_cdiv(problem.m, config.block_m), 3, C_out), device=x.device, dtype=torch.float32)
+
+    config = _choose_config(problem,
+                            lambda c: _conv_launch(problem, c, dict(tensors, tile_stats_ptr=tile_stats(c))).run)
+    stats = tile_stats(config)
+    _conv_launch(problem, config, dict(tensors, tile_stats_ptr=stats)).run()
+    if not compute_stats:
+        return out
+    mean = torch.empty(C_out, device=x.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    alloc = lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32)  # noqa: E731
+    for launch in _combine_launches(stats.shape[0], C_out, problem.m, config.block_m, stats, mean, var, alloc):
+        launch.run()
+    return out, mean, var

@@ -94,3 +94,37 @@ def test_kernels_main_on_a_tiny_size(tmp_path, fixed_ceilings, capsys):
     assert len(doc["rows"]) == 4 and out.exists()  # one add_relu per stage
     assert all(r["env"]["torch"] == torch.__version__ for r in doc["rows"])
     assert "x eager" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("net, skipped", [("regnetx_32", (".f.c.0", ".proj.0")),
+                                         ("resnet50", (".conv3", ".downsample.0"))])
+def test_static_launches_are_the_fused_convolutions(net, skipped):
+    """Every convolution of the training forward but a block's last one and its projection (plain ATen
+    convolutions before bn_add_relu) is a Triton launch with the statistics epilogue, in forward order."""
+    with torch.device("meta"):
+        model = models.create(net, in_chans=kernels.STATIC_NETS[net])
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    launches = kernels.static_launches(net, batch=2, image=32)
+    assert [name for name, _ in launches] == [n for n in convs if not n.endswith(skipped)]
+    stem = launches[0][1]
+    assert (stem.n, stem.c_in, stem.h, stem.w, stem.dtype) == (2, kernels.STATIC_NETS[net], 32, 32, torch.bfloat16)
+    assert all(p.stats and not p.relu for _, p in launches)
+
+
+def test_static_rows_without_compiling():
+    rows = kernels.static_rows(["regnetx_32"], batch=2, image=32, compile=False)
+    convs = [r for r in rows if r["kernel"] == "conv2d_kernel"]
+    assert sum(r["count"] for r in convs) == len(kernels.static_launches("regnetx_32", 2, 32))
+    assert all(r["programs"] == r["grid"][0] * r["grid"][1] * r["grid"][2] > 0 for r in rows)
+    assert "stats_combine_kernel" in kernels.static_table(rows)
+
+
+def test_static_check_reports_each_missed_target():
+    good = dict(net="n", conv="3x3 g8 128->128 @14x14", c_out=128, kernel="conv2d_kernel", config="c", programs=196,
+                elements=2**21, spills=0, mma="HGMMA.64x64x16.F32.BF16", loops=1, pipelined=True)
+    assert kernels.static_check([good]) == []
+    bad = [dict(good, spills=8), dict(good, programs=100), dict(good, mma="HGMMA.64x16x16.F32.BF16"),
+           dict(good, loops=2), dict(good, pipelined=False)]
+    assert [len(kernels.static_check([row])) for row in bad] == [1, 1, 1, 1, 1]
+    narrow_layer = dict(good, conv="3x3 g2 32->32 @56x56", c_out=32, mma="HGMMA.64x32x16.F32.BF16")
+    assert kernels.static_check([narrow_layer]) == []  # the whole layer is 32 wide

@@ -41,50 +41,36 @@ DATA_POINTERS = {"x_ptr", "w_ptr", "out_ptr", "res_ptr", "grad_ptr", "grad_x_ptr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _conv_ints(n, c_in, hw, c_out, k, stride, pad, groups):
-    """The int arguments conv2d() passes for x (n, c_in, *hw), a k x k kernel, stride, padding and groups."""
-    h, w = hw
-    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    return dict(H=h, W=w, C_in=c_in, OH=oh, OW=ow, C_out=c_out, M=n * oh * ow, C_in_g=c_in // groups,
-                C_out_g=c_out // groups, stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=1, dil_w=1,
-                KH=k, KW=k)
-
-
-def _conv(kernel, dtype, shape, config, mma, prologue=False, in_relu=False, bias=True, relu=False, stats=False,
-          int64=False, precision="tf32"):
-    """A _conv2d_kernel compile through the `kernel` autotuner (_conv2d_dot / _conv2d_direct)."""
-    ints = _conv_ints(*shape)
-    constexprs = dict(KH=ints.pop("KH"), KW=ints.pop("KW"), PROLOGUE=prologue, IN_RELU=in_relu, HAS_BIAS=bias,
-                      RELU=relu, STATS=stats, DIRECT=kernel == "_conv2d_direct", INT64=int64,
-                      DOT_PRECISION=precision)
-    return dict(module="conv", kernel=kernel, dtype=dtype, acc="fp32", ints=ints, constexprs=constexprs,
-                config=config, none=[], mma=mma)
+def _conv(dtype, shape, config, mma, prologue=False, in_relu=False, bias=True, relu=False, stats=False,
+          precision="tf32"):
+    """The conv2d launches for x (n, c_in, *hw), a k x k kernel, stride, padding and groups, with the largest or
+    the smallest of the candidate configs; the worker compiles them from `conv.launch_plan`."""
+    n, c_in, (h, w), c_out, k, stride, pad, groups = shape
+    problem = dict(n=n, c_in=c_in, h=h, w=w, c_out=c_out, kh=k, kw=k, stride=(stride, stride), padding=(pad, pad),
+                   dilation=(1, 1), groups=groups, dtype=dtype, has_bias=bias, has_scale=prologue, has_shift=prologue,
+                   in_relu=in_relu, relu=relu, stats=stats, tf32=precision == "tf32")
+    return dict(module="conv", problem=problem, config=config, mma=mma)
 
 
 CONV_CASES = {
     # tl.dot path. The bf16 largest-tile cases are the tensor-core and shared-memory checks of the brief.
-    "conv-dot-bf16-largest-bias-relu": _conv(
-        "_conv2d_dot", "bf16", (8, 64, (56, 56), 64, 3, 1, 1, 1), "largest", True, relu=True),
+    "conv-dot-bf16-largest-bias-relu": _conv("bf16", (8, 64, (56, 56), 64, 3, 1, 1, 1), "largest", True, relu=True),
     "conv-dot-bf16-largest-prologue-stats": _conv(
-        "_conv2d_dot", "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 1), "largest", True, prologue=True, in_relu=True,
-        stats=True),
-    "conv-dot-fp32-tf32-largest-1x1": _conv(
-        "_conv2d_dot", "fp32", (8, 64, (56, 56), 256, 1, 1, 0, 1), "largest", True, bias=False),
+        "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 1), "largest", True, prologue=True, in_relu=True, stats=True),
+    "conv-dot-bf16-largest-width16-stats": _conv(  # several groups per tile: block-diagonal weights
+        "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 8), "largest", True, stats=True),
+    "conv-dot-fp32-tf32-largest-1x1": _conv("fp32", (8, 64, (56, 56), 256, 1, 1, 0, 1), "largest", True, bias=False),
     "conv-dot-fp16-smallest-7x7-prologue-int64": _conv(
-        "_conv2d_dot", "fp16", (8, 16, (224, 224), 16, 7, 2, 3, 1), "smallest", True, prologue=True, int64=True),
+        "fp16", (40, 16, (2048, 2048), 16, 7, 2, 3, 1), "smallest", True, prologue=True),
     "conv-dot-fp32-ieee-smallest-stats": _conv(  # exact fp32: FMA, no tensor cores
-        "_conv2d_dot", "fp32", (8, 32, (56, 56), 32, 3, 2, 1, 2), "smallest", False, stats=True, precision="ieee"),
+        "fp32", (8, 32, (56, 56), 32, 3, 2, 1, 2), "smallest", False, stats=True, precision="ieee"),
     # direct (CUDA-core) path: depthwise (C_in_g = 1, a constexpr after specialization), narrow groups, stem
     "conv-direct-fp16-largest-depthwise-prologue-stats-int64": _conv(
-        "_conv2d_direct", "fp16", (8, 32, (56, 56), 32, 3, 1, 1, 32), "largest", False, prologue=True,
-        in_relu=True, stats=True, int64=True),
-    "conv-direct-bf16-smallest-width8": _conv(
-        "_conv2d_direct", "bf16", (8, 64, (28, 28), 64, 3, 2, 1, 8), "smallest", False, bias=False),
+        "fp16", (8, 32, (3000, 3000), 32, 3, 1, 1, 32), "largest", False, prologue=True, in_relu=True, stats=True),
+    "conv-direct-bf16-smallest-width8": _conv("bf16", (8, 64, (28, 28), 64, 3, 2, 1, 8), "smallest", False,
+                                              bias=False),
     "conv-direct-fp32-largest-stem7x7-prologue-relu": _conv(
-        "_conv2d_direct", "fp32", (8, 3, (224, 224), 32, 7, 2, 3, 1), "largest", False, prologue=True, relu=True),
-    "conv-stats-combine": dict(
-        module="conv", kernel="_stats_combine_kernel", dtype="fp32", acc="fp32", ints=dict(T=784, C=128),
-        constexprs=dict(BLOCK_T=64, BLOCK_C=64), config=None, none=[], mma=None),
+        "fp32", (8, 3, (224, 224), 32, 7, 2, 3, 1), "largest", False, prologue=True, relu=True),
 }
 
 _FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "HAS_RES_SCALE", "HAS_RES_SHIFT")
@@ -254,6 +240,37 @@ def _compile_case(modules, case):
                 sass_mma=_sass_mma(compiled.asm["cubin"]) if case["mma"] is not None else None)
 
 
+def _conv_config_size(config, which):
+    """Operand tiles x stages in shared memory, then the accumulator (largest); the tile volume (smallest)."""
+    smem = (config.block_m * config.block_k + config.block_k * config.block_n) * config.num_stages
+    tile = config.block_m * config.block_n
+    return (smem, tile, config.num_warps) if which == "largest" else (tile * config.block_k, smem, config.num_warps)
+
+
+def _compile_conv_case(case):
+    """Each launch of the case (the conv, then the statistics combine) compiled; the conv's result, with the
+    combine's failures if any."""
+    import torch
+
+    from pyfast.benchmarks.kernels import compile_sm90
+    from pyfast.kernels import conv
+
+    fields = dict(case["problem"], dtype=getattr(torch, DTYPES[case["problem"]["dtype"]]))
+    fields.update(stride=tuple(fields["stride"]), padding=tuple(fields["padding"]), dilation=tuple(fields["dilation"]))
+    problem = conv.Problem(**fields)
+    pick = max if case["config"] == "largest" else min
+    config = pick(conv.candidates(problem), key=lambda c: _conv_config_size(c, case["config"]))
+    start = time.perf_counter()
+    results = [compile_sm90(launch) for launch in conv.launch_plan(problem, config)]
+    if problem.int64 != ("int64" in case.get("id", "")):
+        raise AssertionError(f"int64 offsets: {problem.int64}")
+    return dict(results[0], ok=True, seconds=round(time.perf_counter() - start, 2), config=str(config),
+                group_tile=config.group_tile, combines=results[1:])
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def _worker(cases_path, results_path):
     import traceback
 
@@ -263,7 +280,10 @@ def _worker(cases_path, results_path):
     results = {}
     for case_id, case in spec["cases"].items():
         try:
-            results[case_id] = _compile_case(modules, case)
+            if case["module"] == "conv":
+                results[case_id] = _compile_conv_case(dict(case, id=case_id))
+            else:
+                results[case_id] = _compile_case(modules, case)
         except Exception as e:  # noqa: BLE001 - reported per case by the test
             results[case_id] = dict(ok=False, error=f"{type(e).__name__}: {e}"[-4000:],
                                     traceback=traceback.format_exc()[-4000:])
@@ -342,6 +362,9 @@ def test_compiles_for_sm90(compiled, case_id):
     assert result["shared"] <= SMEM_LIMIT, (
         f"{case_id} ({result['config']}) needs {result['shared']} B of shared memory, > {SMEM_LIMIT} on an H100")
     expected = CASES[case_id]["mma"]
+    if CASES[case_id]["module"] == "conv":
+        assert (result["mma"] != "-") == expected, f"{case_id}: SASS MMA {result['mma']!r}"
+        return
     if expected is not None:
         assert result["ptx_mma"] == expected, (
             f"{case_id}: tensor-core MMA in the PTX is {result['ptx_mma']}, expected {expected}")
@@ -349,12 +372,34 @@ def test_compiles_for_sm90(compiled, case_id):
             assert bool(result["sass_mma"]) == expected, f"{case_id}: SASS MMA {result['sass_mma']!r}"
 
 
-@pytest.mark.parametrize("case_id", ["conv-dot-bf16-largest-bias-relu", "conv-dot-bf16-largest-prologue-stats"])
-def test_bf16_dot_uses_wgmma(compiled, case_id):
-    """On sm_90 the large bf16 tiles (4 and 8 warps) get Hopper's warpgroup MMA, not Ampere's mma.sync."""
+CONV_IDS = [case_id for case_id in CASES if case_id.startswith("conv-")]
+
+
+@pytest.mark.parametrize("case_id", CONV_IDS)
+def test_conv_does_not_spill(compiled, case_id):
+    """Neither the convolution (its statistics epilogue included) nor the statistics combine spills registers."""
     result = compiled[case_id]
-    assert result["ok"] and result["ptx_wgmma"], result
-    assert result["sass_mma"] in (None, "HGMMA"), result
+    assert result["ok"], result
+    for launch in [result, *result["combines"]]:
+        assert launch["spills"] == 0 and 0 < launch["registers"] <= 255, (case_id, result["config"], launch)
+
+
+@pytest.mark.parametrize("case_id", [case_id for case_id in CONV_IDS if CASES[case_id]["mma"]])
+def test_dot_main_loop_is_one_pipelined_loop(compiled, case_id):
+    """Taps and channel blocks are one software-pipelined loop (asynchronous copies), not a loop per tap."""
+    result = compiled[case_id]
+    assert result["ok"] and result["loops"] == 1 and result["pipelined"], result
+
+
+@pytest.mark.parametrize("case_id", ["conv-dot-bf16-largest-bias-relu", "conv-dot-bf16-largest-prologue-stats",
+                                     "conv-dot-bf16-largest-width16-stats"])
+def test_bf16_dot_uses_wgmma(compiled, case_id):
+    """On sm_90 the large bf16 tiles (4 and 8 warps) get Hopper's warpgroup MMA, not Ampere's mma.sync; a tile of
+    several 16-wide groups runs an MMA as wide as the tile."""
+    result = compiled[case_id]
+    assert result["ok"] and result["mma"].startswith("HGMMA."), result
+    if result["group_tile"] > 1:
+        assert int(result["mma"].split(".")[1].split("x")[1]) == 16 * result["group_tile"], result
 
 
 if __name__ == "__main__":

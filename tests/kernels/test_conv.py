@@ -79,6 +79,75 @@ def test_conv2d_matches_torch(case):
     _check(out, *_expected(x, w, None, stride, padding, dilation, groups), dtype)
 
 
+def _problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, dtype, **flags):
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return conv.Problem(n, c_in, *hw, c_out, *pair(kernel), pair(stride), pair(padding), pair(dilation), groups, dtype,
+                        **flags)
+
+
+# Every candidate config of these problems is launched (the default picks one): several groups per tile
+# (block-diagonal weights, a partial last group tile with 5 groups), single-group tiles, direct tiles.
+# N, C_in, C_out, (H, W), kernel, stride, padding, dilation, groups, dtype, statistics
+SWEEP = {
+    "width16-2groups-bf16": (2, 32, 32, (5, 7), 3, 1, 1, 1, 2, bf16, False),
+    "width16-5groups-stats": (1, 80, 80, (5, 4), 3, 2, 1, 1, 5, f32, True),
+    "in16-out8-4groups": (2, 64, 32, (5, 5), 3, 1, 1, 1, 4, f32, False),
+    "stem-dense-direct-stats": (2, 3, 16, (9, 9), 7, 2, 3, 1, 1, f32, True),
+    "width2-direct": (2, 8, 8, (5, 5), 3, 1, 1, 1, 4, f32, False),
+}
+SWEEP_CONFIGS = [(name, config) for name, case in SWEEP.items()
+                 for config in conv.candidates(_problem(*case[:-1], stats=case[-1]))]
+
+
+@pytest.mark.parametrize("name, config", SWEEP_CONFIGS, ids=[f"{n}-{c}" for n, c in SWEEP_CONFIGS])
+def test_every_candidate_config(monkeypatch, name, config):
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, dtype, stats = SWEEP[name]
+    monkeypatch.setattr(conv, "_default_config", lambda problem: config)
+    x, w = _make(n, c_in, c_out, hw, kernel, groups, dtype)
+    bias = torch.randn(c_out, device=DEVICE)
+    result = conv.conv2d(x, w, bias, stride, padding, dilation, groups, compute_stats=stats)
+    out = result[0] if stats else result
+    _check(out, *_expected(x, w, bias, stride, padding, dilation, groups), dtype)
+    if stats:
+        ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+        assert_close(result[1], ref_mean, dtype=f32, what="mean")
+        assert_close(result[2], ref_var, dtype=f32, what="var")
+
+
+def test_narrow_groups_get_wide_mma_tiles():
+    """At group width 16 the default tile spans 4 groups or more: a >= 64-wide MMA with a block-diagonal weight."""
+    config = conv._default_config(_problem(128, 128, 128, (28, 28), 3, 1, 1, 1, 8, bf16, stats=True))
+    assert config.group_tile >= 4 and config.block_n == 16 * config.group_tile and config.block_k == config.block_n
+
+
+def test_weight_copy_is_cached_until_the_weight_changes():
+    w = torch.randn(16, 8, 3, 3, device=DEVICE)
+    first = conv._weight_for(w, direct=False)
+    assert first.stride(1) == 1 and torch.equal(first, w)
+    assert conv._weight_for(w, direct=False) is first  # no second copy
+    with torch.no_grad():
+        w.mul_(2)  # bumps the version counter
+    second = conv._weight_for(w, direct=False)
+    assert second is not first and torch.equal(second, w)
+    direct = conv._weight_for(w, direct=True)
+    assert direct.stride(0) == 1 and torch.equal(direct, w)
+    channels_last = w.to(memory_format=torch.channels_last)
+    assert conv._weight_for(channels_last, direct=False) is channels_last  # already in the tl.dot path's layout
+    key = (id(w), False)
+    del w
+    assert key not in conv._WEIGHTS  # the cache does not keep dead weights' copies
+
+
+def test_repeated_calls_reuse_the_weight_copy():
+    x, w = _make(1, 16, 16, (5, 5), 3, 1, f32)
+    first = conv.conv2d(x, w, padding=1)
+    copy = conv._WEIGHTS[(id(w), False)][2]
+    assert torch.equal(conv.conv2d(x, w, padding=1), first) and conv._WEIGHTS[(id(w), False)][2] is copy
+    with torch.no_grad():
+        w[0] = 0
+    _check(conv.conv2d(x, w, padding=1), *_expected(x, w, padding=1), f32)
+
+
 # C_in, C_out, groups (C_in/groups < 16: direct path), dtype, (in_scale?, in_shift?, in_relu) of the prologue
 PROLOGUE_CASES = {
     "dot-scale-shift-relu": (16, 16, 1, f32, (True, True, True)),
@@ -141,16 +210,31 @@ def test_stats_epilogue(case):
     assert_close(var, ref_var, dtype=f32, what="var")
 
 
-def test_stats_combine_across_blocks():
-    """Chan's merge over several BLOCK_T blocks, with empty tiles and a mean of 1e4."""
-    counts = torch.tensor([32, 32, 7, 0, 32, 1, 0, 32, 15])
-    data = [1e4 + torch.randn(int(n), 5, dtype=torch.float64) for n in counts]
-    stats = torch.full((len(data), 3, 5), float("nan"), dtype=torch.float64)  # NaN: rows no tile wrote
-    for t, d in filter(lambda td: len(td[1]), enumerate(data)):
+def _tile_rows(data):
+    """(hi, lo, M2) rows, in the conv kernel's format, of the float64 tiles in `data`."""
+    rows = []
+    for d in data:
         hi = d.mean(0).float().double()
-        stats[t] = torch.stack([hi, d.mean(0) - hi, ((d - d.mean(0)) ** 2).sum(0)])
-    mean, var = conv._combine_stats(stats.float().to(DEVICE), counts.float().to(DEVICE), block_t=2)
-    ref_var, ref_mean = torch.var_mean(torch.cat(data), dim=0, unbiased=False)
+        rows.append(torch.stack([hi, d.mean(0) - hi, ((d - d.mean(0)) ** 2).sum(0)]))
+    return torch.stack(rows).float().to(DEVICE)
+
+
+@pytest.mark.parametrize("final_rows, sms", [(512, 132), (2, 3)], ids=["one-level", "two-level"])
+def test_stats_combine(monkeypatch, final_rows, sms):
+    """Chan's merge of 41 tiles of 8 pixels (the last one of 3) over 70 channels (two channel blocks), a mean of
+    1e4: in one program per channel block, or first in three blocks of 16 rows (the last one of 9), then those."""
+    monkeypatch.setattr(conv, "_COMBINE_FINAL_ROWS", final_rows)
+    monkeypatch.setattr(conv, "_SMS", sms)
+    m, row_pixels, channels = 323, 8, 70
+    pixels = 1e4 + torch.randn(m, channels, dtype=torch.float64)
+    stats = _tile_rows(pixels.split(row_pixels))
+    mean, var = torch.empty(channels, device=DEVICE), torch.empty(channels, device=DEVICE)
+    alloc = lambda shape: torch.full(shape, float("nan"), device=DEVICE)  # noqa: E731 - every row must be written
+    launches = conv._combine_launches(len(stats), channels, m, row_pixels, stats, mean, var, alloc)
+    assert [launch.grid for launch in launches] == ([(1, 2, 1)] if final_rows > len(stats) else [(3, 2, 1), (1, 2, 1)])
+    for launch in launches:
+        launch.run()
+    ref_var, ref_mean = torch.var_mean(pixels, dim=0, unbiased=False)
     assert_close(mean, ref_mean, dtype=f32, what="mean")
     assert_close(var, ref_var, dtype=f32, what="var")
 
@@ -278,3 +362,59 @@ def test_output_beyond_2_to_the_31_elements():
     for img, rows in ((0, slice(0, 8)), (2, slice(-8, None))):  # 1x1, stride 1: output rows = input rows
         x_part = x[img:img + 1, :, rows]
         _check(out[img:img + 1, :, rows], *_expected(x_part, w, bias), bf16)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen ops dispatched outside kernel launches (the interpreter copies tensors inside them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches, self._in_launch = [], 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._in_launch:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("groups, stats", [(2, True), (2, False), (8, True)], ids=["dot-stats", "dot", "direct-stats"])
+def test_a_repeated_call_only_allocates_and_launches(monkeypatch, groups, stats):
+    """Once a weight's copy is cached, conv2d dispatches no ATen compute (no weight reorder, no zero-fill):
+    allocations and its kernels, one conv plus the statistics combine (forced to two levels)."""
+    monkeypatch.setattr(conv, "_COMBINE_FINAL_ROWS", 0)
+    x, w = _make(2, 32, 32, (5, 5), 3, groups, f32)
+    conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
+    mode = _AtenOps()
+    run = conv.Launch.run
+
+    def counted(launch):
+        mode.launches += 1
+        mode._in_launch = True
+        try:
+            run(launch)
+        finally:
+            mode._in_launch = False
+
+    monkeypatch.setattr(conv.Launch, "run", counted)
+    with mode:
+        conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
+    assert set(mode.ops) <= {"empty", "empty_like", "empty_strided"}, mode.ops
+    assert mode.launches == (3 if stats else 1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """After a warm-up call (which tunes), conv2d with statistics is captured and replayed by a CUDA graph:
+    nothing in it synchronizes or reads back to the host."""
+    x, w = _make(8, 64, 64, (28, 28), 3, 4, bf16)
+    conv.conv2d(x, w, padding=1, groups=4, compute_stats=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, mean, var = conv.conv2d(x, w, padding=1, groups=4, compute_stats=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    _check(out, *_expected(x, w, padding=1, groups=4), bf16)
+    ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, dtype=f32, what="mean")
+    assert_close(var, ref_var, dtype=f32, what="var")
