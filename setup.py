@@ -62,7 +62,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["pyfast=pyfast.__main__:main"]},
 )

@@ -6,12 +6,13 @@ nn.BatchNorm2d.
 """
 from . import functional
 from ._patterns import FusedSequential, Fusion, LeftAlone
-from ._sync import convert_sync_batchnorm
+from ._sync import SyncBatchNorm2d, convert_sync_batchnorm
 from .bn_add_relu import AddReLU, BNAddReLU, LazyBNAddReLU
 from .bn_relu_conv import BNReLUConv2d, LazyBNReLUConv2d
 from .conv_bn_relu import ConvBNReLU2d, LazyConvBNReLU2d
 from .fuse import FusedGraphModule, FuseReport, fuse
 
 __all__ = ["AddReLU", "BNAddReLU", "BNReLUConv2d", "ConvBNReLU2d", "FuseReport", "FusedGraphModule", "FusedSequential",
-           "Fusion", "LazyBNAddReLU", "LazyBNReLUConv2d", "LazyConvBNReLU2d", "LeftAlone", "convert_sync_batchnorm",
+           "Fusion", "LazyBNAddReLU", "LazyBNReLUConv2d", "LazyConvBNReLU2d", "LeftAlone", "SyncBatchNorm2d",
+           "convert_sync_batchnorm",
            "functional", "fuse"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._sync import SyncBatchNorm2d
 from .functional import resolve_padding
 
 
@@ -24,9 +25,10 @@ def check_conv(padding_mode: str, padding, kernel_size, dilation) -> None:
 
 def make_batch_norm(num_features: int, eps: float, momentum: Optional[float], affine: bool,
                     track_running_stats: bool, sync_bn: bool, process_group, factory: dict) -> nn.Module:
-    """nn.BatchNorm2d, or nn.SyncBatchNorm with `sync_bn=True` (same parameters, buffers and state_dict)."""
+    """nn.BatchNorm2d, or with `sync_bn=True` a SyncBatchNorm2d (same parameters, buffers and state_dict;
+    DistributedDataParallel takes it on CPU too, unlike nn.SyncBatchNorm)."""
     if sync_bn:
-        return nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats, process_group, **factory)
+        return SyncBatchNorm2d(num_features, eps, momentum, affine, track_running_stats, process_group, **factory)
     if process_group is not None:
         raise ValueError("process_group is only used with sync_bn=True")
     return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats, **factory)

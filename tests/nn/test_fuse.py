@@ -224,7 +224,7 @@ def test_sync_batchnorm_is_fused_and_modules_are_looked_up_at_call_time():
     fused, report = fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)))
     assert len(report.fusions) == len(expected_resnet_fusions(model))
     fused = pyfast.nn.convert_sync_batchnorm(fuse(model)[0])  # after fusing: the graph finds the new BNs
-    assert isinstance(fused.layer1[0].bn1, nn.SyncBatchNorm)
+    assert isinstance(fused.layer1[0].bn1, pyfast.nn.SyncBatchNorm2d)
     x = torch.randn(2, 3, 32, 32)
     assert_close(fused.eval()(x), double_copy(model).eval()(x.double()), torch.float32)
 
