@@ -77,6 +77,13 @@ def initialize_lazy(module: nn.Module, x: torch.Tensor) -> None:
             module.train(training)
 
 
+def refuse_scripting(module: nn.Module):
+    """`__prepare_scriptable__` (torch.jit.script calls it first) of pyfast's modules: a clear error."""
+    raise RuntimeError(f"torch.jit.script cannot compile {type(module).__name__}: its forward is a pyfast "
+                       "custom op called from Python. Use torch.compile or torch.export, or script the plain "
+                       "modules (nn.Sequential(*module) holds them)")
+
+
 class ConvBNSequential(nn.Sequential):
     """The base of ConvBNReLU2d and BNReLUConv2d: an nn.Sequential of the plain modules, a conv, a BN and
     an optional nn.ReLU (so the state_dict is the plain sequence's), whose forward is the fused op `OP`
@@ -92,6 +99,8 @@ class ConvBNSequential(nn.Sequential):
         nn.Sequential.__init__(module, *children)
         module.backend = check_backend(backend)
         return module
+
+    __prepare_scriptable__ = refuse_scripting
 
     @property
     def has_relu(self) -> bool:
