@@ -5,13 +5,16 @@ both ways: ConvBNReLU2d / BNReLUConv2d are nn.Sequential subclasses of the plain
 nn.BatchNorm2d.
 """
 from . import functional
-from ._patterns import FusedSequential, Fusion, LeftAlone
-from ._sync import convert_sync_batchnorm
+from ._report import FuseReport, Fusion, LeftAlone
+from ._sequential import FusedSequential
+from ._sync import SyncBatchNorm2d, convert_sync_batchnorm
 from .bn_add_relu import AddReLU, BNAddReLU, LazyBNAddReLU
 from .bn_relu_conv import BNReLUConv2d, LazyBNReLUConv2d
 from .conv_bn_relu import ConvBNReLU2d, LazyConvBNReLU2d
-from .fuse import FusedGraphModule, FuseReport, fuse
+from ._graph_module import FusedGraphModule
+from .fuse import fuse
 
 __all__ = ["AddReLU", "BNAddReLU", "BNReLUConv2d", "ConvBNReLU2d", "FuseReport", "FusedGraphModule", "FusedSequential",
-           "Fusion", "LazyBNAddReLU", "LazyBNReLUConv2d", "LazyConvBNReLU2d", "LeftAlone", "convert_sync_batchnorm",
+           "Fusion", "LazyBNAddReLU", "LazyBNReLUConv2d", "LazyConvBNReLU2d", "LeftAlone", "SyncBatchNorm2d",
+           "convert_sync_batchnorm",
            "functional", "fuse"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._sync import SyncBatchNorm2d
 from .functional import resolve_padding
 
 
@@ -24,9 +25,10 @@ def check_conv(padding_mode: str, padding, kernel_size, dilation) -> None:
 
 def make_batch_norm(num_features: int, eps: float, momentum: Optional[float], affine: bool,
                     track_running_stats: bool, sync_bn: bool, process_group, factory: dict) -> nn.Module:
-    """nn.BatchNorm2d, or nn.SyncBatchNorm with `sync_bn=True` (same parameters, buffers and state_dict)."""
+    """nn.BatchNorm2d, or with `sync_bn=True` a SyncBatchNorm2d (same parameters, buffers and state_dict;
+    DistributedDataParallel takes it on CPU too, unlike nn.SyncBatchNorm)."""
     if sync_bn:
-        return nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats, process_group, **factory)
+        return SyncBatchNorm2d(num_features, eps, momentum, affine, track_running_stats, process_group, **factory)
     if process_group is not None:
         raise ValueError("process_group is only used with sync_bn=True")
     return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats, **factory)
@@ -75,6 +77,13 @@ def initialize_lazy(module: nn.Module, x: torch.Tensor) -> None:
             module.train(training)
 
 
+def refuse_scripting(module: nn.Module):
+    """`__prepare_scriptable__` (torch.jit.script calls it first) of pyfast's modules: a clear error."""
+    raise RuntimeError(f"torch.jit.script cannot compile {type(module).__name__}: its forward is a pyfast "
+                       "custom op called from Python. Use torch.compile or torch.export, or script the plain "
+                       "modules (nn.Sequential(*module) holds them)")
+
+
 class ConvBNSequential(nn.Sequential):
     """The base of ConvBNReLU2d and BNReLUConv2d: an nn.Sequential of the plain modules, a conv, a BN and
     an optional nn.ReLU (so the state_dict is the plain sequence's), whose forward is the fused op `OP`
@@ -90,6 +99,8 @@ class ConvBNSequential(nn.Sequential):
         nn.Sequential.__init__(module, *children)
         module.backend = check_backend(backend)
         return module
+
+    __prepare_scriptable__ = refuse_scripting
 
     @property
     def has_relu(self) -> bool:

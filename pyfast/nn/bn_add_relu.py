@@ -4,7 +4,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from . import functional
-from ._common import backend_repr, check_backend
+from ._common import backend_repr, check_backend, refuse_scripting
 
 
 def _extra(module) -> str:
@@ -32,7 +32,10 @@ class BNAddReLU(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, y: Tensor, shortcut: Tensor, shortcut_bn: Optional[nn.Module] = None) -> Tensor:
+        self._check_input_dim(y)  # nn.BatchNorm2d's check: 4-D input
         return functional.bn_add_relu(y, self, shortcut, shortcut_bn, relu=self.relu, backend=self.backend)
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self)}"
@@ -56,6 +59,7 @@ class LazyBNAddReLU(nn.LazyBatchNorm2d):
         super().initialize_parameters(y)
 
     forward = BNAddReLU.forward
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_extra(self)}"
@@ -70,6 +74,8 @@ class AddReLU(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return functional.add_relu(a, b, backend=self.backend)
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return f"backend={backend_repr(self.backend, 'add_relu', self)}"

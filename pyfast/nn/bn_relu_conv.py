@@ -16,7 +16,7 @@ class BNReLUConv2d(ConvBNSequential):
     The children are the plain modules, so the state_dict keys are the sequence's (`0.weight`,
     `0.running_mean`, ..., `2.weight`); `.bn` and `.conv` name them. Arguments are nn.Conv2d's (the BN
     normalizes its `in_channels`) and nn.BatchNorm2d's, plus `relu` (False: no ReLU child, conv(bn(x))),
-    `backend`, and `sync_bn` / `process_group` (an nn.SyncBatchNorm child).
+    `backend`, and `sync_bn` / `process_group` (a SyncBatchNorm2d child).
     """
 
     OP = "bn_relu_conv"
@@ -62,7 +62,7 @@ class BNReLUConv2d(ConvBNSequential):
 
 class LazyBNReLUConv2d(LazyModuleMixin, BNReLUConv2d):
     """BNReLUConv2d whose in_channels is inferred from the first input (nn.LazyBatchNorm2d and
-    nn.LazyConv2d children); after that call it is a BNReLUConv2d. No `sync_bn` (nn.SyncBatchNorm has no
+    nn.LazyConv2d children); after that call it is a BNReLUConv2d. No `sync_bn` (SyncBatchNorm2d has no
     lazy form): convert after the first call with `pyfast.nn.convert_sync_batchnorm`."""
 
     cls_to_become = BNReLUConv2d

@@ -17,7 +17,7 @@ class ConvBNReLU2d(ConvBNSequential):
 
     - relu: False drops the ReLU child (a residual branch's last conv+BN);
     - backend: this module's backend (None: the global default, see `pyfast.set_backend`);
-    - sync_bn / process_group: an nn.SyncBatchNorm child: batch statistics over the process group.
+    - sync_bn / process_group: a SyncBatchNorm2d child: batch statistics over the process group.
 
     Only zero padding (padding_mode='zeros') and symmetric padding are fused; anything else raises.
     """

@@ -10,7 +10,10 @@ BatchNorm semantics are exactly `nn.BatchNorm2d.forward`'s:
 A BN that synchronizes (an `nn.SyncBatchNorm`, or a module with `sync_bn=True`) in training under an
 initialized process group of more than one rank takes the composite path of `pyfast.nn._sync`. So do
 inputs the fused ops do not take but eager PyTorch does (a broadcast or type-promoting add, a tensor that
-is not 4-D): the result is then exactly the plain modules' own.
+is not 4-D, meta tensors): the result is then exactly the plain modules' own.
+
+torch.jit.trace / torch.jit.script are refused with a clear error: the ops' Python layer reads shapes
+and values, which a TorchScript trace would freeze; torch.compile and torch.export take them.
 """
 import functools
 from typing import Optional, Tuple
@@ -89,10 +92,21 @@ def _eager_batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
     return _reference.batch_norm(x, args, training)
 
 
+def _on_meta(*tensors: Optional[Tensor]) -> bool:
+    """Meta tensors (shape inference, `torch.device("meta")` models): eager PyTorch's composite handles
+    them; the fused ops are for real data."""
+    return any(isinstance(t, Tensor) and t.is_meta for t in tensors)
+
+
+def _check_bn_module(name: str, bn) -> None:
+    if bn is not None and not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        raise TypeError(f"{name} must be an nn.BatchNorm2d module (or None), got {type(bn).__name__}")
+
+
 def _fusable_pair(a: Tensor, b: Tensor) -> bool:
     """Whether the fused add takes (a, b): 4-D floating tensors of one shape and device, one dtype (or
     two that autocast lets the op promote). Anything else goes to eager PyTorch, which broadcasts."""
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or _on_meta(a, b):
         return False
     return (a.dim() == 4 and a.shape == b.shape and a.device == b.device and a.is_floating_point()
             and b.is_floating_point() and (a.dtype == b.dtype or torch.is_autocast_enabled(a.device.type)))
@@ -109,6 +123,10 @@ def _one_fx_node(fn):
     def call(x, *args, **kwargs):
         if isinstance(x, fx.Proxy):
             return x.tracer.create_proxy("call_function", call, (x, *args), kwargs)
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"pyfast.nn.functional.{fn.__name__} does not support torch.jit.trace (the trace "
+                               "would freeze shape-dependent Python code): use torch.compile or torch.export, "
+                               "or trace the plain model")
         return fn(x, *args, **kwargs)
 
     return call
@@ -119,9 +137,8 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
     c = conv_args(conv)
-    group = process_group_of(bn)
-    if group is not None:
-        y = sync_batch_norm(F.conv2d(x, **c), batch_norm_args(bn)[0], group)
+    if process_group_of(bn) is not None or _on_meta(x, conv.weight):
+        y = _eager_batch_norm(F.conv2d(x, **c), bn)
         return F.relu(y) if relu else y
     args, training = batch_norm_args(bn)
     return ops.conv_bn_relu(x, c["weight"], c["bias"], args.weight, args.bias, args.running_mean, args.running_var,
@@ -135,9 +152,8 @@ def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """conv(relu(bn(x))) (`relu=False`: conv(bn(x))), the pre-activation unit."""
     c = conv_args(conv)
-    group = process_group_of(bn)
-    if group is not None:
-        a = sync_batch_norm(x, batch_norm_args(bn)[0], group)
+    if process_group_of(bn) is not None or _on_meta(x, conv.weight):
+        a = _eager_batch_norm(x, bn)
         return F.conv2d(F.relu(a) if relu else a, **c)
     args, training = batch_norm_args(bn)
     return ops.bn_relu_conv(x, args.weight, args.bias, args.running_mean, args.running_var, args.num_batches_tracked,
@@ -151,10 +167,11 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
                 relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(y) + shortcut), or relu(bn(y) + shortcut_bn(shortcut)) for a BN'd (downsample) shortcut;
     `relu=False` stops after the add."""
+    _check_bn_module("shortcut_bn", shortcut_bn)
     args, training = batch_norm_args(bn)
     s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
     syncs = process_group_of(bn) is not None or (shortcut_bn is not None and process_group_of(shortcut_bn) is not None)
-    if syncs or s_training != training or not _fusable_pair(y, shortcut):
+    if syncs or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(bn.weight):
         s = shortcut if shortcut_bn is None else _eager_batch_norm(shortcut, shortcut_bn)
         z = _eager_batch_norm(y, bn) + s
         return F.relu(z) if relu else z
@@ -167,7 +184,7 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
 def bn_relu(x: Tensor, bn: nn.Module, relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(x)) as one elementwise pass after the statistics: bn_add_relu without a shortcut (for a
     pre-activation shared by two convolutions, where bn_relu_conv would normalize twice)."""
-    if process_group_of(bn) is not None or not (isinstance(x, Tensor) and x.dim() == 4):
+    if process_group_of(bn) is not None or not (isinstance(x, Tensor) and x.dim() == 4) or _on_meta(x, bn.weight):
         z = _eager_batch_norm(x, bn)
         return F.relu(z) if relu else z
     args, training = batch_norm_args(bn)

@@ -1,128 +1,60 @@
-"""The patterns `pyfast.fuse` rewrites, on an fx graph and on an nn.Sequential's children, and the reason
-each near miss is left alone.
+"""The fx-graph rewrite of `pyfast.fuse`: each pattern becomes one call of pyfast.nn.functional over the
+original modules, and each near miss is recorded with its reason.
 
 Patterns, in priority order (a node belongs to one fusion at most):
     bn_add_relu   relu(bn(y) + shortcut) or relu(bn(y) + bn_s(s))   (residual branch end, downsample)
+    bn_relu_conv  conv(relu(bn(x))) where x is not a conv's output    (a pre-activation unit, and the chain
+                                                                       of units after it)
     conv_bn_relu  relu(bn(conv(x)))
-    bn_relu_conv  conv(relu(bn(x)))                                    (pre-activation)
+    bn_relu_conv  conv(relu(bn(x)))                                    (the rest)
     conv_bn       bn(conv(x))                                          (branch end without add)
     add_relu      relu(a + b)
-Every intermediate value a fusion removes must have that one user, since nothing else can read it later.
+A BN-act module (timm's BatchNormAct2d, see `_rules.is_bn_act`) counts as a BN followed by its ReLU, or as
+a plain BN when its activation is an nn.Identity. Every intermediate value a fusion removes must have that
+one user, since nothing else can read it later.
 """
-import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import functional
+from ._report import Fusion, LeftAlone
+from ._rules import (ADD_FUNCTIONS, INPLACE_ADDS, INPLACE_OPERATORS, RELU_FUNCTIONS, RELU_METHODS, bn_act_relu,
+                     bn_problem, conv_problem, is_bn, is_bn_act, is_conv, relu_problem)
 
-RELU_FUNCTIONS = {torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu: "F.relu", F.relu_: "F.relu_"}
-RELU_METHODS = ("relu", "relu_")
-ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
-INPLACE_ADDS = (operator.iadd, "add_")
-INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-                     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-                     operator.imatmul, operator.setitem)
-KIND_ORDER = ("bn_add_relu", "conv_bn_relu", "bn_relu_conv", "conv_bn", "add_relu")
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """One rewrite: its kind and the participating modules (functions and operators by their spelling)."""
-
-    kind: str
-    modules: Tuple[str, ...]
-
-    def __str__(self) -> str:
-        return f"{self.kind:<13} {' -> '.join(self.modules)}"
-
-
-@dataclass(frozen=True)
-class LeftAlone:
-    """A candidate that was not fused, and why."""
-
-    kind: str
-    modules: Tuple[str, ...]
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.kind:<13} {' -> '.join(self.modules)}: {self.reason}"
-
-
-# -- what each module must satisfy --------------------------------------------------------------------
-
-def _hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _lazy(module: nn.Module) -> bool:
-    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
-
-
-def conv_problem(name: str, conv: nn.Module) -> Optional[str]:
-    if type(conv).forward is not nn.Conv2d.forward:
-        return f"{name} is a {type(conv).__name__}, whose forward is not nn.Conv2d's"
-    if _lazy(conv):
-        return f"{name} is an uninitialized lazy module (run one forward before fusing)"
-    if _hooks(conv):
-        return f"{name} has forward hooks, which a fused call would skip"
-    if conv.padding_mode != "zeros":
-        return f"{name} has padding_mode={conv.padding_mode!r}; the fused kernels pad with zeros"
-    try:
-        functional.resolve_padding(conv.padding, conv.kernel_size, conv.dilation, name=f"{name}.padding")
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def bn_problem(name: str, bn: nn.Module) -> Optional[str]:
-    if type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
-        return f"{name} is a {type(bn).__name__}, whose forward is not nn.BatchNorm2d's"
-    if _lazy(bn):
-        return f"{name} is an uninitialized lazy module (run one forward before fusing)"
-    if _hooks(bn):
-        return f"{name} has forward hooks, which a fused call would skip"
-    return None
-
-
-def relu_problem(name: str, relu: Optional[nn.Module]) -> Optional[str]:
-    if relu is not None and _hooks(relu):
-        return f"{name} has forward hooks, which a fused call would skip"
-    return None
-
-
-def is_conv(module) -> bool:
-    return isinstance(module, nn.Conv2d)
-
-
-def is_bn(module) -> bool:
-    return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm))
-
-
-# -- the fx graph -------------------------------------------------------------------------------------
 
 class GraphFuser:
     """Rewrites the patterns of one traced graph into calls of pyfast.nn.functional that take the original
     modules (get_attr nodes), so no module is added, removed or renamed."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, backend: Optional[str]):
-        self.root, self.graph, self.backend = root, graph, backend
+    def __init__(self, root: nn.Module, graph: fx.Graph, backend: Optional[str], prefix: str = ""):
+        """`prefix`: root's qualified name in the model plus a dot, for the report."""
+        self.root, self.graph, self.backend, self.prefix = root, graph, backend, prefix
         self.fusions: List[Tuple[int, Fusion]] = []  # (graph position, fusion)
         self.near: Dict[fx.Node, Tuple[LeftAlone, Tuple[fx.Node, ...]]] = {}
         self.gone = set()
         self.order = {node: i for i, node in enumerate(graph.nodes)}
 
     def run(self) -> Tuple[List[Fusion], List[LeftAlone]]:
-        for rewrite in (self._bn_add_relu, self._conv_bn_relu, self._bn_relu_conv, self._conv_bn, self._add_relu):
+        self._skip_identities()
+        for rewrite in (self._bn_add_relu, self._preactivation, self._conv_bn_relu, self._bn_relu_conv, self._conv_bn,
+                        self._add_relu):
             for node in list(self.graph.nodes):
                 if node not in self.gone:
                     rewrite(node)
         left = [entry for entry, nodes in self.near.values() if any(n not in self.gone for n in nodes)]
         return [f for _, f in sorted(self.fusions, key=lambda item: item[0])], left
+
+    def _skip_identities(self) -> None:
+        """Calls of an nn.Identity (timm's drop_path / drop_block at rate 0) pass their input through:
+        reading past them lets `bn -> Identity -> add` fuse. The modules stay in the hierarchy."""
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+                module = self.root.get_submodule(node.target)
+                if type(module) is nn.Identity and not (module._forward_hooks or module._forward_pre_hooks):
+                    node.replace_all_uses_with(node.args[0])
+                    self.graph.erase_node(node)
 
     # -- node helpers --
     def _module(self, node, accept) -> Optional[nn.Module]:
@@ -164,10 +96,18 @@ class GraphFuser:
 
     def _label(self, node) -> str:
         if node.op == "call_module":
-            return node.target
+            return self.prefix + node.target
         if node.op == "call_method":
             return f".{node.target}()"
         return {**RELU_FUNCTIONS, **ADD_FUNCTIONS}.get(node.target, getattr(node.target, "__name__", str(node.target)))
+
+    def _relus_after(self, bn_node, bn) -> Optional[List[fx.Node]]:
+        """The ReLU that follows a BN node: [] when the module applies it itself (a BN-act), [relu] for the
+        BN's one user when that is a ReLU, else None."""
+        if is_bn_act(bn):
+            return [] if bn_act_relu(bn) else None
+        relu = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
+        return [relu] if relu is not None and self._is_relu(relu) else None
 
     def _relu_module(self, node) -> Optional[nn.Module]:
         return self.root.get_submodule(node.target) if node.op == "call_module" else None
@@ -228,16 +168,16 @@ class GraphFuser:
         candidates = [(a, b)] if inplace else [(a, b), (b, a)]  # an in-place add must write into bn(y)
         reasons = []
         for main, other in candidates:
-            bn = self._module(main, is_bn)
+            bn = self._module(main, _bn_without_relu)
             if bn is None:
                 continue
-            reason = (bn_problem(main.target, bn) or self._also_used(main, add)
+            reason = (bn_problem(self._label(main), bn) or self._also_used(main, add)
                       or relu_problem(self._label(relu), self._relu_module(relu)))
             if reason:
                 reasons.append((main, reason))
                 continue
-            s_bn = self._module(other, is_bn)
-            if s_bn is not None and (bn_problem(other.target, s_bn) or len(other.users) != 1):
+            s_bn = self._module(other, _bn_without_relu)
+            if s_bn is not None and (bn_problem(self._label(other), s_bn) or len(other.users) != 1):
                 s_bn = None
             nodes = [main, *([other] if s_bn is not None else []), add, relu]
             shortcut = other.args[0] if s_bn is not None else other
@@ -261,15 +201,13 @@ class GraphFuser:
         conv = self._module(conv_node, is_conv) if isinstance(conv_node, fx.Node) else None
         if conv is None:
             return
-        relu = None
-        if with_relu:
-            relu = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
-            if relu is None or not self._is_relu(relu):
-                return
+        relus = self._relus_after(bn_node, bn) if with_relu else []
+        if relus is None or (not with_relu and bn_act_relu(bn)):
+            return
         kind = "conv_bn_relu" if with_relu else "conv_bn"
-        nodes = [conv_node, bn_node, *([relu] if relu is not None else [])]
-        reason = (conv_problem(conv_node.target, conv) or bn_problem(bn_node.target, bn)
-                  or (relu is not None and relu_problem(self._label(relu), self._relu_module(relu)))
+        nodes = [conv_node, bn_node, *relus]
+        reason = (conv_problem(self._label(conv_node), conv) or bn_problem(self._label(bn_node), bn)
+                  or next((r for r in (relu_problem(self._label(n), self._relu_module(n)) for n in relus) if r), None)
                   or self._also_used(conv_node, bn_node) or self._moved_past_a_write(nodes, {conv_node.args[0]}))
         if reason:
             self._miss(bn_node, kind, nodes, reason)
@@ -280,20 +218,33 @@ class GraphFuser:
     def _conv_bn_relu(self, bn_node) -> None:
         self._conv_bn(bn_node, with_relu=True)
 
+    def _preactivation(self, bn_node) -> None:
+        """bn_relu_conv first where the BN's input is not a conv's own output: a pre-activation unit, whose
+        conv output then pre-activates the next unit (nodes are visited in order, so a chain of units
+        fuses unit by unit). conv_bn_relu would fuse as many there, but leave the chain's first BN alone."""
+        source = bn_node.args[0] if bn_node.args else None
+        if isinstance(source, fx.Node) and self._module(source, is_conv) is not None and len(source.users) == 1:
+            return
+        self._bn_relu_conv(bn_node)
+
     def _bn_relu_conv(self, bn_node) -> None:
         bn = self._module(bn_node, is_bn)
-        if bn is None or len(bn_node.users) != 1:
+        if bn is None:
             return
-        relu = next(iter(bn_node.users))
-        if not self._is_relu(relu) or len(relu.users) != 1:
+        relus = self._relus_after(bn_node, bn)
+        if relus is None or len(bn_node.users) != 1:
             return
-        conv_node = next(iter(relu.users))
+        last = relus[-1] if relus else bn_node
+        if len(last.users) != 1:
+            return
+        conv_node = next(iter(last.users))
         conv = self._module(conv_node, is_conv)
         if conv is None:
             return
-        nodes = [bn_node, relu, conv_node]
-        reason = (bn_problem(bn_node.target, bn) or relu_problem(self._label(relu), self._relu_module(relu))
-                  or conv_problem(conv_node.target, conv) or self._moved_past_a_write(nodes, {bn_node.args[0]}))
+        nodes = [bn_node, *relus, conv_node]
+        reason = (bn_problem(self._label(bn_node), bn)
+                  or next((r for r in (relu_problem(self._label(n), self._relu_module(n)) for n in relus) if r), None)
+                  or conv_problem(self._label(conv_node), conv) or self._moved_past_a_write(nodes, {bn_node.args[0]}))
         if reason:
             self._miss(bn_node, "bn_relu_conv", nodes, reason)
             return
@@ -323,80 +274,6 @@ class _Attr:
     target: str
 
 
-# -- nn.Sequential children (inside modules that do not trace) ----------------------------------------
-
-def plan_sequential(seq: nn.Sequential, prefix: str):
-    """(steps, fusions, left alone) for one plain nn.Sequential: each step is (kind, child names), kind
-    "module" for a child that runs as it is."""
-    names = list(seq._modules)
-    mods = [seq._modules[n] for n in names]
-    steps, fusions, left = [], [], []
-    i = 0
-    while i < len(names):
-        window = mods[i:i + 3]
-        full = [prefix + n for n in names[i:i + 3]]
-        matched = None
-        for kind, test in (("conv_bn_relu", (is_conv, is_bn, _is_relu_module)),
-                           ("bn_relu_conv", (is_bn, _is_relu_module, is_conv)),
-                           ("conv_bn", (is_conv, is_bn))):
-            if len(window) < len(test) or not all(t(m) for t, m in zip(test, window)):
-                continue
-            reason = next((r for r in (_problem(full[j], window[j]) for j in range(len(test))) if r), None)
-            if reason:
-                left.append(LeftAlone(kind, tuple(full[:len(test)]), reason))
-                continue
-            matched = (kind, len(test))
-            break
-        if matched is None:
-            steps.append(("module", (names[i],)))
-            i += 1
-            continue
-        kind, width = matched
-        steps.append((kind, tuple(names[i:i + width])))
-        fusions.append(Fusion(kind, tuple(full[:width])))
-        i += width
-    covered = {m for f in fusions for m in f.modules}
-    left = [entry for entry in left if not set(entry.modules) <= covered]
-    return tuple(steps), fusions, left
-
-
-def _is_relu_module(module) -> bool:
-    return type(module) is nn.ReLU
-
-
-def _problem(name: str, module: nn.Module) -> Optional[str]:
-    if is_conv(module):
-        return conv_problem(name, module)
-    if is_bn(module):
-        return bn_problem(name, module)
-    return relu_problem(name, module)
-
-
-class FusedSequential(nn.Sequential):
-    """An nn.Sequential whose runs of Conv2d/BatchNorm2d/ReLU children run as pyfast fused calls (made by
-    `pyfast.fuse` inside modules that do not trace). The children are the same, under the same names, so
-    the state_dict is unchanged. If children are added or removed later, it runs as a plain Sequential."""
-
-    def __init__(self, *args, steps: Tuple = (), backend: Optional[str] = None):
-        super().__init__(*args)
-        self.steps = tuple(steps)
-        self.backend = backend
-        self._planned_names = tuple(self._modules)
-
-    def forward(self, input):
-        if not self.steps or tuple(self._modules) != self._planned_names:
-            return super().forward(input)
-        for kind, names in self.steps:
-            mods = [self._modules[n] for n in names]
-            if kind == "module":
-                input = mods[0](input)
-            elif kind == "bn_relu_conv":
-                input = functional.bn_relu_conv(input, mods[0], mods[2], relu=True, backend=self.backend)
-            else:
-                input = functional.conv_bn_relu(input, mods[0], mods[1], relu=kind == "conv_bn_relu",
-                                                backend=self.backend)
-        return input
-
-    def extra_repr(self) -> str:
-        fused = [f"{kind}({', '.join(names)})" for kind, names in self.steps if kind != "module"]
-        return f"fused: {'; '.join(fused)}" if fused else ""
+def _bn_without_relu(module) -> bool:
+    """A BN whose output is the plain normalization (not a BN-act that applies a ReLU itself)."""
+    return is_bn(module) and not bn_act_relu(module)
