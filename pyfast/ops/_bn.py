@@ -64,6 +64,8 @@ def check_batch_norm(prefix: str, x_shape, device: torch.device, bn: BatchNormAr
         raise ValueError(f"{prefix}running_mean/{prefix}running_var are required when training=False")
     if training and bn.momentum is None and bn.running_mean is not None and bn.num_batches_tracked is None:
         raise ValueError(f"{prefix}momentum=None (cumulative average) needs {prefix}num_batches_tracked")
+    if training and not bn.eps > 0:
+        raise ValueError(f"{prefix}eps must be positive during training, but got {bn.eps} (as F.batch_norm)")
     count = math.prod(x_shape) // channels if channels else 0
     if training and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_shape)}")

@@ -73,7 +73,6 @@ def test_writing_into_the_shortcut_after_the_fused_call_is_legal():
     check(grads[0], grads[1], kind="backward", what="input gradient")
 
 
-@op_layer(9, "autocast: bn_relu_conv casts x before the BN; eager casts only the conv's input")
 @pytest.mark.parametrize("seed", range(3))
 def test_bn_relu_conv_under_autocast_follows_the_per_op_policy(seed):
     """Eager autocast runs the BN in float32 and casts only the conv's input to bfloat16. An input with a
@@ -88,7 +87,6 @@ def test_bn_relu_conv_under_autocast_follows_the_per_op_policy(seed):
     check(out, expected, eager_out, what="bfloat16 output")
 
 
-@op_layer(10, "eps=0 accepted in training; torch raises ValueError")
 @pytest.mark.parametrize("cls", [ConvBNReLU2d, BNReLUConv2d])
 def test_eps_zero_is_refused_in_training_like_batchnorm(cls):
     x = torch.randn(2, 3, 5, 5)

@@ -41,7 +41,7 @@ def _total(fn) -> int:
 def _backward(fn, leaves):
     """fn's forward and backward from a random output gradient, the leaves' .grad freed first (as zero_grad
     does: accumulating into an old .grad would add a kernel per leaf to both sides)."""
-    gradient = torch.randn(2, 4, 5, 5)
+    gradient = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
 
     def run():
         for leaf in leaves:
@@ -50,22 +50,26 @@ def _backward(fn, leaves):
     return run
 
 
-# (case, fused budget on cpu, on triton): the fused calls and their eager sequences are built below
+# case -> (fused budget on cpu, on triton). On cpu each fused call dispatches at most the eager ops it replaces.
+# A Triton launch is one kernel, while an eager op may launch several (a GPU batch_norm runs a reduction and an
+# elementwise kernel): the Triton statistics and backward sums are two launches each (partials, then their
+# combine), so its budgets are held exactly but not compared with eager's op count.
 CASES = {
     "conv_bn_relu train forward": (4, 4),
-    "conv_bn_relu train forward+backward": (7, 7),
+    "conv_bn_relu train forward+backward": (8, 9),
     "conv_bn_relu inference": (1, 1),
-    "bn_add_relu train forward": (3, 3),
-    "bn_add_relu BN shortcut train forward+backward": (7, 7),
+    "bn_add_relu train forward": (3, 4),
+    "bn_add_relu BN shortcut train forward+backward": (8, 11),
     "bn_add_relu inference": (1, 1),
-    "bn_relu_conv train forward+backward": (7, 8),
-    "add_relu forward+backward": (2, 2),
+    "bn_relu_conv train forward+backward": (8, 10),
+    "add_relu forward+backward": (3, 3),
 }
 
 
 def _case(name, backend):
-    x = torch.randn(2, 4, 5, 5)
-    s = torch.randn(2, 4, 5, 5)
+    # channels_last: the layout the Triton kernels work in (an NCHW input costs their convolution a copy)
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     conv, bn, s_bn = _blocks()
     xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
     leaves = [xg, sg, conv.weight, bn.weight, bn.bias, s_bn.weight, s_bn.bias]
@@ -113,7 +117,8 @@ def test_fused_call_dispatches_its_budget_and_no_more_than_eager(name, backend):
     budget = CASES[name][0 if backend == "cpu" else 1]
     counted = count_kernels(fused)
     assert sum(counted.values()) == budget, dict(counted)
-    assert budget <= _total(eager)
+    if backend == "cpu":
+        assert budget <= _total(eager)
 
 
 def test_inference_cache_follows_parameter_updates():
