@@ -258,7 +258,7 @@ def static_launches(net: str, batch: int = 128, image: int = 224, dtype: torch.d
     """
     from pyfast import models
     from pyfast.kernels import conv
-    from pyfast.models.layers import EagerKit, switch_backend
+    from pyfast.models.layers import EagerKit, set_fused
 
     problems = []
 
@@ -279,7 +279,7 @@ def static_launches(net: str, batch: int = 128, image: int = 224, dtype: torch.d
     with torch.device("meta"):
         model = models.create(net, in_chans=STATIC_NETS[net]).to(dtype=dtype, memory_format=torch.channels_last)
         names = {id(m): name for name, m in model.named_modules()}
-        switch_backend(model.train(), Recorder())
+        set_fused(model.train(), Recorder())
         model(torch.empty(batch, STATIC_NETS[net], image, image, dtype=dtype).contiguous(
             memory_format=torch.channels_last))
     return problems
