@@ -86,6 +86,11 @@ def batch_affine(chosen, bn: BatchNormArgs, mean: Tensor, var: Tensor, count: in
     finalize kernel updates the running statistics and num_batches_tracked in place."""
     scale, shift, invstd = chosen.bn_finalize(mean, var, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                               bn.num_batches_tracked, count, bn.momentum, bn.eps, True)
+    if not torch.compiler.is_compiling():
+        # Kernels write through raw pointers, which no version counter sees; the eval caches key on versions.
+        updated = [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
+        if updated:
+            torch.autograd.graph.increment_version(updated)
     return Affine(scale, shift, mean, invstd)
 
 

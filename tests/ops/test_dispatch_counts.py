@@ -138,6 +138,26 @@ def test_inference_cache_follows_parameter_updates():
     torch.testing.assert_close(second, F.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [CPU, "triton"])
+def test_inference_cache_follows_training_updates(backend):
+    """A training call updates the running statistics in its finalize kernel; the next eval call must use the
+    new ones (the kernels write through pointers, so the op layer bumps the version counters)."""
+    skip_unless_runs(backend, "conv_bn_relu", torch.randn(1, 4, 2, 2))
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    conv, bn, _ = _blocks()
+    with torch.no_grad():
+        for training in (False, True, False, True, False):
+            bn.train(training)
+            out = _conv_bn_relu(x, conv, bn, backend, training=training)
+            torch.testing.assert_close(out, F.relu(_eager_bn(conv(x), copy_of(bn), training)), rtol=1e-4, atol=1e-5)
+
+
+def copy_of(bn):
+    """bn's state before the reference call (which would update it again)."""
+    import copy
+    return copy.deepcopy(bn)
+
+
 @pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
 def test_model_step_dispatches_fewer_kernels_than_eager(model, training):
