@@ -83,7 +83,8 @@ class ModuleTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):
         if kind == "call_function" and target in self.checkpoints:
             name = f"{target.__module__}.{target.__name__}"
-            for region in args[:1]:  # the module (or a method of it) the checkpoint runs
+            regions = args[0] if args and isinstance(args[0], (list, tuple)) else args[:1]
+            for region in regions:  # the modules (or methods of them) the checkpoint runs
                 region = getattr(region, "__self__", region)
                 if isinstance(region, nn.Module):
                     self.checkpointed[self.path_of_module(region)] = CHECKPOINTED.format(name)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyfast
-from pyfast.nn import FusedGraphModule, FusedSequential, fuse
+from pyfast.nn import FusedSequential, fuse
 
 
 def conv_bn_relu(c_in, c_out):
@@ -118,6 +118,17 @@ def test_checkpointed_regions_keep_their_recomputation():
     # the region ran twice in the training step (forward, then recomputed in backward): its BN counted
     # two batches, as in eager (compare_state checked them equal to the float64 copy's)
     assert fused.block[1].num_batches_tracked.item() == 2 and fused.head[1].num_batches_tracked.item() == 1
+
+
+def test_timm_gradient_checkpointing_is_kept():
+    """timm's checkpoint_seq over a list of stages: each stage stays unfused, as the checkpoint runs it."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=4)
+    model.set_grad_checkpointing()
+    fused, report = fuse(model)
+    assert "checkpoint_seq" in report.not_traced[""]
+    assert all("left unfused" in report.not_traced[f"layer{i}"] for i in range(1, 5)), str(report)
+    assert report.fusions == [] and fused is model  # the stem's conv, bn, act are leaves of the root
 
 
 def test_pre_activation_models_use_bn_relu_conv():

@@ -21,7 +21,8 @@ def test_bn_add_relu_takes_4d_input_only_like_batchnorm2d(shape):
 def test_meta_modules_and_inputs_give_the_plain_modules_shapes():
     x = torch.randn(2, 3, 6, 6, device="meta")
     with torch.device("meta"):
-        cases = [(ConvBNReLU2d(3, 4, 3, stride=2, padding=1), nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4))),
+        cases = [(ConvBNReLU2d(3, 4, 3, stride=2, padding=1),
+                  nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4))),
                  (BNReLUConv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)))]
         bn_add_relu = BNAddReLU(3)
     for fused, plain in cases:
