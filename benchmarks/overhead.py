@@ -186,12 +186,16 @@ def op_cases(backend: str) -> Dict[str, Dict[str, Callable[[], object]]]:
             b.num_batches_tracked.add_(1)
         return F.batch_norm(t, b.running_mean, b.running_var, b.weight, b.bias, training, 0.1, 1e-5)
 
+    frozen = nn.BatchNorm2d(16).eval()  # the eval cases' own: a training case would change its statistics
+
     def fast_cbr(training):
-        return ops.conv_bn_relu(x, w, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                bn.num_batches_tracked, training=training, padding=1, backend=backend)
+        b = bn if training else frozen
+        return ops.conv_bn_relu(x, w, None, b.weight, b.bias, b.running_mean, b.running_var,
+                                b.num_batches_tracked, training=training, padding=1, backend=backend)
 
     def fast_bar(training):
-        return ops.bn_add_relu(s, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+        b = bn if training else frozen
+        return ops.bn_add_relu(s, b.weight, b.bias, b.running_mean, b.running_var, b.num_batches_tracked,
                                training=training, shortcut=x, backend=backend)
 
     def fast_brc(training):

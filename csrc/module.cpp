@@ -8,7 +8,11 @@
 // tensor machinery still apply; only Dynamo cannot trace them, so the op layer uses torch.ops under it.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
+
+#include <array>
+#include <vector>
 
 #include <optional>
 #include <tuple>

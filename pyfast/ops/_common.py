@@ -11,7 +11,7 @@ from ._conv import ConvParams, memory_format_of
 def autocast_inputs(*tensors: Optional[Tensor]):
     """Convolution inputs under torch.autocast: cast to the autocast dtype, as F.conv2d would be.
     Custom ops are invisible to autocast, so the op layer applies its rule itself."""
-    device_type = next(t for t in tensors if t is not None).device.type
+    device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
@@ -39,7 +39,7 @@ def param_grad(grad_sum: Optional[Tensor], dtype: Optional[torch.dtype], wanted:
 def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stride, padding, dilation, groups,
                 cast_x: bool = True):
     """Checks a convolving op's input and convolution arguments (after autocast's casts); returns
-    (x, weight, bias, ConvParams). cast_x=False: x is not the convolution's operand (bn_relu_conv normalizes
+    (x, weight, bias, ConvParams, output shape). cast_x=False: x is not the convolution's operand (bn_relu_conv normalizes
     it first, and autocast casts only what reaches the convolution)."""
     check_activation("x", x)
     if weight is None:
@@ -51,5 +51,4 @@ def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], str
     check_like("weight", weight, x, "x", dtype=cast_x or not torch.is_autocast_enabled(x.device.type))
     check_like("bias", bias, weight, "weight")
     params = ConvParams.of(stride, padding, dilation, groups)
-    params.check(x, weight)
-    return x, weight, bias, params
+    return x, weight, bias, params, params.check(x, weight)

@@ -59,7 +59,8 @@ class ConvParams:
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         return (x.shape[0], weight.shape[0], out_h, out_w)
 
-    def check(self, x: Tensor, weight: Tensor, x_name: str = "x") -> None:
+    def check(self, x: Tensor, weight: Tensor, x_name: str = "x"):
+        """Raises for arguments that do not convolve; returns the output shape."""
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(weight.shape)}")
         channels, out_channels = x.shape[1], weight.shape[0]
@@ -73,9 +74,10 @@ class ConvParams:
                 f"weight of shape {tuple(weight.shape)} with groups={self.groups} expects {x_name} to have "
                 f"{weight.shape[1] * self.groups} channels, got {channels}"
             )
-        out_h, out_w = self.output_shape(x, weight)[2:]
-        if out_h < 1 or out_w < 1:
+        shape = self.output_shape(x, weight)
+        if shape[2] < 1 or shape[3] < 1:
             raise ValueError(f"{x_name} of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
+        return shape
 
 
 @functools.lru_cache(maxsize=256)

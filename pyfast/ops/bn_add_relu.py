@@ -6,8 +6,7 @@ and running-statistics update), then one elementwise pass. Backward: one reducti
 ReLU mask (sum dz, sum dz*xhat, sum dz*rhat: also the BN parameter gradients), then one elementwise pass that
 writes both input gradients. add_relu's backward is one pass over the saved output.
 """
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -84,9 +83,9 @@ def _affine(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool) -
     return eval_affine(chosen, bn, acc_dtype(t.dtype), reuse)
 
 
-@dataclass(frozen=True)
-class _Config:
-    """The non-tensor arguments of one call, kept on the autograd context by name."""
+class _Config(NamedTuple):
+    """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
+    every call, and a frozen dataclass costs several times as much to construct)."""
 
     training: bool
     momentum: Optional[float]

@@ -7,8 +7,7 @@ activation is never stored and the backward recomputes it; the other backends wr
 keep it for the backward, as eager PyTorch does. Backward: the convolution backward, then one reduction and
 one elementwise BN pass.
 """
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +28,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     """F.conv2d(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum,
     eps)), weight, bias, stride, padding, dilation, groups); `relu=False` drops the ReLU. Under autocast the
     BN runs in x's dtype and only the convolution in the autocast dtype, as in eager PyTorch."""
-    x, weight, bias, params = conv_inputs(x, weight, bias, stride, padding, dilation, groups, cast_x=False)
+    x, weight, bias, params, _ = conv_inputs(x, weight, bias, stride, padding, dilation, groups, cast_x=False)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", x.shape, x.device, bn, training)
 
@@ -42,9 +41,9 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
                              config)
 
 
-@dataclass(frozen=True)
-class _Config:
-    """The non-tensor arguments of one call, kept on the autograd context by name."""
+class _Config(NamedTuple):
+    """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
+    every call, and a frozen dataclass costs several times as much to construct)."""
 
     training: bool
     momentum: Optional[float]

@@ -8,8 +8,7 @@
   (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat, which are also the BN
   parameter gradients), one elementwise pass, then the convolution backward.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,9 +31,9 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
-    x, weight, bias, params = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
+    x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-    check_batch_norm("bn_", params.output_shape(x, weight), x.device, bn, training)
+    check_batch_norm("bn_", out_shape, x.device, bn, training)
 
     chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
     if chosen.name == "reference":
@@ -70,9 +69,9 @@ def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> 
     return folded_weight, folded_bias.to(weight.dtype)
 
 
-@dataclass(frozen=True)
-class _Config:
-    """The non-tensor arguments of one call, kept on the autograd context by name."""
+class _Config(NamedTuple):
+    """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
+    every call, and a frozen dataclass costs several times as much to construct)."""
 
     training: bool
     momentum: Optional[float]

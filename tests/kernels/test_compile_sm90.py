@@ -141,7 +141,8 @@ def _pick_config(configs, which, channels_last=None):
 def _load_module(name, path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"_sm90_{name}", path)
+    # inside pyfast.kernels, so that the kernels' relative imports (pyfast._flags, pyfast._shapes) resolve
+    spec = importlib.util.spec_from_file_location(f"pyfast.kernels._sm90_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -194,6 +195,9 @@ def _compile_case(modules, case):
     if "view" in case:
         view_ints, layout = _bn_ints(module, case["view"])
         ints.update(view_ints)
+        if "count" in (p.name for p in fn.params):  # the elementwise backward divides its sums by it
+            n, _, h, w = case["view"]["shape"]
+            ints["count"] = n * h * w
         constexprs.update(layout, ACC=tl_acc[case["acc"]])
     num_warps, num_stages = 4, 3  # triton.Config / launch defaults
     config = case["config"]

@@ -5,8 +5,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ... import _extension
 from .._bn import BatchNormArgs, acc_dtype, update_running_stats
 from .._conv import ConvParams, memory_format_of
+
+# ATen's convolution backward has no generated Python binding; pyfast._C's direct one skips the ~10 us a
+# torch.ops call spends on argument handling (None without the extension).
+_DIRECT_CONV_BACKWARD = getattr(_extension.extension, "convolution_backward", None)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -69,13 +74,16 @@ class Backend:
     # -- convolution (ATen: cuDNN on CUDA, oneDNN on CPU) --------------------------------------
     def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], params: ConvParams) -> Tensor:
         stride, padding, dilation, groups = params.as_lists()
-        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
 
     def conv_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, params: ConvParams,
                       output_mask: Sequence[bool]):
         """(grad_x, grad_weight, grad_bias); entries not asked for in output_mask are None."""
         stride, padding, dilation, groups = params.as_lists()
         bias_sizes = [weight.shape[0]] if output_mask[2] else None
+        if _DIRECT_CONV_BACKWARD is not None and not torch.compiler.is_compiling():
+            return _DIRECT_CONV_BACKWARD(grad_out, x, weight, bias_sizes, stride, padding, dilation, groups,
+                                         list(output_mask))
         return torch.ops.aten.convolution_backward(
             grad_out, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, list(output_mask)
         )
