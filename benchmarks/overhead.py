@@ -104,7 +104,7 @@ def build(name: str, fused: bool, **overrides) -> nn.Module:
     from pyfast import models
 
     torch.manual_seed(0)
-    return models.create(name, backend="fast" if fused else "eager", **overrides)
+    return models.create(name, fused=fused, **overrides)
 
 
 MODELS = {  # name -> (in_chans, num_classes, narrow overrides for the host-time rows)
