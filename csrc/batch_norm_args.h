@@ -241,6 +241,11 @@ inline FinalizeArgs finalize_args(const char* op, const at::Tensor& mean, const 
     }
   }
   if (update && given(num_batches_tracked)) a.num_batches_tracked = *num_batches_tracked;
+  // The kernels write these through raw pointers; a custom op's in-place update bumps no version counter
+  // by itself, and the op layer's inference caches (pyfast/ops/_cache.py) key on them.
+  for (const at::Tensor* t : {&a.running_mean, &a.running_var, &a.num_batches_tracked}) {
+    if (t->defined() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
   const auto acc = mean.options().dtype(acc_type(mean.scalar_type()));
   a.scale = at::empty({mean.size(0)}, acc);
   a.shift = at::empty({mean.size(0)}, acc);

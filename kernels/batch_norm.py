@@ -664,6 +664,12 @@ def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running and count > 0,
             TRACK=track, CUMULATIVE=update_running and momentum is None, ACC=_tl_dtype(acc),
             BLOCK_C=min(triton.next_power_of_2(max(c, 1)), _FINALIZE_BLOCK_C))
+    # The kernel writes through pointers, which no version counter sees; caches of values derived from the
+    # running statistics (pyfast.ops's inference folds) key on versions.
+    updated = [t for t, wrote in ((running_mean, update_running and count > 0), (running_var, update_running
+               and count > 0), (num_batches_tracked, track)) if wrote and not t.is_inference()]
+    if updated and not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(updated)
     return scale, shift, invstd
 
 

@@ -35,3 +35,20 @@ class _Unsupported(torch.autograd.Function):
             f"pyfast.ops.{ctx.op} does not support double backward (a gradient of its gradient): its backward "
             f"kernels are not differentiable. Run it with backend='reference' (plain PyTorch, e.g. inside "
             f"`with pyfast.use_backend('reference'):`) where you need higher-order gradients.")
+
+
+class _Unrecorded:
+    """The context a Function's forward gets when the call records no autograd graph: what it saves for a
+    backward that will never run is dropped."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def apply(function, records: bool, *args):
+    """function.apply(*args) when the call `records` an autograd graph (an input needs a gradient, see
+    pyfast.ops._common.needs_grad); otherwise (inference, torch.no_grad()) its forward alone: the same
+    computation without building an autograd node."""
+    if records:
+        return function.apply(*args)
+    return function.forward(_Unrecorded(), *args)

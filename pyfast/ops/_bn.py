@@ -49,13 +49,12 @@ def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str, dtype
 def check_batch_norm(prefix: str, x_shape, device: torch.device, bn: BatchNormArgs, training: bool) -> None:
     """Checks one BN's arguments against the shape and device of the tensor it normalizes."""
     channels = x_shape[1]
-    for field in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, field)
+    for field, t in zip(("weight", "bias", "running_mean", "running_var"), bn[:4]):
         if t is None:
             continue
         if t.device != device:
             raise RuntimeError(f"{prefix}{field} is on {t.device} but the input is on {device}")
-        if not t.is_floating_point() or t.shape != (channels,):
+        if t.dim() != 1 or t.shape[0] != channels or not t.is_floating_point():
             raise ValueError(f"{prefix}{field} must be a floating-point tensor of shape ({channels},), "
                              f"got {t.dtype} {tuple(t.shape)}")
     if (bn.running_mean is None) != (bn.running_var is None):
@@ -86,11 +85,6 @@ def batch_affine(chosen, bn: BatchNormArgs, mean: Tensor, var: Tensor, count: in
     finalize kernel updates the running statistics and num_batches_tracked in place."""
     scale, shift, invstd = chosen.bn_finalize(mean, var, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                               bn.num_batches_tracked, count, bn.momentum, bn.eps, True)
-    if not torch.compiler.is_compiling():
-        # Kernels write through raw pointers, which no version counter sees; the eval caches key on versions.
-        updated = [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
-        if updated:
-            torch.autograd.graph.increment_version(updated)
     return Affine(scale, shift, mean, invstd)
 
 

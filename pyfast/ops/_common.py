@@ -28,6 +28,10 @@ def like_layout(t: Tensor, ref: Tensor) -> Tensor:
     return t.contiguous(memory_format=memory_format_of(ref))
 
 
+def dtype_of(t: Optional[Tensor]) -> Optional[torch.dtype]:
+    return None if t is None else t.dtype
+
+
 def param_grad(grad_sum: Optional[Tensor], dtype: Optional[torch.dtype], wanted: bool) -> Optional[Tensor]:
     """A BN parameter's gradient: the per-channel sum a reduction kernel produced, as it is (no copy) unless
     the parameter (of `dtype`; None: no parameter) has another dtype; None when autograd does not want it."""

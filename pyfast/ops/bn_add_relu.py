@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported
 from ._bn import (Affine, BatchNormArgs, acc_dtype, batch_affine, check_activation, check_batch_norm, check_like,
                   eval_affine, reduction_count)
-from ._common import like_layout, param_grad
+from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
 
@@ -47,10 +47,11 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     if chosen.name == "reference":
         return reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
     sbn = shortcut_bn or BatchNormArgs()
+    records = needs_grad(y, bn_weight, bn_bias, shortcut, sbn.weight, sbn.bias)
     config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name,
-                     not torch.is_grad_enabled())
-    return _BNAddReLU.apply(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
-                            sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked, config)
+                     not records)
+    return apply(_BNAddReLU, records, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
+                 sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked, config)
 
 
 def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -64,7 +65,7 @@ def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
     chosen = select("add_relu", a, backend)
     if chosen.name == "reference":
         return reference.add_relu(a, b)
-    return _AddReLU.apply(a, like_layout(b, a), chosen.name)
+    return apply(_AddReLU, needs_grad(a, b), a, like_layout(b, a), chosen.name)
 
 
 def _same_dtype(a: Tensor, b: Tensor):
@@ -118,7 +119,7 @@ class _BNAddReLU(torch.autograd.Function):
             s_affine = _affine(chosen, shortcut, s_bn, config.training, config.reuse)
         ctx.save_for_backward(y, shortcut, *affine, *s_affine)
         ctx.config = config
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (bn_weight, bn_bias, s_weight, s_bias))
+        ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))
         return chosen.bn_act_forward(y, affine.scale, affine.shift, shortcut, s_affine[0], s_affine[1], config.relu)
 
     @staticmethod

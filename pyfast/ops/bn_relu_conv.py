@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported
 from ._bn import (Affine, BatchNormArgs, acc_dtype, batch_affine, check_batch_norm, eval_affine, reduction_count)
-from ._common import conv_inputs, like_layout, param_grad
+from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from ._conv import ConvParams
 from .backends import BACKENDS, select
 
@@ -35,10 +35,10 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     chosen = select("bn_relu_conv", x, backend, weight=weight, params=params)
     if chosen.name == "reference":
         return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
-    config = _Config(training, momentum, eps, params, relu, chosen.name,
-                     not torch.is_grad_enabled())
-    return _BNReLUConv.apply(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
-                             config)
+    records = needs_grad(x, bn_weight, bn_bias, weight, bias)
+    config = _Config(training, momentum, eps, params, relu, chosen.name, not records)
+    return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                 weight, bias, config)
 
 
 class _Config(NamedTuple):
@@ -68,7 +68,7 @@ class _BNReLUConv(torch.autograd.Function):
         out, activation = chosen.bn_act_conv(x, affine.scale, affine.shift, config.relu, weight, bias, config.params)
         ctx.save_for_backward(x, weight, activation, *affine)
         ctx.config = config
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (bn_weight, bn_bias))
+        ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))
         return out
 
     @staticmethod

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported
 from ._bn import Affine, BatchNormArgs, acc_dtype, batch_affine, check_batch_norm, eval_affine, reduction_count
 from ._cache import cached
-from ._common import conv_inputs, like_layout, needs_grad, param_grad
+from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from ._conv import ConvParams
 from .backends import BACKENDS, select
 
@@ -38,13 +38,13 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
     if chosen.name == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
-    if not training and not needs_grad(x, weight, bias, bn_weight, bn_bias):
+    records = needs_grad(x, weight, bias, bn_weight, bn_bias)
+    if not training and not records:
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn)
         return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
-    config = _Config(training, momentum, eps, params, relu, chosen.name,
-                     not torch.is_grad_enabled())
-    return _ConvBNReLU.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                             config)
+    config = _Config(training, momentum, eps, params, relu, chosen.name, not records)
+    return apply(_ConvBNReLU, records, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                 num_batches_tracked, config)
 
 
 def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, backend: Optional[str] = None
@@ -100,7 +100,7 @@ class _ConvBNReLU(torch.autograd.Function):
             affine = eval_affine(chosen, bn, acc_dtype(y.dtype), config.reuse)
         ctx.save_for_backward(x, weight, y, *affine)
         ctx.config = config
-        ctx.param_dtypes = (None if bn_weight is None else bn_weight.dtype, None if bn_bias is None else bn_bias.dtype)
+        ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))
         return chosen.bn_act_forward(y, affine.scale, affine.shift, None, None, None, config.relu)
 
     @staticmethod
