@@ -17,17 +17,21 @@ def double_backward_unsupported(op: str):
             if not (torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads)):
                 return results
             tensors = [r for r in results if r is not None]
-            guarded = iter(_Unsupported.apply(op, *tensors))
+            incoming = [g for g in grads if g is not None]
+            guarded = iter(_Unsupported.apply(op, len(tensors), *tensors, *incoming))
             return tuple(None if r is None else next(guarded) for r in results)
         return checked
     return wrap
 
 
 class _Unsupported(torch.autograd.Function):
+    """Passes the backward's results through, attached to the incoming gradients' graph (they are what a
+    second backward reaches them by); its own backward is the error."""
+
     @staticmethod
-    def forward(ctx, op, *tensors):
+    def forward(ctx, op, count, *tensors):
         ctx.op = op
-        return tuple(t.clone() for t in tensors)
+        return tuple(t.clone() for t in tensors[:count])
 
     @staticmethod
     def backward(ctx, *grads):

@@ -2,7 +2,7 @@
 (training: from batch statistics, updating the running ones; eval: from the running ones, cached), with
 exactly `nn.BatchNorm2d`'s semantics."""
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -121,6 +121,16 @@ def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: in
             if weight is None:
                 weight = 1.0 / bn.num_batches_tracked.to(running.dtype)
             running.lerp_(batch.to(running.dtype), weight)
+
+
+def backward_sums(chosen, *args) -> Tuple[Tensor, Tensor, Tensor]:
+    """bn_act_backward_reduce(*args): (sum dz, sum dz*xhat, sum dz*rhat), which are also the BN parameter
+    gradients. An empty batch gives zeros, as PyTorch's BN does (the kernels' sum of nothing would be scaled
+    by the NaN invstd of no values)."""
+    sums = chosen.bn_act_backward_reduce(*args)
+    if args[1].numel() == 0:
+        return tuple(torch.zeros_like(s) for s in sums)
+    return sums
 
 
 def reduction_count(x: Tensor) -> int:

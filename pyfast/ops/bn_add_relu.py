@@ -13,8 +13,8 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, acc_dtype, batch_affine, check_activation, check_batch_norm, check_like,
-                  eval_affine, reduction_count)
+from ._bn import (Affine, BatchNormArgs, acc_dtype, backward_sums, batch_affine, check_activation, check_batch_norm,
+                  check_like, eval_affine, reduction_count)
 from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
@@ -134,7 +134,7 @@ class _BNAddReLU(torch.autograd.Function):
         residual = (shortcut, s_scale, s_shift, s_mean, s_invstd)
         sums = (None, None, None)
         if config.training or any(needs[i] for i in (1, 2, 7, 8)):
-            sums = chosen.bn_act_backward_reduce(grad_out, y, affine.scale, affine.shift, affine.mean, affine.invstd,
+            sums = backward_sums(chosen, grad_out, y, affine.scale, affine.shift, affine.mean, affine.invstd,
                                                  *residual, config.relu)
         sum_dz, sum_dz_xhat, sum_dz_rhat = sums
         batch = (sum_dz, sum_dz_xhat, sum_dz_rhat if config.shortcut_bn else None) if config.training \

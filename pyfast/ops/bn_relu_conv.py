@@ -14,7 +14,8 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, acc_dtype, batch_affine, check_batch_norm, eval_affine, reduction_count)
+from ._bn import (Affine, BatchNormArgs, acc_dtype, backward_sums, batch_affine, check_batch_norm, eval_affine,
+                  reduction_count)
 from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from ._conv import ConvParams
 from .backends import BACKENDS, select
@@ -85,7 +86,7 @@ class _BNReLUConv(torch.autograd.Function):
         grad_a = like_layout(grad_a.to(x.dtype), x)
         sum_dz = sum_dz_xhat = None
         if config.training or needs[1] or needs[2]:
-            sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_a, x, affine.scale, affine.shift, affine.mean,
+            sum_dz, sum_dz_xhat, _ = backward_sums(chosen, grad_a, x, affine.scale, affine.shift, affine.mean,
                                                                    affine.invstd, None, None, None, None, None,
                                                                    config.relu)
         batch = (sum_dz, sum_dz_xhat) if config.training else (None, None)

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import Affine, BatchNormArgs, acc_dtype, batch_affine, check_batch_norm, eval_affine, reduction_count
+from ._bn import (Affine, BatchNormArgs, acc_dtype, backward_sums, batch_affine, check_batch_norm, eval_affine,
+                  reduction_count)
 from ._cache import cached
 from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from ._conv import ConvParams
@@ -113,7 +114,7 @@ class _ConvBNReLU(torch.autograd.Function):
         grad_out = like_layout(grad_out, y)
         sum_dz = sum_dz_xhat = None
         if config.training or needs[3] or needs[4]:
-            sum_dz, sum_dz_xhat, _ = chosen.bn_act_backward_reduce(grad_out, y, affine.scale, affine.shift,
+            sum_dz, sum_dz_xhat, _ = backward_sums(chosen, grad_out, y, affine.scale, affine.shift,
                                                                    affine.mean, affine.invstd, None, None, None,
                                                                    None, None, config.relu)
         batch = (sum_dz, sum_dz_xhat) if config.training else (None, None)
