@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _flags
+from .._numerics import acc_dtype
 
 _INTERPRET = _flags.TRITON_INTERPRET
 # PYFAST_TRITON_AUTOTUNE=0 keeps one config per kernel: for GPU test runs, where tuning every new
@@ -281,7 +282,7 @@ def _bn_stats_combine_kernel(
 def bn_stats(x):
     """Per-channel mean and biased variance of a 4-D tensor over N*H*W, in the acc dtype."""
     x, view = _prepare_input(x)
-    acc = _acc_dtype(x)
+    acc = _acc_of(x)
     mean = torch.empty(view.C, dtype=acc, device=x.device)
     var = torch.empty_like(mean)
     if view.G * view.L == 0:  # like torch.var_mean over no elements
@@ -464,7 +465,7 @@ def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, re
     grad_out, residual = args.like("grad_out", grad_out), args.like("residual", residual)
     channels = args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift, mean=mean,
                              invstd=invstd, res_mean=res_mean, res_invstd=res_invstd)
-    acc = _acc_dtype(x)
+    acc = _acc_of(x)
     # Three separate tensors, not views of one buffer: they become BN parameter gradients as they are.
     sums = [torch.empty(view.C if k < 2 or has_rhat else 0, dtype=acc, device=x.device) for k in range(3)]
     if view.G * view.L == 0:
@@ -655,7 +656,7 @@ def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_
     update_running = update and running_mean is not None
     _require(not update_running or momentum is not None or track,
              "momentum=None (cumulative average) needs num_batches_tracked")
-    acc = _acc_dtype(mean)
+    acc = _acc_of(mean)
     scale, shift, invstd = (torch.empty(c, dtype=acc, device=mean.device) for _ in range(3))
     if c or track:
         _bn_finalize_kernel[(1,)](
@@ -689,8 +690,8 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _acc_of(x):
+    return acc_dtype(x.dtype)
 
 
 def _tl_dtype(dtype):
@@ -730,7 +731,7 @@ class _Args:
 
     def __init__(self, x, view):
         self.x, self.view = x, view
-        self.acc = _tl_dtype(_acc_dtype(x))
+        self.acc = _tl_dtype(_acc_of(x))
 
     def like(self, name, t):
         """A tensor shaped like x (grad_out, residual), in x's dtype, device and memory format."""
@@ -744,7 +745,7 @@ class _Args:
 
     def channels(self, **vectors):
         """Per-channel vectors in order, checked: None or 1-D of length C, acc dtype, x's device."""
-        acc = _acc_dtype(self.x)
+        acc = _acc_of(self.x)
         checked = []
         for name, v in vectors.items():
             if v is not None:

@@ -47,7 +47,7 @@ can capture it after the first call of a tuning key).
 import functools
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton

@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.backends import check_name
 from ._sync import SyncBatchNorm2d
 from .functional import resolve_padding
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:
-    if backend is not None and backend != "auto" and backend not in ops.BACKENDS:
-        raise ValueError(f"unknown pyfast backend {backend!r}; choose from {['auto', *ops.BACKENDS]} or None")
-    return backend
+    """A module's backend override: a backend name, "auto", or None (the global default)."""
+    return check_name(backend, optional=True)
 
 
 def check_conv(padding_mode: str, padding, kernel_size, dilation) -> None:

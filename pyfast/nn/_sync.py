@@ -21,7 +21,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import BatchNormArgs
+from .._numerics import acc_dtype
 from ..ops._bn import update_running_stats
+from ..ops.backends import BACKENDS
 
 __all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm", "process_group_of", "sync_batch_norm"]
 
@@ -65,7 +67,7 @@ def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     statistics (and num_batches_tracked) in `args` like nn.SyncBatchNorm."""
     if x.dim() < 2:
         raise ValueError(f"expected an (N, C, ...) input, got shape {tuple(x.shape)}")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
@@ -85,12 +87,9 @@ def sync_batch_norm(x: Tensor, args: BatchNormArgs, group) -> Tensor:
     unbiased = var.detach() * (total / (total - 1).clamp(min=1))
     update_running_stats(args, mean.detach(), unbiased, 1)
 
-    scale = torch.rsqrt(var + args.eps)
-    if args.weight is not None:
-        scale = scale * args.weight.to(acc)
-    shift = -mean * scale
-    if args.bias is not None:
-        shift = shift + args.bias.to(acc)
+    # BN's affine map by its one definition (the composite bn_finalize), differentiable through the gather
+    scale, shift, _ = BACKENDS["reference"].bn_finalize(mean, var, args.weight, args.bias, None, None, None, 0, None,
+                                                        args.eps, False)
     return (xf * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
 
 

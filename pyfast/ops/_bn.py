@@ -22,11 +22,6 @@ class BatchNormArgs(NamedTuple):
     eps: float = 1e-5
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation run in float32, or float64 for float64 input."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_activation(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")

@@ -6,16 +6,15 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._shapes import conv_output_size, pair
+
 IntPair = Union[int, Sequence[int]]
 
 
-def _pair(name: str, value: IntPair) -> Tuple[int, int]:
+def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
     if isinstance(value, str):
         raise ValueError(f"{name}={value!r}: pass explicit integers (pyfast.nn resolves 'same'/'valid')")
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return pair(value, name, minimum)
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,8 @@ class ConvParams:
 
     @classmethod
     def _check(cls, stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> "ConvParams":
-        params = cls(_pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation), int(groups))
-        if min(params.stride) < 1 or min(params.dilation) < 1 or min(params.padding) < 0:
-            raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {params}")
+        params = cls(_pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1),
+                     int(groups))
         if params.groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         return params
@@ -53,11 +51,7 @@ class ConvParams:
         return list(self.stride), list(self.padding), list(self.dilation), self.groups
 
     def output_shape(self, x: Tensor, weight: Tensor):
-        height, width = x.shape[2:]
-        kh, kw = weight.shape[2:]
-        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return (x.shape[0], weight.shape[0], out_h, out_w)
+        return (x.shape[0], weight.shape[0], *_output_size(self, *x.shape[2:], *weight.shape[2:]))
 
     def check(self, x: Tensor, weight: Tensor, x_name: str = "x"):
         """Raises for arguments that do not convolve; returns the output shape."""
@@ -78,6 +72,12 @@ class ConvParams:
         if shape[2] < 1 or shape[3] < 1:
             raise ValueError(f"{x_name} of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
         return shape
+
+
+@functools.lru_cache(maxsize=1024)
+def _output_size(params: ConvParams, height: int, width: int, kh: int, kw: int) -> Tuple[int, int]:
+    """pyfast._shapes' rule, memoized: it runs on every call, with the few shapes a network has."""
+    return conv_output_size(height, width, (kh, kw), params.stride, params.padding, params.dilation)
 
 
 @functools.lru_cache(maxsize=256)

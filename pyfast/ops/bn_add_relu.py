@@ -11,9 +11,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, acc_dtype, backward_sums, batch_affine, check_activation, check_batch_norm,
+from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_activation, check_batch_norm,
                   check_like, eval_affine, reduction_count)
 from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select

@@ -12,9 +12,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, acc_dtype, backward_sums, batch_affine, check_batch_norm, eval_affine,
+from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_batch_norm, eval_affine,
                   reduction_count)
 from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from ._conv import ConvParams

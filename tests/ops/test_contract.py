@@ -79,7 +79,7 @@ BAD_INPUTS = [
     ("eval without stats", dict(running_mean=None, running_var=None, training=False), ValueError,
      "running_mean/bn_running_var are required"),
     ("kernel larger than input", dict(x=torch.randn(2, 4, 2, 2), padding=0), ValueError, "smaller than the kernel"),
-    ("bad stride", dict(stride=0), ValueError, "stride and dilation must be >= 1"),
+    ("bad stride", dict(stride=0), ValueError, "stride must be an int or a pair of ints >= 1"),
 ]
 
 

@@ -30,20 +30,23 @@ PRIORITY: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cpu"
 AUTO = "auto"
 
 
-def _check_name(name: str) -> str:
-    if name != AUTO and name not in BACKENDS:
-        raise ValueError(f"unknown pyfast backend {name!r}; choose from {[AUTO, *BACKENDS]}")
-    return name
+def check_name(name: Optional[str], optional: bool = False) -> Optional[str]:
+    """`name` if it names a backend or "auto" (or, with `optional`, is None: the default applies); the one
+    place that says which names are valid."""
+    if (name is None and optional) or name == AUTO or name in BACKENDS:
+        return name
+    choices = [AUTO, *BACKENDS] + (["None"] if optional else [])
+    raise ValueError(f"unknown pyfast backend {name!r}; choose from {choices}")
 
 
-_default = _check_name(_flags.BACKEND)
+_default = check_name(_flags.BACKEND)
 
 
 def set_backend(name: str) -> str:
     """Sets the process-wide default backend ("auto", "reference", "cpu", "cuda", "triton").
     Returns the previous one."""
     global _default
-    previous, _default = _default, _check_name(name)
+    previous, _default = _default, check_name(name)
     return previous
 
 
@@ -104,7 +107,7 @@ def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optio
            params: Optional[ConvParams] = None) -> Backend:
     """The backend that runs `op` on input `x`. The ops that convolve pass their `weight` (after
     autocast's cast) and `params`: `auto` then chooses by the convolution's shape class too."""
-    name = _check_name(requested or _default)
+    name = check_name(requested or _default)
     if name != AUTO:
         reason = _why_not(name, op, x.device, x.dtype)
         if reason:

@@ -5,8 +5,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..._numerics import acc_dtype
 from ... import _extension
-from .._bn import BatchNormArgs, acc_dtype, update_running_stats
+from .._bn import BatchNormArgs, update_running_stats
 from .._conv import ConvParams, memory_format_of
 
 # ATen's convolution backward has no generated Python binding; pyfast._C's direct one skips the ~10 us a

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ... import _extension
-from .._bn import acc_dtype
+from ..._numerics import acc_dtype
 from .base import Backend
 
 
