@@ -256,8 +256,10 @@ def test_compiled_fused_model_fullgraph():
 
 ON_CPU_KERNELS = pyfast.ops.select("conv_bn_relu", torch.empty(0)).name == "cpu"
 CPU_PARAM_GRADS = pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
-    "op layer: with the cpu backend, parameter gradients deep in a ResNet-50 are ~10x eager float32's "
-    "error (layer4.0.conv1.weight 7.8e-3 vs 8e-4); backend='reference' passes"))
+    "chance, not a precision defect: ReLU masks at pre-activations within float32's noise of 0 flip against "
+    "the float64 copy in eager (9) and the cpu kernels (13) alike, at different elements; the cpu kernels "
+    "flip one more at layer4.0's output, which puts 7.8e-3 into layer4.0.conv1.weight's gradient (eager: "
+    "8e-4). Forward error per ReLU layer, near 0 included, is eager's within 5%"))
 
 
 @pytest.mark.parametrize("name", [pytest.param("resnet50", marks=CPU_PARAM_GRADS), "regnet_x_400mf"])

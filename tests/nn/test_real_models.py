@@ -33,9 +33,11 @@ CASES = [
     case("torchvision", "regnet_x_400mf", 64, {"bn_add_relu": 22, "conv_bn_relu": 45}),
     case("torchvision", "regnet_y_400mf", 64, {"bn_add_relu": 16, "conv_bn_relu": 33},
          marks=pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
-             "op layer: with the cpu backend the first SGD step's BN parameter gradients are ~100x eager "
-             "float32's error (5e-3 vs 5e-5), so step 1 is off; backend='reference' matches eager, and each "
-             "block alone is exact"))),
+             "chance, not a precision defect: in step 0 one ReLU of block4-4.f.b (float64 pre-activation "
+             "-2.8e-5, within float32's noise of 0) opens in the cpu kernels' rounding and not in eager's; that "
+             "one mask flip puts 4e-3 into every upstream gradient, the zero-initialised BN biases carry it "
+             "after one SGD step, and step 1's output is 2e-2 off. Eager flips as often (seeds 3-5: 1e-2); "
+             "without flips the fused gradients match eager's (seeds 6, 7)"))),
     case("torchvision", "mobilenet_v2", 32, {"conv_bn": 52}),
     case("torchvision", "googlenet", 32, {"conv_bn_relu": 59}),
     case("torchvision", "densenet121", 32, {"conv_bn_relu": 1, "bn_relu_conv": 119}),
