@@ -68,7 +68,7 @@ def _primitive(name: str):
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfast::{op}", dispatch_key)
+    return getattr(torch.ops.pyfast, op).default.has_kernel_for_dispatch_key(dispatch_key)
 
 
 class ExtensionBackend(Backend):
