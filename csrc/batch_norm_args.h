@@ -14,6 +14,12 @@ using OptTensor = std::optional<at::Tensor>;
 
 inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// What an in-place update by a kernel must do: a custom op's writes through raw pointers bump no version
+// counter by themselves, and caches of values derived from a tensor (pyfast/ops/_cache.py) key on it.
+inline void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 // The accumulation dtype: float64 for float64, float32 for every other floating dtype.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 inline at::ScalarType acc_type(const at::Tensor& x) { return acc_type(x.scalar_type()); }
@@ -243,9 +249,7 @@ inline FinalizeArgs finalize_args(const char* op, const at::Tensor& mean, const 
   if (update && given(num_batches_tracked)) a.num_batches_tracked = *num_batches_tracked;
   // The kernels write these through raw pointers; a custom op's in-place update bumps no version counter
   // by itself, and the op layer's inference caches (pyfast/ops/_cache.py) key on them.
-  for (const at::Tensor* t : {&a.running_mean, &a.running_var, &a.num_batches_tracked}) {
-    if (t->defined() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-  }
+  for (const at::Tensor* t : {&a.running_mean, &a.running_var, &a.num_batches_tracked}) bump_version(*t);
   const auto acc = mean.options().dtype(acc_type(mean.scalar_type()));
   a.scale = at::empty({mean.size(0)}, acc);
   a.shift = at::empty({mean.size(0)}, acc);

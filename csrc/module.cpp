@@ -40,6 +40,12 @@ Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& 
   return handle.call(x, scale, shift, residual, res_scale, res_shift, relu);
 }
 
+Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
+  static const auto handle =
+      op<Tensor&(Tensor&, const OptTensor&, const OptTensor&, bool)>("pyfast::bn_act_forward_");
+  return handle.call(x, scale, shift, relu);
+}
+
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
     const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const Tensor& mean,
     const Tensor& invstd, const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
@@ -99,6 +105,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfast's kernels; eager-mode entry points of the torch.ops.pyfast primitives";
   m.def("bn_stats", &pyfast::bn_stats);
   m.def("bn_act_forward", &pyfast::bn_act_forward);
+  m.def("bn_act_forward_", &pyfast::bn_act_forward_);
   m.def("bn_act_backward_reduce", &pyfast::bn_act_backward_reduce);
   m.def("bn_act_backward_elemt", &pyfast::bn_act_backward_elemt);
   m.def("bn_finalize", &pyfast::bn_finalize);

@@ -393,14 +393,10 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   return {mean, var};
 }
 
-Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-                      const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
-  constexpr const char* op = "pyfast.bn_act_forward";
-  check_input(op, x);
-  const Layout lay = layout_of(x);
-  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift));
-  Tensor out = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward", [&] {
+// Writes act(z) into out: a fresh tensor, or x itself for the in-place variant (a pure map: each element
+// is read before it is written, by the same lane).
+void act_forward_into(const PreActInputs& in, const Layout& lay, bool relu, const Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "bn_act_forward", [&] {
     using L = Lanes<scalar_t>;
     const auto pre = in.pointers<scalar_t>(relu);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -410,7 +406,28 @@ Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& 
       L::store(o + offset, relu ? at::vec::maximum(z, typename L::Vec(0)) : z, n);
     });
   });
+}
+
+Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                      const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_forward";
+  check_input(op, x);
+  const Layout lay = layout_of(x);
+  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift));
+  Tensor out = at::empty_like(in.x);
+  act_forward_into(in, lay, relu, out);
   return out;
+}
+
+Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_forward_";
+  check_input(op, x);
+  const Layout lay = layout_of(x);
+  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, {}, {}, {}));
+  TORCH_CHECK(in.x.is_same(x), op, ": x must be NCHW-contiguous or channels_last to be updated in place");
+  act_forward_into(in, lay, relu, x);
+  bump_version(x);
+  return x;
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
@@ -574,6 +591,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor&
 TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_forward_", &bn_act_forward_);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
   m.impl("bn_act_backward_elemt", &bn_act_backward_elemt);
   m.impl("bn_finalize", &bn_finalize);

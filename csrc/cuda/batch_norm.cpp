@@ -121,16 +121,10 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   return {mean, var};
 }
 
-Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
-                           const OptTensor& residual_in, const OptTensor& res_scale_in,
-                           const OptTensor& res_shift_in, bool relu) {
-  constexpr const char* op = "pyfast.bn_act_forward";
-  const Geometry g = geometry_of(op, x_in);
-  const PreActTensors in =
-      pre_act_tensors(op, x_in, g.channels_last(), scale_in, shift_in, residual_in, res_scale_in, res_shift_in);
+// Writes act(z) into out: a fresh tensor, or x itself for the in-place variant (a pure map).
+void act_forward_into(const Geometry& g, const PreActTensors& in, bool relu, const Tensor& out) {
   const Tensor& x = in.x;
-  Tensor out = empty_like_x(x);
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyfast.bn_act_forward", [&] {
@@ -146,7 +140,28 @@ Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const 
                                          mutable_elem_ptr<T>(out)};
     C10_CUDA_CHECK(kern::bn_act_forward<T>(args, g.N, g.C, g.HW, g.layout, stream));
   });
+}
+
+Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const OptTensor& shift_in,
+                           const OptTensor& residual_in, const OptTensor& res_scale_in,
+                           const OptTensor& res_shift_in, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_forward";
+  const Geometry g = geometry_of(op, x_in);
+  const PreActTensors in =
+      pre_act_tensors(op, x_in, g.channels_last(), scale_in, shift_in, residual_in, res_scale_in, res_shift_in);
+  Tensor out = empty_like_x(in.x);
+  act_forward_into(g, in, relu, out);
   return out;
+}
+
+Tensor& bn_act_forward_cuda_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
+  constexpr const char* op = "pyfast.bn_act_forward_";
+  const Geometry g = geometry_of(op, x);
+  const PreActTensors in = pre_act_tensors(op, x, g.channels_last(), scale, shift, {}, {}, {});
+  TORCH_CHECK(in.x.is_same(x), op, ": x must be NCHW-contiguous or channels_last to be updated in place");
+  act_forward_into(g, in, relu, x);
+  bump_version(x);
+  return x;
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce_cuda(
@@ -285,6 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Te
 TORCH_LIBRARY_IMPL(pyfast, CUDA, m) {
   m.impl("bn_stats", TORCH_FN(bn_stats_cuda));
   m.impl("bn_act_forward", TORCH_FN(bn_act_forward_cuda));
+  m.impl("bn_act_forward_", TORCH_FN(bn_act_forward_cuda_));
   m.impl("bn_act_backward_reduce", TORCH_FN(bn_act_backward_reduce_cuda));
   m.impl("bn_act_backward_elemt", TORCH_FN(bn_act_backward_elemt_cuda));
   m.impl("bn_finalize", TORCH_FN(bn_finalize_cuda));

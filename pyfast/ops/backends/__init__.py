@@ -80,12 +80,20 @@ def auto_order(device_type: str, op: str, dtype: torch.dtype, layout: str, group
     return order if first is None else [first] + [name for name in order if name != first]
 
 
+_choices: Dict[tuple, str] = {}  # auto's answers: every call of a network asks again for the same few
+
+
 @torch.compiler.assume_constant_result
 def _auto(op: str, device: torch.device, dtype: torch.dtype, layout: str, groups: int, group_width: int, kernel: int,
           stride: int) -> str:
-    """The first backend of the shape class's order that can run the call."""
-    order = auto_order(device.type, op, dtype, layout, groups, group_width, kernel, stride)
-    return next(name for name in order if not _why_not(name, op, device, dtype))
+    """The first backend of the shape class's order that can run the call (memoized per table: what the
+    backends support and the table say do not change while it is in use)."""
+    key = (op, device, dtype, layout, groups, group_width, kernel, stride, id(auto.TABLE))
+    name = _choices.get(key)
+    if name is None:
+        order = auto_order(device.type, op, dtype, layout, groups, group_width, kernel, stride)
+        name = _choices[key] = next(name for name in order if not _why_not(name, op, device, dtype))
+    return name
 
 
 _recorded: Optional[Counter] = None

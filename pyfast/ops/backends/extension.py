@@ -34,6 +34,10 @@ def _register_fakes() -> None:
     def _(x, scale, shift, residual, res_scale, res_shift, relu):
         return _like_input(x)
 
+    @torch.library.register_fake("pyfast::bn_act_forward_")
+    def _(x, scale, shift, relu):
+        return x
+
     @torch.library.register_fake("pyfast::bn_act_backward_reduce")
     def _(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean, res_invstd, relu):
         return _channels(x), _channels(x), _channels(x, x.shape[1] if res_mean is not None else 0)
@@ -92,6 +96,7 @@ class ExtensionBackend(Backend):
 
     bn_stats = _primitive("bn_stats")
     bn_act_forward = _primitive("bn_act_forward")
+    bn_act_forward_ = _primitive("bn_act_forward_")
     bn_act_backward_reduce = _primitive("bn_act_backward_reduce")
     bn_act_backward_elemt = _primitive("bn_act_backward_elemt")
     bn_finalize = _primitive("bn_finalize")
@@ -103,4 +108,10 @@ class ExtensionBackend(Backend):
         if relu and self.name == "cuda" and x.dtype != torch.float64:
             stride, padding, dilation, groups = params.as_lists()
             return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        if self.name == "cpu" and bias is not None:
+            # ATen's CPU convolution for grouped and small layers (thnn's slow path) writes the bias with a
+            # pass of its own before the GEMM: add it in the activation pass instead, in place on the fresh
+            # output, so bias + ReLU cost one in-place pass, as eager's ReLU alone does.
+            y = self.conv(x, weight, None, params)
+            return self.bn_act_forward_(y, None, bias.to(acc_dtype(y.dtype)), relu)
         return super().conv_bias_act(x, weight, bias, params, relu)
