@@ -113,5 +113,8 @@ class ExtensionBackend(Backend):
             # pass of its own before the GEMM: add it in the activation pass instead, in place on the fresh
             # output, so bias + ReLU cost one in-place pass, as eager's ReLU alone does.
             y = self.conv(x, weight, None, params)
-            return self.bn_act_forward_(y, None, bias.to(acc_dtype(y.dtype)), relu)
+            shift = bias.to(acc_dtype(y.dtype))
+            if torch.compiler.is_compiling():  # the graph is functional; inductor plans the buffers itself
+                return self.bn_act_forward(y, None, shift, None, None, None, relu)
+            return self.bn_act_forward_(y, None, shift, relu)
         return super().conv_bias_act(x, weight, bias, params, relu)
