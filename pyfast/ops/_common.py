@@ -1,11 +1,25 @@
 """Small pieces every fused op's Python layer uses: autocast, argument checks, gradient bookkeeping."""
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ._bn import check_activation, check_like
 from ._conv import ConvParams, memory_format_of
+
+
+class ConvOpConfig(NamedTuple):
+    """The non-tensor arguments of one call of a convolving op (conv_bn_relu, bn_relu_conv), kept on the
+    autograd context by name (a NamedTuple: built on every call, and a frozen dataclass costs several times as
+    much to construct)."""
+
+    training: bool
+    momentum: Optional[float]
+    eps: float
+    params: ConvParams
+    relu: bool
+    backend: str
+    reuse: bool  # eval: affine maps may come from the cache (the call records no autograd graph)
 
 
 def autocast_inputs(*tensors: Optional[Tensor]):

@@ -7,7 +7,7 @@ activation is never stored and the backward recomputes it; the other backends wr
 keep it for the backward, as eager PyTorch does. Backward: the convolution backward, then one reduction and
 one elementwise BN pass.
 """
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,8 +17,7 @@ from . import reference
 from ._autograd import apply, double_backward_unsupported
 from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_batch_norm, eval_affine,
                   reduction_count)
-from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
-from ._conv import ConvParams
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
 
@@ -38,28 +37,15 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     if chosen.name == "reference":
         return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
     records = needs_grad(x, bn_weight, bn_bias, weight, bias)
-    config = _Config(training, momentum, eps, params, relu, chosen.name, not records)
+    config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
     return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                  weight, bias, config)
-
-
-class _Config(NamedTuple):
-    """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
-    every call, and a frozen dataclass costs several times as much to construct)."""
-
-    training: bool
-    momentum: Optional[float]
-    eps: float
-    params: ConvParams
-    relu: bool
-    backend: str
-    reuse: bool  # eval: affine maps may come from the cache (the call records no autograd graph)
 
 
 class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
-                config: _Config):
+                config: ConvOpConfig):
         chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)

@@ -8,7 +8,7 @@
   (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat, which are also the BN
   parameter gradients), one elementwise pass, then the convolution backward.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,8 +19,7 @@ from ._autograd import apply, double_backward_unsupported
 from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
-from ._common import conv_inputs, dtype_of, like_layout, needs_grad, param_grad
-from ._conv import ConvParams
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
 
@@ -44,7 +43,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     if not training and not records:
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn)
         return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
-    config = _Config(training, momentum, eps, params, relu, chosen.name, not records)
+    config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
     return apply(_ConvBNReLU, records, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                  num_batches_tracked, config)
 
@@ -71,26 +70,13 @@ def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> 
     return folded_weight, folded_bias.to(weight.dtype)
 
 
-class _Config(NamedTuple):
-    """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
-    every call, and a frozen dataclass costs several times as much to construct)."""
-
-    training: bool
-    momentum: Optional[float]
-    eps: float
-    params: ConvParams
-    relu: bool
-    backend: str
-    reuse: bool  # eval: affine maps may come from the cache (the call records no autograd graph)
-
-
 class _ConvBNReLU(torch.autograd.Function):
     """Training conv_bn_relu (or eval with gradients). One autograd.Function serves eager mode and
     torch.compile (Dynamo traces it; the backend primitives it calls have fake implementations)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                config: _Config):
+                config: ConvOpConfig):
         chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
