@@ -142,6 +142,18 @@ class GraphFuser:
             node = node.next
         return None
 
+    def _written_later(self, last, value) -> Optional[str]:
+        """The fused bn_add_relu saves its identity shortcut for the backward (the ReLU mask is recomputed
+        from y and the shortcut), where eager's add saves nothing: a later in-place write into the shortcut,
+        legal in eager, would fail the fused backward. Refuse such a site."""
+        node = last.next
+        while node.op != "output":
+            if self._writes_into(node) is value:
+                return (f"{self._label(node)} writes into the shortcut {value.name} after the add: the fused op "
+                        "keeps the shortcut for its backward, eager's add does not")
+            node = node.next
+        return None
+
     def _miss(self, anchor, kind, nodes, reason) -> None:
         if anchor not in self.near:
             self.near[anchor] = (LeftAlone(kind, tuple(self._label(n) for n in nodes), reason), tuple(nodes))
@@ -181,7 +193,8 @@ class GraphFuser:
                 s_bn = None
             nodes = [main, *([other] if s_bn is not None else []), add, relu]
             shortcut = other.args[0] if s_bn is not None else other
-            reason = self._moved_past_a_write(nodes, {main.args[0], shortcut})
+            reason = self._moved_past_a_write(nodes, {main.args[0], shortcut}) or (
+                self._written_later(relu, shortcut) if s_bn is None else None)
             if reason:
                 reasons.append((main, reason))
                 continue
