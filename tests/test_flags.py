@@ -67,12 +67,12 @@ def test_leaf_modules_import_nothing_of_pyfast():
 READERS = """
 import json, triton, torch
 from pyfast import _extension, _flags, ops
-from pyfast.kernels import batch_norm, conv
+from pyfast.kernels import _bn_common, conv
 x = torch.randn(2, 3, 4, 4)
 why_not = ops.BACKENDS["triton"].why_not("add_relu", x.device, x.dtype)
 print(json.dumps({"flags": _flags.TRITON_INTERPRET, "triton": bool(triton.knobs.runtime.interpret),
-                  "conv": conv._INTERPRET, "batch_norm": batch_norm._INTERPRET, "backend_takes_cpu": not why_not,
-                  "extension": _extension.available(), "autotune": [conv._AUTOTUNE, batch_norm._AUTOTUNE],
+                  "conv": conv._INTERPRET, "batch_norm": _bn_common._INTERPRET, "backend_takes_cpu": not why_not,
+                  "extension": _extension.available(), "autotune": [conv._AUTOTUNE, _bn_common._AUTOTUNE],
                   "default_backend": ops.get_backend()}))
 """
 

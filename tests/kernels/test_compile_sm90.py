@@ -155,8 +155,9 @@ def _bn_ints(bn, view):
     fmt = "channels_last" if view["channels_last"] else "contiguous_format"
     import torch
 
-    v = bn._View(getattr(torch, fmt), *((1, c, n * h * w) if view["channels_last"] else (n, c, h * w)),
-                 view["int64"])
+    # the kernel module's fresh copy imports its shared part as pyfast.kernels._bn_common
+    view_of = sys.modules["pyfast.kernels._bn_common"]._View
+    v = view_of(getattr(torch, fmt), *((1, c, n * h * w) if view["channels_last"] else (n, c, h * w)), view["int64"])
     (G, C, L), layout = v.args()
     splits_per_g, chunk = v.splits()
     return dict(G=G, C=C, L=L, splits_per_g=splits_per_g, chunk=chunk), layout
