@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._numerics import acc_dtype
 from ._cache import cached
 
 
@@ -89,14 +90,22 @@ def eval_affine(chosen, bn: BatchNormArgs, acc: torch.dtype, reuse: bool) -> Aff
     torch.compile the graph computes it instead."""
     def compute():
         mean = bn.running_mean.to(acc)
-        scale, shift, invstd = chosen.bn_finalize(mean, bn.running_var, bn.weight, bn.bias, None, None, None, 0,
-                                                  bn.momentum, bn.eps, False)
+        scale, shift, invstd = chosen.bn_finalize(mean, bn.running_var, bn.weight, bn.bias, None, None, None,
+                                                  0, bn.momentum, bn.eps, False)
         return Affine(scale, shift, mean, invstd)
 
     if not reuse or torch.compiler.is_compiling():
         return compute()
     inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
     return cached(bn.running_var, inputs, (bn.eps, chosen.name, acc, "affine"), compute)
+
+
+def affine_of(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool) -> Affine:
+    """The affine map of the BN of t, in t's accumulation dtype: from t's batch statistics in training (the
+    running ones updated), from the running ones in eval."""
+    if training:
+        return batch_affine(chosen, bn, *chosen.bn_stats(t), reduction_count(t))
+    return eval_affine(chosen, bn, acc_dtype(t.dtype), reuse)
 
 
 def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
@@ -126,6 +135,21 @@ def backward_sums(chosen, *args) -> Tuple[Tensor, Tensor, Tensor]:
     if args[1].numel() == 0:
         return tuple(torch.zeros_like(s) for s in sums)
     return sums
+
+
+def bn_act_backward(chosen, grad_out: Tensor, x: Tensor, affine: Affine, relu: bool, training: bool,
+                    param_grads: bool):
+    """The backward of act(bn(x)) without a residual, in its two passes: (grad_x, sum dz, sum dz*xhat). The
+    reduction runs when the batch statistics need it (training) or a BN parameter gradient is wanted;
+    otherwise the sums are None and grad_x is scale * dz."""
+    sum_dz = sum_dz_xhat = None
+    if training or param_grads:
+        sum_dz, sum_dz_xhat, _ = backward_sums(chosen, grad_out, x, affine.scale, affine.shift, affine.mean,
+                                               affine.invstd, None, None, None, None, None, relu)
+    batch = (sum_dz, sum_dz_xhat) if training else (None, None)
+    grad_x, _ = chosen.bn_act_backward_elemt(grad_out, x, affine.scale, affine.shift, affine.mean, affine.invstd,
+                                             None, None, None, None, None, relu, *batch, None, reduction_count(x))
+    return grad_x, sum_dz, sum_dz_xhat
 
 
 def reduction_count(x: Tensor) -> int:

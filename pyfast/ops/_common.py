@@ -57,8 +57,8 @@ def param_grad(grad_sum: Optional[Tensor], dtype: Optional[torch.dtype], wanted:
 def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stride, padding, dilation, groups,
                 cast_x: bool = True):
     """Checks a convolving op's input and convolution arguments (after autocast's casts); returns
-    (x, weight, bias, ConvParams, output shape). cast_x=False: x is not the convolution's operand (bn_relu_conv normalizes
-    it first, and autocast casts only what reaches the convolution)."""
+    (x, weight, bias, ConvParams, output shape). cast_x=False: x is not the convolution's operand
+    (bn_relu_conv normalizes it first, and autocast casts only what reaches the convolution)."""
     check_activation("x", x)
     if weight is None:
         raise ValueError("weight is required")

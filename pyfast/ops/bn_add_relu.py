@@ -11,11 +11,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_activation, check_batch_norm,
-                  check_like, eval_affine, reduction_count)
+from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
+                  reduction_count)
 from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
@@ -78,13 +77,6 @@ def _same_dtype(a: Tensor, b: Tensor):
     return a.to(dtype), b.to(dtype)
 
 
-def _affine(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool) -> Affine:
-    """The affine map of the BN of t: from t's batch statistics in training, the running ones in eval."""
-    if training:
-        return batch_affine(chosen, bn, *chosen.bn_stats(t), reduction_count(t))
-    return eval_affine(chosen, bn, acc_dtype(t.dtype), reuse)
-
-
 class _Config(NamedTuple):
     """The non-tensor arguments of one call, kept on the autograd context by name (a NamedTuple: built on
     every call, and a frozen dataclass costs several times as much to construct)."""
@@ -110,14 +102,14 @@ class _BNAddReLU(torch.autograd.Function):
         chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
-        affine = _affine(chosen, y, bn, config.training, config.reuse)
+        affine = affine_of(chosen, y, bn, config.training, config.reuse)
         s_affine = _NO_AFFINE
         if shortcut is not None:
             shortcut = like_layout(shortcut, y)
         if config.shortcut_bn:
             s_bn = BatchNormArgs(s_weight, s_bias, s_running_mean, s_running_var, s_num_batches_tracked,
                                  config.s_momentum, config.s_eps)
-            s_affine = _affine(chosen, shortcut, s_bn, config.training, config.reuse)
+            s_affine = affine_of(chosen, shortcut, s_bn, config.training, config.reuse)
         ctx.save_for_backward(y, shortcut, *affine, *s_affine)
         ctx.config = config
         ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))
@@ -136,7 +128,7 @@ class _BNAddReLU(torch.autograd.Function):
         sums = (None, None, None)
         if config.training or any(needs[i] for i in (1, 2, 7, 8)):
             sums = backward_sums(chosen, grad_out, y, affine.scale, affine.shift, affine.mean, affine.invstd,
-                                                 *residual, config.relu)
+                                 *residual, config.relu)
         sum_dz, sum_dz_xhat, sum_dz_rhat = sums
         batch = (sum_dz, sum_dz_xhat, sum_dz_rhat if config.shortcut_bn else None) if config.training \
             else (None, None, None)

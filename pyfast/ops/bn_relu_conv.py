@@ -12,11 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_batch_norm, eval_affine,
-                  reduction_count)
+from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
 
@@ -49,10 +47,7 @@ class _BNReLUConv(torch.autograd.Function):
         chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
-        if config.training:
-            affine = batch_affine(chosen, bn, *chosen.bn_stats(x), reduction_count(x))
-        else:
-            affine = eval_affine(chosen, bn, acc_dtype(x.dtype), config.reuse)
+        affine = affine_of(chosen, x, bn, config.training, config.reuse)
         out, activation = chosen.bn_act_conv(x, affine.scale, affine.shift, config.relu, weight, bias, config.params)
         ctx.save_for_backward(x, weight, activation, *affine)
         ctx.config = config
@@ -70,16 +65,8 @@ class _BNReLUConv(torch.autograd.Function):
             activation = chosen.conv_operand(x, affine.scale, affine.shift, config.relu, weight.dtype)
         grad_a, grad_weight, grad_bias = chosen.conv_backward(like_layout(grad_out, activation), activation, weight,
                                                               config.params, [True, needs[6], needs[7]])
-        grad_a = like_layout(grad_a.to(x.dtype), x)
-        sum_dz = sum_dz_xhat = None
-        if config.training or needs[1] or needs[2]:
-            sum_dz, sum_dz_xhat, _ = backward_sums(chosen, grad_a, x, affine.scale, affine.shift, affine.mean,
-                                                                   affine.invstd, None, None, None, None, None,
-                                                                   config.relu)
-        batch = (sum_dz, sum_dz_xhat) if config.training else (None, None)
-        grad_x, _ = chosen.bn_act_backward_elemt(grad_a, x, affine.scale, affine.shift, affine.mean, affine.invstd,
-                                                 None, None, None, None, None, config.relu, *batch, None,
-                                                 reduction_count(x))
+        grad_x, sum_dz, sum_dz_xhat = bn_act_backward(chosen, like_layout(grad_a.to(x.dtype), x), x, affine,
+                                                      config.relu, config.training, needs[1] or needs[2])
         w_dtype, b_dtype = ctx.param_dtypes
         return (grad_x, param_grad(sum_dz_xhat, w_dtype, needs[1]), param_grad(sum_dz, b_dtype, needs[2]), None,
                 None, None, grad_weight, grad_bias, None)

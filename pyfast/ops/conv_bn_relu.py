@@ -16,7 +16,7 @@ from torch import Tensor
 from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported
-from ._bn import (Affine, BatchNormArgs, backward_sums, batch_affine, check_batch_norm, eval_affine,
+from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
@@ -98,16 +98,8 @@ class _ConvBNReLU(torch.autograd.Function):
         affine, config = Affine(*affine), ctx.config
         chosen = BACKENDS[config.backend]
         needs = ctx.needs_input_grad
-        grad_out = like_layout(grad_out, y)
-        sum_dz = sum_dz_xhat = None
-        if config.training or needs[3] or needs[4]:
-            sum_dz, sum_dz_xhat, _ = backward_sums(chosen, grad_out, y, affine.scale, affine.shift,
-                                                                   affine.mean, affine.invstd, None, None, None,
-                                                                   None, None, config.relu)
-        batch = (sum_dz, sum_dz_xhat) if config.training else (None, None)
-        grad_y, _ = chosen.bn_act_backward_elemt(grad_out, y, affine.scale, affine.shift, affine.mean,
-                                                 affine.invstd, None, None, None, None, None, config.relu, *batch,
-                                                 None, reduction_count(y))
+        grad_y, sum_dz, sum_dz_xhat = bn_act_backward(chosen, like_layout(grad_out, y), y, affine, config.relu,
+                                                      config.training, needs[3] or needs[4])
         grad_x, grad_weight, grad_bias = chosen.conv_backward(grad_y, x, weight, config.params, needs[:3])
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (grad_x, grad_weight, grad_bias, param_grad(sum_dz_xhat, weight_dtype, needs[3]),
