@@ -89,8 +89,8 @@ def eval_affine(chosen, bn: BatchNormArgs, acc: torch.dtype, reuse: bool) -> Aff
     it is computed once and reused until a parameter or running statistic changes (pyfast.ops._cache); under
     torch.compile the graph computes it instead."""
     def compute():
-        mean = bn.running_mean.to(acc)
-        scale, shift, invstd = chosen.bn_finalize(mean, bn.running_var, bn.weight, bn.bias, None, None, None,
+        mean = bn.running_mean.to(acc)  # no copy in the usual case: running statistics kept in float32
+        scale, shift, invstd = chosen.bn_finalize(mean, bn.running_var.to(acc), bn.weight, bn.bias, None, None, None,
                                                   0, bn.momentum, bn.eps, False)
         return Affine(scale, shift, mean, invstd)
 

@@ -289,3 +289,28 @@ def test_modules_compile_fullgraph():
         assert_close(p.grad, q.grad, torch.float32, kind="backward", what=name)
     assert block.c.num_batches_tracked.item() == 1
     assert_close(block.c.running_var, eager.c.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("case", MODULE_CASES)
+def test_bfloat16_module_in_eval(case):
+    """A module converted with .bfloat16() keeps its running statistics in bfloat16 too: the eval path (BN
+    folded or its affine map from those statistics) matches eager bfloat16 under the low-precision rule."""
+    make_fused, _, make_plain, n_inputs = MODULE_CASES[case]
+    fused = make_fused()
+    with torch.no_grad():  # statistics that are not the defaults, so the eval affine map matters
+        for bn in (m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    eager = make_plain()
+    eager.load_state_dict(fused.state_dict())
+    reference = double_copy(eager).eval()
+    fused, eager = fused.bfloat16().eval(), eager.bfloat16().eval()
+    call_fused, call_eager = _calls(case, fused, eager)
+    _, call_reference = _calls(case, fused, reference)
+    inputs = [torch.randn(2, 4, 5, 6) for _ in range(n_inputs)]
+    with torch.no_grad():
+        out = call_fused(*[x.bfloat16() for x in inputs])
+        expected = call_reference(*[x.double() for x in inputs])
+        eager_out = call_eager(*[x.bfloat16() for x in inputs])
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected, torch.bfloat16, eager=eager_out)
