@@ -275,19 +275,20 @@ Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-// A None per-channel vector as its neutral value: the kernels read scale/shift pointers unconditionally.
-Tensor filled(const Tensor& t, const Tensor& x, double fill) {
-  if (t.defined()) return t;
-  // at::empty and a host loop: at::full would dispatch a fill_ kernel, host time that matters on small inputs
-  Tensor out = at::empty({x.size(1)}, x.options().dtype(acc_type(x)));
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "filled", [&] {
-    std::fill_n(out.mutable_data_ptr<scalar_t>(), out.numel(), static_cast<scalar_t>(fill));
-  });
-  return out;
+// A None per-channel vector as its neutral value (ones for a scale, zeros for a shift): the kernels read
+// scale/shift pointers unconditionally. From a buffer kept per thread and per value, not a fresh tensor: an
+// allocation and a fill per call, for each None, is host time that matters on small inputs (add_relu has four).
+template <typename acc_t>
+const acc_t* data_or_neutral(const Tensor& t, int64_t channels, int value) {
+  if (t.defined()) return t.const_data_ptr<acc_t>();
+  thread_local std::vector<acc_t> buffers[2];
+  auto& buffer = buffers[value];
+  if (static_cast<int64_t>(buffer.size()) < channels) buffer.assign(channels, static_cast<acc_t>(value));
+  return buffer.data();
 }
 
 // The pre-activation z = x*scale + shift [+ residual*res_scale + res_shift] as raw pointers;
-// scale/shift/res_scale/res_shift are never null (None was filled with ones/zeros).
+// scale/shift/res_scale/res_shift are never null (None reads as ones/zeros).
 template <typename scalar_t>
 struct PreAct {
   using L = Lanes<scalar_t>;
@@ -316,23 +317,23 @@ struct PreAct {
   }
 };
 
-// The tensors that define z, in x's layout, None scale/shift filled in.
+// The tensors that define z, in x's layout; a None scale/shift is an undefined tensor.
 struct PreActInputs {
   Tensor x, residual, scale, shift, res_scale, res_shift;
 
   explicit PreActInputs(const PreActTensors& t)
-      : x(t.x),
-        residual(t.residual),
-        scale(filled(t.scale, t.x, 1.0)),
-        shift(filled(t.shift, t.x, 0.0)),
-        res_scale(filled(t.res_scale, t.x, 1.0)),
-        res_shift(filled(t.res_shift, t.x, 0.0)) {}
+      : x(t.x), residual(t.residual), scale(t.scale), shift(t.shift), res_scale(t.res_scale), res_shift(t.res_shift) {}
 
   template <typename scalar_t>
   PreAct<scalar_t> pointers(bool relu) const {
     using acc_t = typename Lanes<scalar_t>::acc_t;
-    return {x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual), scale.const_data_ptr<acc_t>(),
-            shift.const_data_ptr<acc_t>(), res_scale.const_data_ptr<acc_t>(), res_shift.const_data_ptr<acc_t>(),
+    const int64_t channels = x.size(1);
+    return {x.const_data_ptr<scalar_t>(),
+            ptr_or_null<scalar_t>(residual),
+            data_or_neutral<acc_t>(scale, channels, 1),
+            data_or_neutral<acc_t>(shift, channels, 0),
+            data_or_neutral<acc_t>(res_scale, channels, 1),
+            data_or_neutral<acc_t>(res_shift, channels, 0),
             relu};
   }
 };

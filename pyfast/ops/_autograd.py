@@ -49,6 +49,13 @@ class _Unrecorded:
         pass
 
 
+def eager_autograd(chosen):
+    """The chosen backend's own C++ autograd for the fused ops (see Backend.eager_autograd), or None where
+    the Python Functions run: backends without one (Triton) and torch.compile, which traces them."""
+    functions = chosen.eager_autograd
+    return None if functions is None or torch.compiler.is_compiling() else functions
+
+
 def apply(function, records: bool, *args):
     """function.apply(*args) when the call `records` an autograd graph (an input needs a gradient, see
     pyfast.ops._common.needs_grad); otherwise (inference, torch.no_grad()) its forward alone: the same

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import apply, double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
                   reduction_count)
 from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
@@ -48,6 +48,12 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         return reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
     sbn = shortcut_bn or BatchNormArgs()
     records = needs_grad(y, bn_weight, bn_bias, shortcut, sbn.weight, sbn.bias)
+    functions = eager_autograd(chosen)
+    if functions is not None and (training or records):
+        return functions.bn_add_relu(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                                     momentum, eps, shortcut, sbn.weight, sbn.bias, sbn.running_mean,
+                                     sbn.running_var, sbn.num_batches_tracked, sbn.momentum, sbn.eps,
+                                     shortcut_bn is not None, relu)
     config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name,
                      not records)
     return apply(_BNAddReLU, records, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
@@ -65,6 +71,9 @@ def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
     chosen = select("add_relu", a, backend)
     if chosen.name == "reference":
         return reference.add_relu(a, b)
+    functions = eager_autograd(chosen)
+    if functions is not None:
+        return functions.add_relu(a, like_layout(b, a))
     return apply(_AddReLU, needs_grad(a, b), a, like_layout(b, a), chosen.name)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._autograd import apply, double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
 from .backends import BACKENDS, select
@@ -35,6 +35,11 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     if chosen.name == "reference":
         return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
     records = needs_grad(x, bn_weight, bn_bias, weight, bias)
+    functions = eager_autograd(chosen)
+    if functions is not None and (training or records):
+        return functions.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                      training, momentum, eps, weight, bias, params.stride, params.padding,
+                                      params.dilation, params.groups, relu)
     config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
     return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                  weight, bias, config)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._numerics import acc_dtype
 from . import reference
-from ._autograd import apply, double_backward_unsupported
+from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
@@ -43,6 +43,11 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     if not training and not records:
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn)
         return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
+    functions = eager_autograd(chosen)
+    if functions is not None:
+        return functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                      num_batches_tracked, training, momentum, eps, params.stride, params.padding,
+                                      params.dilation, params.groups, relu)
     config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
     return apply(_ConvBNReLU, records, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                  num_batches_tracked, config)

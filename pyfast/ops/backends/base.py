@@ -22,6 +22,10 @@ class Backend:
     device_types: Tuple[str, ...] = ()
     dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     description: str = ""
+    # The backend's own autograd for the fused ops in eager mode: a module with conv_bn_relu, bn_relu_conv,
+    # bn_add_relu and add_relu taking an op's checked arguments (pyfast._C's C++ Functions, csrc/autograd/).
+    # None: the Python autograd.Functions of pyfast.ops, which also serve torch.compile.
+    eager_autograd = None
 
     # -- capabilities -------------------------------------------------------------------------
     def unavailable(self) -> Optional[str]:

@@ -83,6 +83,8 @@ class ExtensionBackend(Backend):
         if device_type == "cuda":
             self.dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         self._unavailable = self._probe()  # pyfast._C is loaded before the backends are built
+        if self._unavailable is None:
+            self.eager_autograd = _extension.extension
 
     def unavailable(self) -> Optional[str]:
         return self._unavailable

@@ -1,0 +1,66 @@
+// conv_bn_relu's autograd on the `cpu` and `cuda` backends (pyfast/ops/conv_bn_relu.py has the design): the
+// forward convolves, takes y's statistics, finalizes the BN (running statistics updated) and applies
+// scale/shift + ReLU; the backward recomputes the ReLU mask from the saved y: one reduction, one elementwise
+// pass, then the convolution backward.
+#include "common.h"
+#include "fused_ops.h"
+
+namespace pyfast::autograd {
+namespace {
+
+class ConvBNReLU : public torch::autograd::Function<ConvBNReLU> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                        const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+                        const OptTensor& running_var, const OptTensor& num_batches_tracked, bool training,
+                        std::optional<double> momentum, double eps, const ConvArgs& conv, bool relu) {
+    const BatchNorm bn{bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps};
+    const auto y = conv.forward(x, weight, bias);
+    const auto affine = affine_of(y, bn, training);
+    variable_list saved{x, weight, y, or_undefined(bn_weight), or_undefined(bn_bias)};
+    save_affine(saved, affine);
+    ctx->save_for_backward(saved);
+    WantedGrads::save(ctx, {true, true, given(bias), given(bn_weight), given(bn_bias)});
+    conv.save(ctx);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+    return primitives::bn_act_forward(y, affine.scale, affine.shift, std::nullopt, std::nullopt, std::nullopt,
+                                      relu);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(13);
+    {
+      at::NoGradGuard no_grad;
+      const auto saved = ctx->get_saved_variables();
+      const auto &x = saved[0], &weight = saved[1], &y = saved[2];
+      const auto affine = load_affine(saved, 5);
+      const auto conv = ConvArgs::load(ctx);
+      const bool training = ctx->saved_data["training"].toBool();
+      const WantedGrads wants(ctx);
+      const bool wants_weight = wants(3), wants_bias = wants(4);
+      auto [grad_y, sum_dz, sum_dz_xhat] =
+          bn_act_backward(like_layout(grad_outputs[0], y), y, affine, ctx->saved_data["relu"].toBool(), training,
+                          wants_weight || wants_bias);
+      std::tie(grads[0], grads[1], grads[2]) = conv.backward(
+          grad_y, x, weight, {wants(0), wants(1), wants(2)});
+      grads[3] = param_grad(sum_dz_xhat, saved[3], wants_weight);
+      grads[4] = param_grad(sum_dz, saved[4], wants_bias);
+    }
+    return guard_double_backward("conv_bn_relu", std::move(grads), grad_outputs);
+  }
+};
+
+}  // namespace
+
+Tensor conv_bn_relu(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
+                    const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+                    const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum, double eps,
+                    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                    int64_t groups, bool relu) {
+  return ConvBNReLU::apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                           training, momentum, eps,
+                           ConvArgs{std::move(stride), std::move(padding), std::move(dilation), groups}, relu);
+}
+
+}  // namespace pyfast::autograd
