@@ -32,11 +32,10 @@ def process_group_of(bn: Optional[nn.Module]):
     """The process group a BN all-reduces its statistics over in this call, or None (local statistics):
     an nn.SyncBatchNorm, or a module with `sync_bn=True` (SyncBatchNorm2d, BNAddReLU), in training mode,
     under an initialized process group of more than one rank (nn.SyncBatchNorm's own rule)."""
-    if bn is None or not bn.training:
+    # The cheap tests first: a missing attribute costs a plain BatchNorm2d a failed Module.__getattr__.
+    if bn is None or not bn.training or not (dist.is_available() and dist.is_initialized()):
         return None
     if not (isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "sync_bn", False)):
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
         return None
     group = bn.process_group or dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None

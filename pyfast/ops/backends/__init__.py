@@ -80,20 +80,13 @@ def auto_order(device_type: str, op: str, dtype: torch.dtype, layout: str, group
     return order if first is None else [first] + [name for name in order if name != first]
 
 
-_choices: Dict[tuple, str] = {}  # auto's answers: every call of a network asks again for the same few
-
-
 @torch.compiler.assume_constant_result
 def _auto(op: str, device: torch.device, dtype: torch.dtype, layout: str, groups: int, group_width: int, kernel: int,
           stride: int) -> str:
-    """The first backend of the shape class's order that can run the call (memoized per table: what the
-    backends support and the table say do not change while it is in use)."""
-    key = (op, device, dtype, layout, groups, group_width, kernel, stride, id(auto.TABLE))
-    name = _choices.get(key)
-    if name is None:
-        order = auto_order(device.type, op, dtype, layout, groups, group_width, kernel, stride)
-        name = _choices[key] = next(name for name in order if not _why_not(name, op, device, dtype))
-    return name
+    """The first backend of the shape class's order that can run the call (what the backends support and
+    the table say do not change while it is in use: a constant to torch.compile)."""
+    order = auto_order(device.type, op, dtype, layout, groups, group_width, kernel, stride)
+    return next(name for name in order if not _why_not(name, op, device, dtype))
 
 
 _recorded: Optional[Counter] = None
@@ -115,18 +108,40 @@ def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optio
            params: Optional[ConvParams] = None) -> Backend:
     """The backend that runs `op` on input `x`. The ops that convolve pass their `weight` (after
     autocast's cast) and `params`: `auto` then chooses by the convolution's shape class too."""
-    name = check_name(requested or _default)
+    name = requested or _default
+    device = x.device
+    shape = _NO_SHAPE_CLASS
+    if name == AUTO and auto.by_shape_class(device.type):
+        shape = _shape_class_args(x, weight, params)
+    if torch.compiler.is_compiling():
+        return BACKENDS[_choose(op, name, device, x.dtype, shape)]
+    # Eager: memoized per call signature (a network asks again for the same few on every call). The table's
+    # identity is part of the key: a new table means new answers.
+    key = (op, name, device, x.dtype, shape, id(auto.TABLE))
+    chosen = _selected.get(key)
+    if chosen is None:
+        chosen = _selected[key] = BACKENDS[_choose(op, name, device, x.dtype, shape)]
+    if _recorded is not None:
+        _recorded[(op, chosen.name)] += 1
+    return chosen
+
+
+_selected: Dict[tuple, Backend] = {}
+_NO_SHAPE_CLASS = ("nchw", 1, 0, 1, 1)  # where auto's choice does not depend on the shape class
+
+
+def _choose(op: str, name: str, device: torch.device, dtype: torch.dtype, shape: tuple) -> str:
+    """The backend `name` names for this call (checked: raises if it cannot run it), or auto's choice."""
+    name = check_name(name)
     if name != AUTO:
-        reason = _why_not(name, op, x.device, x.dtype)
+        reason = _why_not(name, op, device, dtype)
         if reason:
             raise RuntimeError(f"pyfast backend {name!r} cannot run {op} on this input: {reason}")
-    else:
-        name = _auto(op, x.device, x.dtype, *_shape_class_args(x, weight, params))
-        if name == "reference":
-            _extension.warn_unavailable_once()
-    if _recorded is not None:
-        _recorded[(op, name)] += 1
-    return BACKENDS[name]
+        return name
+    name = _auto(op, device, dtype, *shape)
+    if name == "reference":
+        _extension.warn_unavailable_once()
+    return name
 
 
 def _shape_class_args(x: Tensor, weight: Optional[Tensor], params: Optional[ConvParams]):

@@ -66,6 +66,12 @@ def load_table(path: str = TABLE_PATH) -> Dict[str, Dict[str, str]]:
 TABLE = load_table()
 
 
+def by_shape_class(device_type: str) -> bool:
+    """Whether `choice` can differ between shape classes on this device: on CUDA (the default rule does), or
+    where the table has entries."""
+    return device_type == "cuda" or device_type in TABLE
+
+
 def choice(device_type: str, op: str, dtype: str, layout: str, groups: int = 1, group_width: int = 0,
            kernel: int = 1, stride: int = 1) -> Optional[str]:
     """The backend the table (or, on CUDA, the default rule) puts first; None: the device's plain
