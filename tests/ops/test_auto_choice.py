@@ -68,7 +68,8 @@ def test_the_committed_table_is_well_formed():
             assert key.split()[0] in ("conv_bn_relu", "bn_relu_conv", "bn_add_relu", "add_relu"), key
 
 
-def test_select_reads_the_shape_of_a_convolution(monkeypatch):
+def _seen_shape_classes(monkeypatch, table):
+    """The shape-class arguments select passes to auto's choice, per op, under `table`."""
     x = torch.randn(2, 32, 5, 5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(32, 16, 3, 3)
     seen = {}
@@ -77,10 +78,32 @@ def test_select_reads_the_shape_of_a_convolution(monkeypatch):
         seen[op] = shape
         return "reference"
 
+    monkeypatch.setattr(auto, "TABLE", table)  # a new table: select's memoized answers are dropped
     monkeypatch.setattr(backends, "_auto", fake_auto)
-    ops.select("conv_bn_relu", x, weight=w, params=ConvParams.of(2, 1, 1, 2))
-    ops.select("add_relu", x)
+    assert ops.select("conv_bn_relu", x, weight=w, params=ConvParams.of(2, 1, 1, 2)).name == "reference"
+    assert ops.select("add_relu", x).name == "reference"
+    return seen
+
+
+def test_select_reads_the_shape_of_a_convolution_where_the_table_has_the_device(monkeypatch):
+    seen = _seen_shape_classes(monkeypatch, {"cpu": {}})
     assert seen == {"conv_bn_relu": ("channels_last", 2, 16, 3, 2), "add_relu": ("channels_last", 1, 0, 1, 1)}
+
+
+def test_select_skips_the_shape_class_where_no_choice_depends_on_it(monkeypatch):
+    seen = _seen_shape_classes(monkeypatch, {"cuda": {}})
+    assert seen == {"conv_bn_relu": backends._NO_SHAPE_CLASS, "add_relu": backends._NO_SHAPE_CLASS}
+
+
+def test_select_memoizes_per_call_signature(monkeypatch):
+    calls = []
+    monkeypatch.setattr(auto, "TABLE", {})
+    monkeypatch.setattr(backends, "_auto", lambda op, *args: calls.append(op) or "reference")
+    x = torch.randn(2, 4, 5, 5)
+    for _ in range(3):
+        ops.select("bn_add_relu", x)
+    ops.select("bn_add_relu", x.double())
+    assert calls == ["bn_add_relu", "bn_add_relu"]  # once per dtype
 
 
 def test_select_without_shape_arguments_keeps_working():

@@ -115,9 +115,11 @@ def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optio
         shape = _shape_class_args(x, weight, params)
     if torch.compiler.is_compiling():
         return BACKENDS[_choose(op, name, device, x.dtype, shape)]
-    # Eager: memoized per call signature (a network asks again for the same few on every call). The table's
-    # identity is part of the key: a new table means new answers.
-    key = (op, name, device, x.dtype, shape, id(auto.TABLE))
+    # Eager: memoized per call signature (a network asks again for the same few on every call); a new table
+    # means new answers.
+    if auto.TABLE is not _selected_for:
+        _new_table()
+    key = (op, name, device, x.dtype, shape)
     chosen = _selected.get(key)
     if chosen is None:
         chosen = _selected[key] = BACKENDS[_choose(op, name, device, x.dtype, shape)]
@@ -127,6 +129,14 @@ def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optio
 
 
 _selected: Dict[tuple, Backend] = {}
+_selected_for = auto.TABLE  # the table _selected's answers come from
+
+
+def _new_table() -> None:
+    global _selected_for
+    _selected.clear()
+    _selected_for = auto.TABLE
+
 _NO_SHAPE_CLASS = ("nchw", 1, 0, 1, 1)  # where auto's choice does not depend on the shape class
 
 
