@@ -50,6 +50,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("bn_finalize", &pyfast::primitives::bn_finalize);
   m.def("convolution_backward", &pyfast::convolution_backward);
   m.def("conv_bn_relu", &pyfast::autograd::conv_bn_relu);
+  m.def("conv_bias_act", &pyfast::autograd::conv_bias_act);
   m.def("bn_relu_conv", &pyfast::autograd::bn_relu_conv);
   m.def("bn_add_relu", &pyfast::autograd::bn_add_relu);
   m.def("add_relu", &pyfast::autograd::add_relu);

@@ -18,6 +18,12 @@ at::Tensor conv_bn_relu(const at::Tensor& x, const at::Tensor& weight, const Opt
                         std::optional<double> momentum, double eps, std::vector<int64_t> stride,
                         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, bool relu);
 
+// Inference conv_bn_relu with the BN folded into weight and bias: act(conv(x) + bias), the bias and ReLU in the
+// convolution's epilogue (cuDNN) or one in-place pass (CPU). No autograd: for calls that record no graph.
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         int64_t groups, bool relu);
+
 at::Tensor bn_relu_conv(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                         const OptTensor& running_mean, const OptTensor& running_var,
                         const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,

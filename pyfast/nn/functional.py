@@ -33,20 +33,34 @@ __all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_con
 
 # -- module state -> op arguments ---------------------------------------------------------------------
 
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_state(cls: type, names: Tuple[str, ...]) -> bool:
+    """Whether instances of `cls` hold the tensors `names` as nn.Module does, in `_parameters`/`_buffers`,
+    with no class attribute (a property, a parametrization's) that computes them instead."""
+    return not any(hasattr(cls, name) for name in names)
+
+
+def _module_tensors(module: nn.Module, names: Tuple[str, ...]) -> tuple:
+    """`getattr(module, name)` for each name (None where the module registered None). Read from the
+    module's parameter and buffer dicts where they are plain (_plain_state): every fused call reads its
+    modules' tensors, and each attribute that way skips a failed instance lookup and Module.__getattr__."""
+    if not _plain_state(type(module), names):
+        return tuple(getattr(module, name) for name in names)
+    params, buffers = module._parameters, module._buffers
+    return tuple(params[name] if name in params else buffers.get(name) for name in names)
+
+
 def batch_norm_args(bn: nn.Module) -> Tuple[BatchNormArgs, bool]:
     """(the op's BatchNormArgs, training) for a BatchNorm2d, as `nn.BatchNorm2d.forward` reads its state."""
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    weight, bias, running_mean, running_var, tracked = _module_tensors(bn, _BN_STATE)
+    training = bn.training or (running_mean is None and running_var is None)
     use_running = not bn.training or bn.track_running_stats
     counts = bn.training and bn.track_running_stats
-    args = BatchNormArgs(
-        weight=bn.weight,
-        bias=bn.bias,
-        running_mean=bn.running_mean if use_running else None,
-        running_var=bn.running_var if use_running else None,
-        num_batches_tracked=bn.num_batches_tracked if counts else None,
-        momentum=bn.momentum,
-        eps=bn.eps,
-    )
+    args = BatchNormArgs(weight, bias, running_mean if use_running else None, running_var if use_running else None,
+                         tracked if counts else None, bn.momentum, bn.eps)
     return args, training
 
 
@@ -78,7 +92,8 @@ def conv_args(conv: nn.Module) -> dict:
             f"padding_mode={conv.padding_mode!r} is not supported: the fused kernels pad with zeros "
             "(use padding_mode='zeros', or keep this convolution unfused)"
         )
-    return dict(weight=conv.weight, bias=conv.bias, stride=conv.stride,
+    weight, bias = _module_tensors(conv, ("weight", "bias"))
+    return dict(weight=weight, bias=bias, stride=conv.stride,
                 padding=resolve_padding(conv.padding, conv.kernel_size, conv.dilation), dilation=conv.dilation,
                 groups=conv.groups)
 
@@ -137,7 +152,7 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
     c = conv_args(conv)
-    if process_group_of(bn) is not None or _on_meta(x, conv.weight):
+    if process_group_of(bn) is not None or _on_meta(x, c["weight"]):
         y = _eager_batch_norm(F.conv2d(x, **c), bn)
         return F.relu(y) if relu else y
     args, training = batch_norm_args(bn)
@@ -152,7 +167,7 @@ def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """conv(relu(bn(x))) (`relu=False`: conv(bn(x))), the pre-activation unit."""
     c = conv_args(conv)
-    if process_group_of(bn) is not None or _on_meta(x, conv.weight):
+    if process_group_of(bn) is not None or _on_meta(x, c["weight"]):
         a = _eager_batch_norm(x, bn)
         return F.conv2d(F.relu(a) if relu else a, **c)
     args, training = batch_norm_args(bn)
@@ -171,7 +186,7 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
     args, training = batch_norm_args(bn)
     s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
     syncs = process_group_of(bn) is not None or (shortcut_bn is not None and process_group_of(shortcut_bn) is not None)
-    if syncs or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(bn.weight):
+    if syncs or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
         s = shortcut if shortcut_bn is None else _eager_batch_norm(shortcut, shortcut_bn)
         z = _eager_batch_norm(y, bn) + s
         return F.relu(z) if relu else z

@@ -20,16 +20,24 @@ from torch import Tensor
 _entries: Dict[int, tuple] = {}  # id(owner) -> (stamp, weak references to the inputs, value)
 
 
-def _versions(tensors: Sequence[Optional[Tensor]]) -> tuple:
-    """Version counter and storage address of each input: `param.data = other` keeps the tensor and its
-    counter but moves its storage."""
-    return tuple((-1, 0) if t is None else (t._version, t.data_ptr()) for t in tensors)
+def _stamp(tensors: Sequence[Optional[Tensor]], extra: tuple) -> list:
+    """Version counter and storage address of each input (`param.data = other` keeps the tensor and its
+    counter but moves its storage), then `extra`. A list built by one comprehension: this runs on every
+    inference call."""
+    return [None if t is None else (t._version, t.data_ptr()) for t in tensors] + list(extra)
+
+
+def _dead() -> None:
+    return None
 
 
 def _same(refs: tuple, tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Identity, not id(): an id can be reused by a new tensor once the old one is freed."""
-    return len(refs) == len(tensors) and all((r is None and t is None) or (r is not None and r() is t)
-                                             for r, t in zip(refs, tensors))
+    """Identity, not id(): an id can be reused by a new tensor once the old one is freed (refs holds a
+    weak reference per input, `_dead` for None)."""
+    for ref, t in zip(refs, tensors):
+        if ref() is not t:
+            return False
+    return len(refs) == len(tensors)
 
 
 def cached(owner: Tensor, inputs: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], tuple]) -> tuple:
@@ -37,7 +45,7 @@ def cached(owner: Tensor, inputs: Sequence[Optional[Tensor]], extra: tuple, comp
     and `extra` (hashable settings such as eps) is unchanged. `owner` (one of the inputs) holds the entry:
     it is dropped when the owner is freed. (A plain dict keyed by id: a WeakKeyDictionary would compare
     tensors with ==, which is elementwise.)"""
-    stamp = _versions(inputs) + extra
+    stamp = _stamp(inputs, extra)
     key = id(owner)
     entry = _entries.get(key)
     if entry is not None and entry[0] == stamp and _same(entry[1], inputs):
@@ -45,7 +53,7 @@ def cached(owner: Tensor, inputs: Sequence[Optional[Tensor]], extra: tuple, comp
     value = compute()
     if entry is None:
         weakref.finalize(owner, _entries.pop, key, None)
-    _entries[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in inputs), value)
+    _entries[key] = (stamp, tuple(_dead if t is None else weakref.ref(t) for t in inputs), value)
     return value
 
 

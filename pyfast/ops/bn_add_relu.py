@@ -72,8 +72,8 @@ def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
     if chosen.name == "reference":
         return reference.add_relu(a, b)
     functions = eager_autograd(chosen)
-    if functions is not None:
-        return functions.add_relu(a, like_layout(b, a))
+    if functions is not None:  # its kernel reads b in a's memory order itself (a copy only where they differ)
+        return functions.add_relu(a, b)
     return apply(_AddReLU, needs_grad(a, b), a, like_layout(b, a), chosen.name)
 
 

@@ -34,15 +34,14 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     updated in place in training."""
     x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-    check_batch_norm("bn_", out_shape, x.device, bn, training)
-
     chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
+    records = needs_grad(x, weight, bias, bn_weight, bn_bias)
+    if not training and not records and chosen.name != "reference":
+        folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
+        return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
+    check_batch_norm("bn_", out_shape, x.device, bn, training)
     if chosen.name == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
-    records = needs_grad(x, weight, bias, bn_weight, bn_bias)
-    if not training and not records:
-        folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn)
-        return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
     functions = eager_autograd(chosen)
     if functions is not None:
         return functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
@@ -60,12 +59,18 @@ def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, b
     return _fold(select("conv_bn_relu", weight, backend), weight, bias, bn)
 
 
-def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
-    """fold_batch_norm, computed once per change of the weights or statistics (pyfast.ops._cache)."""
-    if torch.compiler.is_compiling():
+def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, out_shape) -> Tuple[Tensor, Tensor]:
+    """fold_batch_norm, computed once per change of the weights or statistics (pyfast.ops._cache), with the
+    check of the BN's arguments against the convolution's output (of shape `out_shape`): a cached fold is of the
+    same tensors at the same versions, already checked against the same weight."""
+    def checked_fold():
+        check_batch_norm("bn_", out_shape, weight.device, bn, False)
         return _fold(chosen, weight, bias, bn)
+
+    if torch.compiler.is_compiling():
+        return checked_fold()
     inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return cached(weight, inputs, (bn.eps, chosen.name, "fold"), lambda: _fold(chosen, weight, bias, bn))
+    return cached(weight, inputs, (bn.eps, chosen.name, "fold"), checked_fold)
 
 
 def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:

@@ -104,19 +104,10 @@ class ExtensionBackend(Backend):
     bn_finalize = _primitive("bn_finalize")
 
     def conv_bias_act(self, x, weight, bias, params, relu):
-        # cuDNN's own fused convolution + bias + ReLU: one kernel instead of a conv and an extra pass. (oneDNN's
-        # fused convolution on CPU, torch.ops.mkldnn._convolution_pointwise, was no faster than the conv and an
-        # in-place ReLU at batch 8, and ~100 us slower per call at tiny sizes: measured, not used.)
-        if relu and self.name == "cuda" and x.dtype != torch.float64:
-            stride, padding, dilation, groups = params.as_lists()
-            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
-        if self.name == "cpu" and bias is not None:
-            # ATen's CPU convolution for grouped and small layers (thnn's slow path) writes the bias with a
-            # pass of its own before the GEMM: add it in the activation pass instead, in place on the fresh
-            # output, so bias + ReLU cost one in-place pass, as eager's ReLU alone does.
-            y = self.conv(x, weight, None, params)
-            shift = bias.to(acc_dtype(y.dtype))
-            if torch.compiler.is_compiling():  # the graph is functional; inductor plans the buffers itself
-                return self.bn_act_forward(y, None, shift, None, None, None, relu)
-            return self.bn_act_forward_(y, None, shift, relu)
-        return super().conv_bias_act(x, weight, bias, params, relu)
+        # Eager: pyfast._C's, with the convolution's epilogue (cuDNN's fused conv + bias + ReLU; on CPU one
+        # in-place bias + ReLU pass after a bias-less convolution). Under torch.compile the composite, whose
+        # epilogue inductor fuses itself.
+        if torch.compiler.is_compiling():
+            return super().conv_bias_act(x, weight, bias, params, relu)
+        return _extension.extension.conv_bias_act(x, weight, bias, params.stride, params.padding, params.dilation,
+                                                  params.groups, relu)
