@@ -55,8 +55,11 @@ class KernelCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _triton_launches(mode: KernelCounter) -> Iterator[None]:
-    """Counts `kernel[grid](...)` launches of Triton kernels (compiled or interpreted) into `mode`."""
+def _triton_launches(mode: KernelCounter, execute: bool = True) -> Iterator[None]:
+    """Counts `kernel[grid](...)` launches of Triton kernels (compiled or interpreted) into `mode`. With
+    execute=False the launches are counted and not run: how many launches a step makes does not depend on the
+    values, and Triton's CPU interpreter takes minutes per model step (the outputs are then garbage, which
+    only the counts may be read after)."""
     try:
         from triton.runtime import interpreter, jit
     except ImportError:
@@ -72,6 +75,8 @@ def _triton_launches(mode: KernelCounter) -> Iterator[None]:
             def run(*args, **kwargs):
                 fn = getattr(self, "fn", self)
                 mode.ops[f"triton.{getattr(fn, '__name__', type(fn).__name__)}"] += 1
+                if not execute:
+                    return None
                 outer, mode.inside_launch = mode.inside_launch, True
                 try:
                     return launch(*args, **kwargs)
@@ -89,10 +94,10 @@ def _triton_launches(mode: KernelCounter) -> Iterator[None]:
             cls.__getitem__ = original
 
 
-def count_kernels(fn: Callable[[], object]) -> Counter:
+def count_kernels(fn: Callable[[], object], execute_triton: bool = True) -> Counter:
     """op name -> how many times `fn()` dispatched it (kernels and Triton launches only)."""
     mode = KernelCounter()
-    with _triton_launches(mode), mode:
+    with _triton_launches(mode, execute_triton), mode:
         fn()
     return mode.ops
 
@@ -138,15 +143,18 @@ def model_steps(name: str, fused: bool, batch: int, size: int, training: bool, *
 
 
 def kernel_counts(name: str, backend: str, training: bool, batch: int = 2, size: int = 32) -> Dict[str, int]:
-    """Kernels per step of `name`, eager and fast on `backend`, after one warm-up step (caches filled)."""
+    """Kernels per step of `name`, eager and fast on `backend`, after one warm-up step (caches filled). Under
+    Triton's CPU interpreter its launches are counted without being run (see _triton_launches)."""
     import pyfast
 
+    execute = not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
     counts = {}
     for fused in (False, True):
         step = model_steps(name, fused, batch, size, training)
         with pyfast.use_backend(backend):
-            step()
-            counts["fast" if fused else "eager"] = sum(count_kernels(step).values())
+            with _triton_launches(KernelCounter(), execute):
+                step()
+            counts["fast" if fused else "eager"] = sum(count_kernels(step, execute).values())
     return counts
 
 

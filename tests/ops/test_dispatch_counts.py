@@ -2,6 +2,8 @@
 kernel, views and allocations aside, plus Triton launches), against fixed budgets and against the eager
 sequence it replaces. Counts are deterministic, so these are regression tests of the cost contract
 (docs/ARCHITECTURE.md, section 6); times are benchmarked, never tested."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,3 +172,21 @@ def test_model_step_dispatches_fewer_kernels_than_eager(model, training):
               ("regnetx_32", False): 212}[model, training]
     assert counts["fast"] == budget, counts
     assert counts["fast"] <= (1.0 if training else 0.7) * counts["eager"], counts
+
+
+@pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_model_step_triton_launches(model, training):
+    """The same step on the Triton backend (under the interpreter, launches counted without running them):
+    held to exact budgets. Inference launches at most 0.5x eager's kernels. Training is 1.18x: every
+    reduction (the statistics, the backward's sums) is a partials launch and a combine launch, where eager's
+    CPU batch_norm counts as one op."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the model runs on CPU tensors: Triton's interpreter only")
+    counts = kernel_counts(model, "triton", training)
+    budget = {("resnet50", True): 481, ("resnet50", False): 74, ("regnetx_32", True): 964,
+              ("regnetx_32", False): 144}[model, training]
+    assert counts["fast"] == budget, counts
+    if not training:
+        assert counts["fast"] <= 0.5 * counts["eager"], counts
