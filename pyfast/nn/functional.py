@@ -94,8 +94,20 @@ def conv_args(conv: nn.Module) -> dict:
         )
     weight, bias = _module_tensors(conv, ("weight", "bias"))
     return dict(weight=weight, bias=bias, stride=conv.stride,
-                padding=resolve_padding(conv.padding, conv.kernel_size, conv.dilation), dilation=conv.dilation,
+                padding=_resolved_padding(conv.padding, conv.kernel_size, conv.dilation), dilation=conv.dilation,
                 groups=conv.groups)
+
+
+def _resolved_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
+    """resolve_padding, memoized for the hashable settings nn.Conv2d keeps (every fused call resolves its
+    convolution's)."""
+    try:
+        return _memoized_padding(padding, kernel_size, dilation)
+    except TypeError:  # unhashable: lists
+        return resolve_padding(padding, kernel_size, dilation)
+
+
+_memoized_padding = functools.lru_cache(maxsize=256)(resolve_padding)
 
 
 def _eager_batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
@@ -110,7 +122,10 @@ def _eager_batch_norm(x: Tensor, bn: nn.Module) -> Tensor:
 def _on_meta(*tensors: Optional[Tensor]) -> bool:
     """Meta tensors (shape inference, `torch.device("meta")` models): eager PyTorch's composite handles
     them; the fused ops are for real data."""
-    return any(isinstance(t, Tensor) and t.is_meta for t in tensors)
+    for t in tensors:  # a loop, not any(): this runs on every fused call
+        if isinstance(t, Tensor) and t.is_meta:
+            return True
+    return False
 
 
 def _check_bn_module(name: str, bn) -> None:

@@ -1,7 +1,6 @@
 """Convolution arguments shared by the ops that convolve: normalization, checks, output shape."""
 import functools
-from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -17,8 +16,10 @@ def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
     return pair(value, name, minimum)
 
 
-@dataclass(frozen=True)
-class ConvParams:
+class ConvParams(NamedTuple):
+    """A convolution's stride, padding, dilation and groups, checked. A NamedTuple: it is hashed on every call
+    (memoized shape rules, caches), which a frozen dataclass does in Python."""
+
     stride: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int] = (0, 0)
     dilation: Tuple[int, int] = (1, 1)
@@ -50,34 +51,33 @@ class ConvParams:
         """The flat form the torch.library schemas take."""
         return list(self.stride), list(self.padding), list(self.dilation), self.groups
 
-    def output_shape(self, x: Tensor, weight: Tensor):
-        return (x.shape[0], weight.shape[0], *_output_size(self, *x.shape[2:], *weight.shape[2:]))
-
     def check(self, x: Tensor, weight: Tensor, x_name: str = "x"):
         """Raises for arguments that do not convolve; returns the output shape."""
-        if weight.dim() != 4:
-            raise ValueError(f"weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(weight.shape)}")
-        channels, out_channels = x.shape[1], weight.shape[0]
-        if channels % self.groups or out_channels % self.groups:
-            raise ValueError(
-                f"groups={self.groups} must divide the input channels ({channels}) and the weight's "
-                f"output channels ({out_channels})"
-            )
-        if weight.shape[1] * self.groups != channels:
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} with groups={self.groups} expects {x_name} to have "
-                f"{weight.shape[1] * self.groups} channels, got {channels}"
-            )
-        shape = self.output_shape(x, weight)
-        if shape[2] < 1 or shape[3] < 1:
-            raise ValueError(f"{x_name} of spatial size {tuple(x.shape[2:])} is smaller than the kernel")
-        return shape
+        return _checked_output_shape(self, x.shape, weight.shape, x_name)
 
 
 @functools.lru_cache(maxsize=1024)
-def _output_size(params: ConvParams, height: int, width: int, kh: int, kw: int) -> Tuple[int, int]:
-    """pyfast._shapes' rule, memoized: it runs on every call, with the few shapes a network has."""
-    return conv_output_size(height, width, (kh, kw), params.stride, params.padding, params.dilation)
+def _checked_output_shape(params: ConvParams, x_shape: torch.Size, w_shape: torch.Size, x_name: str):
+    """ConvParams.check on shapes, memoized: it runs on every call, with the few shapes a network has (a
+    failing check raises again on every call: errors are not cached)."""
+    if len(w_shape) != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(w_shape)}")
+    channels, out_channels = x_shape[1], w_shape[0]
+    if channels % params.groups or out_channels % params.groups:
+        raise ValueError(
+            f"groups={params.groups} must divide the input channels ({channels}) and the weight's "
+            f"output channels ({out_channels})"
+        )
+    if w_shape[1] * params.groups != channels:
+        raise ValueError(
+            f"weight of shape {tuple(w_shape)} with groups={params.groups} expects {x_name} to have "
+            f"{w_shape[1] * params.groups} channels, got {channels}"
+        )
+    height, width = conv_output_size(x_shape[2], x_shape[3], w_shape[2:], params.stride, params.padding,
+                                     params.dilation)
+    if height < 1 or width < 1:
+        raise ValueError(f"{x_name} of spatial size {tuple(x_shape[2:])} is smaller than the kernel")
+    return (x_shape[0], out_channels, height, width)
 
 
 @functools.lru_cache(maxsize=256)
