@@ -48,14 +48,15 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         return reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
     sbn = shortcut_bn or BatchNormArgs()
     records = needs_grad(y, bn_weight, bn_bias, shortcut, sbn.weight, sbn.bias)
+    if not training and not records:  # inference: the cached affine maps and one pass, no autograd node
+        return _forward(chosen, y, bn, shortcut, shortcut_bn, False, True, relu)[0]
     functions = eager_autograd(chosen)
-    if functions is not None and (training or records):
+    if functions is not None:
         return functions.bn_add_relu(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                      momentum, eps, shortcut, sbn.weight, sbn.bias, sbn.running_mean,
                                      sbn.running_var, sbn.num_batches_tracked, sbn.momentum, sbn.eps,
                                      shortcut_bn is not None, relu)
-    config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name,
-                     not records)
+    config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name)
     return apply(_BNAddReLU, records, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
                  sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked, config)
 
@@ -98,31 +99,41 @@ class _Config(NamedTuple):
     shortcut_bn: bool
     relu: bool
     backend: str
-    reuse: bool  # eval: affine maps may come from the cache (the call records no autograd graph)
 
 
 _NO_AFFINE = (None, None, None, None)
+
+
+def _forward(chosen, y: Tensor, bn: BatchNormArgs, shortcut: Optional[Tensor], s_bn: Optional[BatchNormArgs],
+             training: bool, reuse: bool, relu: bool):
+    """The forward pass: (out, the shortcut in y's layout, y's affine map, the shortcut's or _NO_AFFINE)."""
+    affine = affine_of(chosen, y, bn, training, reuse)
+    s_affine = _NO_AFFINE
+    if shortcut is not None:
+        shortcut = like_layout(shortcut, y)
+    if s_bn is not None:
+        s_affine = affine_of(chosen, shortcut, s_bn, training, reuse)
+    out = chosen.bn_act_forward(y, affine.scale, affine.shift, shortcut, s_affine[0], s_affine[1], relu)
+    return out, shortcut, affine, s_affine
 
 
 class _BNAddReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut, s_weight,
                 s_bias, s_running_mean, s_running_var, s_num_batches_tracked, config: _Config):
-        chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
-        affine = affine_of(chosen, y, bn, config.training, config.reuse)
-        s_affine = _NO_AFFINE
-        if shortcut is not None:
-            shortcut = like_layout(shortcut, y)
+        s_bn = None
         if config.shortcut_bn:
             s_bn = BatchNormArgs(s_weight, s_bias, s_running_mean, s_running_var, s_num_batches_tracked,
                                  config.s_momentum, config.s_eps)
-            s_affine = affine_of(chosen, shortcut, s_bn, config.training, config.reuse)
+        # reuse=False: a call that reaches the Function records a graph, or trains (batch statistics)
+        out, shortcut, affine, s_affine = _forward(BACKENDS[config.backend], y, bn, shortcut, s_bn, config.training,
+                                                   False, config.relu)
         ctx.save_for_backward(y, shortcut, *affine, *s_affine)
         ctx.config = config
         ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))
-        return chosen.bn_act_forward(y, affine.scale, affine.shift, shortcut, s_affine[0], s_affine[1], config.relu)
+        return out
 
     @staticmethod
     @double_backward_unsupported("bn_add_relu")
