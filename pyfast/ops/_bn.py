@@ -42,27 +42,31 @@ def check_like(name: str, t: Optional[Tensor], ref: Tensor, ref_name: str, dtype
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+_CHECKED_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
 def check_batch_norm(prefix: str, x_shape, device: torch.device, bn: BatchNormArgs, training: bool) -> None:
     """Checks one BN's arguments against the shape and device of the tensor it normalizes."""
     channels = x_shape[1]
-    for field, t in zip(("weight", "bias", "running_mean", "running_var"), bn[:4]):
+    for field, t in zip(_CHECKED_FIELDS, bn):
         if t is None:
             continue
         if t.device != device:
             raise RuntimeError(f"{prefix}{field} is on {t.device} but the input is on {device}")
-        if t.dim() != 1 or t.shape[0] != channels or not t.is_floating_point():
+        if t.shape != (channels,) or not t.is_floating_point():
             raise ValueError(f"{prefix}{field} must be a floating-point tensor of shape ({channels},), "
                              f"got {t.dtype} {tuple(t.shape)}")
     if (bn.running_mean is None) != (bn.running_var is None):
         raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
-    if not training and bn.running_mean is None:
-        raise ValueError(f"{prefix}running_mean/{prefix}running_var are required when training=False")
-    if training and bn.momentum is None and bn.running_mean is not None and bn.num_batches_tracked is None:
+    if not training:
+        if bn.running_mean is None:
+            raise ValueError(f"{prefix}running_mean/{prefix}running_var are required when training=False")
+        return
+    if bn.momentum is None and bn.running_mean is not None and bn.num_batches_tracked is None:
         raise ValueError(f"{prefix}momentum=None (cumulative average) needs {prefix}num_batches_tracked")
-    if training and not bn.eps > 0:
+    if not bn.eps > 0:
         raise ValueError(f"{prefix}eps must be positive during training, but got {bn.eps} (as F.batch_norm)")
-    count = math.prod(x_shape) // channels if channels else 0
-    if training and count == 1:
+    if channels and math.prod(x_shape) == channels:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_shape)}")
 
 
