@@ -5,8 +5,9 @@
 // call (Coefs); both walks hand its per-vector math those of the vector's lanes: broadcast once per
 // plane, loaded across a row. So each op's math is written once, and compiled once per combination
 // of its options (ReLU, residual, batch statistics) rather than branching on them per vector.
-// Reductions fold vectors into per-lane accumulators in the accumulation type, then combine lanes and
-// blocks in double in a fixed order: results do not depend on the number of threads.
+// Reductions fold vectors into per-lane accumulators in the accumulation type (merged lane by lane
+// along a plane walk), then combine lanes and blocks in double in a fixed order: results do not
+// depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -193,7 +194,7 @@ struct Partial {
 constexpr int kChains = 4;
 
 template <typename scalar_t, int K>
-State<scalar_t, K> zero_state() {
+C10_ALWAYS_INLINE State<scalar_t, K> zero_state() {
   State<scalar_t, K> s;
   s.fill(typename Lanes<scalar_t>::Vec(0));
   return s;
@@ -214,22 +215,26 @@ Partial<K>* store_lanes(const State<scalar_t, K>& s, int64_t first, int64_t last
 
 // Folds planes [n0, n1) of channel c into one Partial. step(state, inv_n, offset, n, coefs) folds
 // one vector into per-lane accumulators (inv_n = 1 / the lanes' count after this step, for Welford);
-// combine(parts, count, stride) folds Partials into one. Every plane has the same shape, so each
-// accumulator's lanes keep one count: a plane's groups of kChains whole vectors go to the kChains
-// chains, the whole vectors after its last group to the rest states (one per position), its tail to
-// the tail state.
-template <typename scalar_t, int K, int KC, typename Step, typename Combine>
+// merge(a, n_a, b, n_b) folds two states of n_a and n_b elements per lane into one; combine(parts,
+// count, stride) folds Partials into one. Every plane has the same shape, so each accumulator's lanes
+// keep one count: a plane's groups of kChains whole vectors go to the kChains chains, the whole
+// vectors after its last group to the rest states (one per position), its tail to the tail state.
+// The whole-vector states are merged lane by lane before their lanes go to combine: a channel of
+// short planes has few elements per lane, and combining kChains x kSize lanes would cost more than
+// reducing them.
+template <typename scalar_t, int K, int KC, typename Step, typename Merge, typename Combine>
 Partial<K> reduce_planes(const Layout& lay, int64_t c, int64_t n0, int64_t n1, const Coefs<scalar_t, KC>& coefs,
-                         const Step& step, const Combine& combine) {
+                         const Step& step, const Merge& merge, const Combine& combine) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   constexpr int64_t S = L::kSize;
   const auto p = coefs.broadcast(c);
   const int64_t len = lay.inner, groups = len / S / kChains, rest = len / S % kChains, tail = len % S;
   const bool overlap = len >= S;
+  // rest < kChains; every state is indexed by a constant (loops of constant bounds), so that the states
+  // can stay in registers
   std::array<State<scalar_t, K>, kChains> chains, rests;
-  chains.fill(zero_state<scalar_t, K>());
-  rests.fill(zero_state<scalar_t, K>());
+  for (int u = 0; u < kChains; ++u) chains[u] = rests[u] = zero_state<scalar_t, K>();
   State<scalar_t, K> last = zero_state<scalar_t, K>();
   int64_t group_count = 0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -240,14 +245,27 @@ Partial<K> reduce_planes(const Layout& lay, int64_t c, int64_t n0, int64_t n1, c
       for (int u = 0; u < kChains; ++u) chains[u] = step(chains[u], inv_n, offset + u * S, Whole{}, p);
     }
     const acc_t inv_n = acc_t(1) / acc_t(n - n0 + 1);
-    for (int64_t u = 0; u < rest; ++u) rests[u] = step(rests[u], inv_n, base + (groups * kChains + u) * S, Whole{}, p);
+    for (int u = 0; u < kChains - 1; ++u) {
+      if (u < rest) rests[u] = step(rests[u], inv_n, base + (groups * kChains + u) * S, Whole{}, p);
+    }
     if (tail == 0) continue;
     last = overlap ? step(last, inv_n, base + len - S, Whole{}, p) : step(last, inv_n, base + len - tail, tail, p);
   }
-  std::array<Partial<K>, (2 * kChains + 1) * S> parts;
+  State<scalar_t, K> whole = zero_state<scalar_t, K>();
+  int64_t whole_count = 0;
+  const auto add = [&](const State<scalar_t, K>& s, int64_t n) {
+    whole = whole_count == 0 ? s : merge(whole, acc_t(whole_count), s, acc_t(n));
+    whole_count += n;
+  };
+  for (int u = 0; u < kChains; ++u) {
+    if (groups > 0) add(chains[u], group_count);
+  }
+  for (int u = 0; u < kChains - 1; ++u) {
+    if (u < rest) add(rests[u], n1 - n0);
+  }
+  std::array<Partial<K>, 2 * S> parts;
   Partial<K>* end = parts.data();
-  for (int u = 0; u < (groups > 0 ? kChains : 0); ++u) end = store_lanes<scalar_t, K>(chains[u], 0, S, group_count, end);
-  for (int64_t u = 0; u < rest; ++u) end = store_lanes<scalar_t, K>(rests[u], 0, S, n1 - n0, end);
+  if (whole_count > 0) end = store_lanes<scalar_t, K>(whole, 0, S, whole_count, end);
   if (tail > 0) end = store_lanes<scalar_t, K>(last, overlap ? S - tail : 0, overlap ? S : tail, n1 - n0, end);
   return combine(parts.data(), end - parts.data(), 1);
 }
@@ -281,12 +299,12 @@ void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Coefs<scalar_t
   store_lanes<scalar_t, K>(states[full], overlap ? S - tail : 0, overlap ? S : tail, r1 - r0, out + full * S);
 }
 
-// One Partial per channel (see reduce_planes for step and combine). Blocks (runs of planes of one
-// channel, or of rows) are reduced in parallel into a [block][channel] table whose columns are then
+// One Partial per channel (see reduce_planes for step, merge and combine). Blocks (runs of planes of
+// one channel, or of rows) are reduced in parallel into a [block][channel] table whose columns are then
 // combined, in a fixed order: blocks do not depend on the number of threads.
-template <typename scalar_t, int K, int KC, typename Step, typename Combine>
+template <typename scalar_t, int K, int KC, typename Step, typename Merge, typename Combine>
 std::vector<Partial<K>> reduce_channels(const Layout& lay, const Coefs<scalar_t, KC>& coefs, const Step& step,
-                                        const Combine& combine) {
+                                        const Merge& merge, const Combine& combine) {
   const int64_t C = lay.channels;
   std::vector<Partial<K>> blocks;
   if (lay.planes()) {
@@ -297,7 +315,7 @@ std::vector<Partial<K>> reduce_channels(const Layout& lay, const Coefs<scalar_t,
     at::parallel_for(0, n_blocks * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t n0 = t / C * planes_per_block, n1 = std::min(n0 + planes_per_block, lay.outer);
-        blocks[t] = reduce_planes<scalar_t, K>(lay, t % C, n0, n1, coefs, step, combine);
+        blocks[t] = reduce_planes<scalar_t, K>(lay, t % C, n0, n1, coefs, step, merge, combine);
       }
     });
   } else {
@@ -446,7 +464,14 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
       const auto m = at::vec::fmadd(delta, typename L::Vec(inv_n), s[0]);
       return State<scalar_t, 2>{m, at::vec::fmadd(delta, v - m, s[1])};
     };
-    const auto stats = reduce_channels<scalar_t, 2>(lay, shift, welford, chan_combine);
+    // Chan's combination of two lanes' (mean, M2), in the accumulation type.
+    const auto merge = [](const State<scalar_t, 2>& a, acc_t n_a, const State<scalar_t, 2>& b, acc_t n_b) {
+      const acc_t n = n_a + n_b;
+      const auto delta = b[0] - a[0];
+      return State<scalar_t, 2>{at::vec::fmadd(delta, typename L::Vec(n_b / n), a[0]),
+                                at::vec::fmadd(delta * delta, typename L::Vec(n_a * n_b / n), a[1] + b[1])};
+    };
+    const auto stats = reduce_channels<scalar_t, 2>(lay, shift, welford, merge, chan_combine);
     auto* m = mean.mutable_data_ptr<acc_t>();
     auto* v = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < lay.channels; ++c) {
@@ -549,7 +574,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
               s[0] + dz, at::vec::fmadd(dz, xv - p[kMean], s[1]),
               kRes == Residual::kNormalized ? at::vec::fmadd(dz, rv - p[kResMean], s[2]) : s[2]};
         };
-        total = reduce_channels<scalar_t, 3>(lay, coefs, sums, sum_combine);
+        const auto add = [](const State<scalar_t, 3>& a, acc_t, const State<scalar_t, 3>& b, acc_t) {
+          return State<scalar_t, 3>{a[0] + b[0], a[1] + b[1], a[2] + b[2]};
+        };
+        total = reduce_channels<scalar_t, 3>(lay, coefs, sums, add, sum_combine);
       });
     });
     const acc_t* istd = stats.invstd.const_data_ptr<acc_t>();
