@@ -120,18 +120,26 @@ struct Coefs {
       std::fill_n((*this)[k], stride, none);
     }
   }
-  // Channel c's coefficients in every lane (a plane).
-  C10_ALWAYS_INLINE Vecs broadcast(int64_t c) const {
-    Vecs v;
-    for (int k = 0; k < K; ++k) v[k] = typename L::Vec((*this)[k][c]);
-    return v;
-  }
-  // Channels [c, c + kSize) in the lanes (a row).
-  C10_ALWAYS_INLINE Vecs load(int64_t c) const {
-    Vecs v;
-    for (int k = 0; k < K; ++k) v[k] = L::load_acc((*this)[k] + c);
-    return v;
-  }
+
+  // What the walks read the table through, a copy in each task: the outputs' vector stores may alias
+  // any memory, so the compiler would reload a pointer it reads from memory after every store.
+  struct View {
+    const acc_t* table;
+    int64_t stride;
+    // Channel c's coefficients in every lane (a plane).
+    C10_ALWAYS_INLINE Vecs broadcast(int64_t c) const {
+      Vecs v;
+      for (int k = 0; k < K; ++k) v[k] = typename L::Vec(table[k * stride + c]);
+      return v;
+    }
+    // Channels [c, c + kSize) in the lanes (a row).
+    C10_ALWAYS_INLINE Vecs load(int64_t c) const {
+      Vecs v;
+      for (int k = 0; k < K; ++k) v[k] = L::load_acc(table + k * stride + c);
+      return v;
+    }
+  };
+  View view() const { return {table.data(), stride}; }
 };
 
 // Calls whole(i) for the vectors i = 0, S, 2S, ... of a line [0, len), then takes the tail of
@@ -159,17 +167,19 @@ void map_vectors(const Layout& lay, const Coefs<scalar_t, K>& coefs, bool overla
   const int64_t units = lay.planes() ? lay.outer * lay.channels : lay.outer;
   const int64_t unit_size = lay.planes() ? lay.inner : lay.channels;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / std::max<int64_t>(unit_size, 1)), [&](int64_t b, int64_t e) {
+    const Fn f = fn;  // its pointers in registers (see Coefs::View)
+    const auto k = coefs.view();
     for (int64_t u = b; u < e; ++u) {
       const int64_t base = u * unit_size;
       if (lay.planes()) {
-        const auto p = coefs.broadcast(u % lay.channels);
+        const auto p = k.broadcast(u % lay.channels);
         walk_line<S>(
-            lay.inner, overlap, [&](int64_t i) { fn(base + i, Whole{}, p); },
-            [&](int64_t i, int64_t n) { fn(base + i, n, p); });
+            lay.inner, overlap, [&](int64_t i) { f(base + i, Whole{}, p); },
+            [&](int64_t i, int64_t n) { f(base + i, n, p); });
       } else {
         walk_line<S>(
-            lay.channels, overlap, [&](int64_t c) { fn(base + c, Whole{}, coefs.load(c)); },
-            [&](int64_t c, int64_t n) { fn(base + c, n, coefs.load(c)); });
+            lay.channels, overlap, [&](int64_t c) { f(base + c, Whole{}, k.load(c)); },
+            [&](int64_t c, int64_t n) { f(base + c, n, k.load(c)); });
       }
     }
   });
@@ -228,7 +238,7 @@ Partial<K> reduce_planes(const Layout& lay, int64_t c, int64_t n0, int64_t n1, c
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   constexpr int64_t S = L::kSize;
-  const auto p = coefs.broadcast(c);
+  const auto p = coefs.view().broadcast(c);
   const int64_t len = lay.inner, groups = len / S / kChains, rest = len / S % kChains, tail = len % S;
   const bool overlap = len >= S;
   // rest < kChains; every state is indexed by a constant (loops of constant bounds), so that the states
@@ -281,16 +291,17 @@ void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Coefs<scalar_t
   constexpr int64_t S = L::kSize;
   const int64_t C = lay.channels, tail = C % S;
   std::vector<State<scalar_t, K>> states(at::ceil_div(C, S), zero_state<scalar_t, K>());
+  const auto k = coefs.view();
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t inv_n = acc_t(1) / acc_t(r - r0 + 1);
     auto* s = states.data();
     walk_line<S>(
         C, true,
         [&](int64_t c) {
-          *s = step(*s, inv_n, r * C + c, Whole{}, coefs.load(c));
+          *s = step(*s, inv_n, r * C + c, Whole{}, k.load(c));
           ++s;
         },
-        [&](int64_t c, int64_t n) { *s = step(*s, inv_n, r * C + c, n, coefs.load(c)); });
+        [&](int64_t c, int64_t n) { *s = step(*s, inv_n, r * C + c, n, k.load(c)); });
   }
   const int64_t full = C / S;
   for (int64_t i = 0; i < full; ++i) store_lanes<scalar_t, K>(states[i], 0, S, r1 - r0, out + i * S);
