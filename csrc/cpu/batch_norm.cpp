@@ -35,7 +35,7 @@ using at::vec::Vectorized;
 using at::vec::VectorizedN;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, ATen's own grain size
-constexpr int64_t kRowBlock = 65536;  // elements per block of rows in a channels_last reduction
+constexpr int64_t kReduceBlock = 65536;  // elements per block of a reduction: rows, or planes of one channel
 
 // ---------------------------------------------------------------------------------------------
 // Memory walk
@@ -319,7 +319,7 @@ std::vector<Partial<K>> reduce_channels(const Layout& lay, const Coefs<scalar_t,
   const int64_t C = lay.channels;
   std::vector<Partial<K>> blocks;
   if (lay.planes()) {
-    const int64_t planes_per_block = std::clamp<int64_t>(kRowBlock / lay.inner, 1, std::max<int64_t>(lay.outer, 1));
+    const int64_t planes_per_block = std::clamp<int64_t>(kReduceBlock / lay.inner, 1, std::max<int64_t>(lay.outer, 1));
     const int64_t n_blocks = at::ceil_div(lay.outer, planes_per_block);
     blocks.resize(n_blocks * C);
     const int64_t grain = std::max<int64_t>(1, kGrain / (planes_per_block * lay.inner));
@@ -330,7 +330,7 @@ std::vector<Partial<K>> reduce_channels(const Layout& lay, const Coefs<scalar_t,
       }
     });
   } else {
-    const int64_t rows_per_block = at::ceil_div(kRowBlock, std::max<int64_t>(C, 1));
+    const int64_t rows_per_block = at::ceil_div(kReduceBlock, std::max<int64_t>(C, 1));
     blocks.resize(at::ceil_div(lay.outer, rows_per_block) * C);
     at::parallel_for(0, at::ceil_div(lay.outer, rows_per_block), 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
