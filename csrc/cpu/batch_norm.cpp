@@ -1,11 +1,13 @@
 // CPU kernels of the five BN primitives; their semantics are docs/ARCHITECTURE.md, section 1.
 //
 // Memory is walked as [outer][C][inner] (Layout): NCHW as planes holding one channel each,
-// channels_last as rows holding every channel. Both walks give the per-vector math of an op a
-// `param(v)` accessor that yields the per-channel vector v[c] in the vector's lanes: a broadcast
-// scalar inside a plane, a vector load across a row. So each op's math is written once.
-// Reductions fold vectors into per-lane accumulators in the accumulation type, then combine lanes and
-// blocks in double in a fixed order: results do not depend on the number of threads.
+// channels_last as rows holding every channel. An op computes its per-channel coefficients once per
+// call (Coefs); both walks hand its per-vector math those of the vector's lanes: broadcast once per
+// plane, loaded across a row. So each op's math is written once, and compiled once per combination
+// of its options (ReLU, residual, batch statistics) rather than branching on them per vector.
+// Reductions fold vectors into per-lane accumulators in the accumulation type (merged lane by lane
+// along a plane walk), then combine lanes and blocks in double in a fixed order: results do not
+// depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +22,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../batch_norm_args.h"
@@ -32,7 +35,7 @@ using at::vec::Vectorized;
 using at::vec::VectorizedN;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, ATen's own grain size
-constexpr int64_t kRowBlock = 65536;  // elements per block of rows in a channels_last reduction
+constexpr int64_t kReduceBlock = 65536;  // elements per block of a reduction: rows, or planes of one channel
 
 // ---------------------------------------------------------------------------------------------
 // Memory walk
@@ -52,6 +55,9 @@ Layout layout_of(const Tensor& x) {
   return rows ? Layout{n * inner, c, 1} : Layout{n, c, inner};
 }
 
+// The lane count of a whole vector, as a type: loads and stores of whole vectors then compile to one
+// instruction, without the run-time count test (and memcpy) of a partial one.
+struct Whole {};
 
 // One vector of scalar_t lanes, computed on in the accumulation type: 8 floats or 4 doubles, or 16
 // bf16/fp16 values widened into two float vectors (widths for AVX2).
@@ -62,58 +68,118 @@ struct Lanes {
   static constexpr int64_t kSize = Vectorized<scalar_t>::size();
   using Vec = VectorizedN<acc_t, kParts>;
 
-  C10_ALWAYS_INLINE static Vec load(const scalar_t* p, int64_t n) {
-    const auto v = Vectorized<scalar_t>::loadu(p, static_cast<int>(n));
+  // n: Whole, or the count of the first lanes to read (the others read as 0).
+  template <typename N>
+  C10_ALWAYS_INLINE static Vec load(const scalar_t* p, N n) {
+    Vectorized<scalar_t> v;
+    if constexpr (std::is_same_v<N, Whole>) {
+      v = Vectorized<scalar_t>::loadu(p);
+    } else {
+      v = Vectorized<scalar_t>::loadu(p, static_cast<int>(n));
+    }
     return at::vec::convert<acc_t, kParts, scalar_t, 1>(VectorizedN<scalar_t, 1>(v));
   }
-  C10_ALWAYS_INLINE static void store(scalar_t* p, const Vec& v, int64_t n) {
-    at::vec::convert<scalar_t, 1, acc_t, kParts>(v).store(p, static_cast<int>(n));
+  template <typename N>
+  C10_ALWAYS_INLINE static void store(scalar_t* p, const Vec& v, N n) {
+    const auto out = at::vec::convert<scalar_t, 1, acc_t, kParts>(v);
+    if constexpr (std::is_same_v<N, Whole>) {
+      out.store(p);
+    } else {
+      out.store(p, static_cast<int>(n));
+    }
   }
-  // Per-channel values p[0, n) of the accumulation type (VectorizedN::loadu is not always inlined).
-  C10_ALWAYS_INLINE static Vec load_acc(const acc_t* p, int64_t n) {
+  // kSize per-channel values of the accumulation type (VectorizedN::loadu is not always inlined).
+  C10_ALWAYS_INLINE static Vec load_acc(const acc_t* p) {
     constexpr int64_t kPart = Vectorized<acc_t>::size();
     Vec v;
-    for (int i = 0; i < kParts; ++i) {
-      v[i] = Vectorized<acc_t>::loadu(p + i * kPart, std::clamp<int64_t>(n - i * kPart, 0, kPart));
-    }
+    for (int i = 0; i < kParts; ++i) v[i] = Vectorized<acc_t>::loadu(p + i * kPart);
     return v;
   }
 };
 
-// Calls fn(offset, n, param) for each vector of plane p of a planes layout. The plane holds one
-// channel c, so param(v) broadcasts v[c].
-template <typename scalar_t, typename Fn>
-void visit_plane(const Layout& lay, int64_t p, const Fn& fn) {
+// K per-channel coefficients of an op's inner loop, computed once per call: the table the walks read
+// them from, each row padded to whole vectors so that a row of channels loads them at constant size.
+template <typename scalar_t, int K>
+struct Coefs {
   using L = Lanes<scalar_t>;
-  const int64_t c = p % lay.channels;
-  const auto param = [c](const typename L::acc_t* v) { return typename L::Vec(v[c]); };
-  for (int64_t i = 0; i < lay.inner; i += L::kSize) {
-    fn(p * lay.inner + i, std::min(L::kSize, lay.inner - i), param);
+  using acc_t = typename L::acc_t;
+  using Vecs = std::array<typename L::Vec, K>;
+
+  int64_t stride;
+  std::vector<acc_t> table;  // [K][stride]
+
+  explicit Coefs(int64_t channels) : stride(at::ceil_div(channels, L::kSize) * L::kSize), table(K * stride) {}
+
+  acc_t* operator[](int k) { return table.data() + k * stride; }
+  const acc_t* operator[](int k) const { return table.data() + k * stride; }
+  // Row k as t's values (contiguous, acc_t), or `none` everywhere for an undefined t.
+  void set(int k, const Tensor& t, acc_t none) {
+    if (t.defined()) {
+      std::copy_n(t.const_data_ptr<acc_t>(), t.numel(), (*this)[k]);
+    } else {
+      std::fill_n((*this)[k], stride, none);
+    }
+  }
+
+  // What the walks read the table through, a copy in each task: the outputs' vector stores may alias
+  // any memory, so the compiler would reload a pointer it reads from memory after every store.
+  struct View {
+    const acc_t* table;
+    int64_t stride;
+    // Channel c's coefficients in every lane (a plane).
+    C10_ALWAYS_INLINE Vecs broadcast(int64_t c) const {
+      Vecs v;
+      for (int k = 0; k < K; ++k) v[k] = typename L::Vec(table[k * stride + c]);
+      return v;
+    }
+    // Channels [c, c + kSize) in the lanes (a row).
+    C10_ALWAYS_INLINE Vecs load(int64_t c) const {
+      Vecs v;
+      for (int k = 0; k < K; ++k) v[k] = L::load_acc(table + k * stride + c);
+      return v;
+    }
+  };
+  View view() const { return {table.data(), stride}; }
+};
+
+// Calls whole(i) for the vectors i = 0, S, 2S, ... of a line [0, len), then takes the tail of
+// len % S elements: as the whole vector that ends at len (overlapping the one before: a pure map
+// writes the same values again, a reduction keeps only its new lanes) where overlap is allowed and
+// len >= S, else as part(i, n) of its n first lanes.
+template <int64_t S, typename WholeFn, typename PartFn>
+C10_ALWAYS_INLINE void walk_line(int64_t len, bool overlap, const WholeFn& whole, const PartFn& part) {
+  const int64_t full = len / S * S;
+  for (int64_t i = 0; i < full; i += S) whole(i);
+  if (full == len) return;
+  if (overlap && len >= S) {
+    whole(len - S);
+  } else {
+    part(full, len - full);
   }
 }
 
-// Calls fn(offset, n, param) for each vector of row r of a rows layout. Lane j holds channel c + j,
-// so param(v) loads v[c, c + n).
-template <typename scalar_t, typename Fn>
-void visit_row(const Layout& lay, int64_t r, const Fn& fn) {
-  using L = Lanes<scalar_t>;
-  for (int64_t c = 0; c < lay.channels; c += L::kSize) {
-    const int64_t n = std::min(L::kSize, lay.channels - c);
-    fn(r * lay.channels + c, n, [c, n](const typename L::acc_t* v) { return L::load_acc(v + c, n); });
-  }
-}
-
-// Runs fn(offset, n, param) on every vector of the layout, in parallel.
-template <typename scalar_t, typename Fn>
-void for_each_vector(const Layout& lay, const Fn& fn) {
+// Runs fn(offset, n, coefs) on every vector of the layout, in parallel: n is Whole or a lane count,
+// coefs the vector's per-channel coefficients (broadcast once per plane, loaded per vector of a row).
+// overlap: fn is a map whose output is not one of its inputs (see walk_line).
+template <typename scalar_t, int K, typename Fn>
+void map_vectors(const Layout& lay, const Coefs<scalar_t, K>& coefs, bool overlap, const Fn& fn) {
+  constexpr int64_t S = Lanes<scalar_t>::kSize;
   const int64_t units = lay.planes() ? lay.outer * lay.channels : lay.outer;
   const int64_t unit_size = lay.planes() ? lay.inner : lay.channels;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / std::max<int64_t>(unit_size, 1)), [&](int64_t b, int64_t e) {
+    const Fn f = fn;  // its pointers in registers (see Coefs::View)
+    const auto k = coefs.view();
     for (int64_t u = b; u < e; ++u) {
+      const int64_t base = u * unit_size;
       if (lay.planes()) {
-        visit_plane<scalar_t>(lay, u, fn);
+        const auto p = k.broadcast(u % lay.channels);
+        walk_line<S>(
+            lay.inner, overlap, [&](int64_t i) { f(base + i, Whole{}, p); },
+            [&](int64_t i, int64_t n) { f(base + i, n, p); });
       } else {
-        visit_row<scalar_t>(lay, u, fn);
+        walk_line<S>(
+            lay.channels, overlap, [&](int64_t c) { f(base + c, Whole{}, k.load(c)); },
+            [&](int64_t c, int64_t n) { f(base + c, n, k.load(c)); });
       }
     }
   });
@@ -138,102 +204,138 @@ struct Partial {
 constexpr int kChains = 4;
 
 template <typename scalar_t, int K>
-State<scalar_t, K> zero_state() {
+C10_ALWAYS_INLINE State<scalar_t, K> zero_state() {
   State<scalar_t, K> s;
   s.fill(typename Lanes<scalar_t>::Vec(0));
   return s;
 }
 
-// Lane j of s as a Partial over n elements, at out[j].
+// Lanes [first, last) of s, over n elements each, as Partials appended at out.
 template <typename scalar_t, int K>
-void store_lanes(const State<scalar_t, K>& s, Partial<K>* out, int64_t lanes, const int64_t* n) {
+Partial<K>* store_lanes(const State<scalar_t, K>& s, int64_t first, int64_t last, int64_t n, Partial<K>* out) {
   using L = Lanes<scalar_t>;
   std::array<std::array<typename L::acc_t, L::kSize>, K> values;
   for (int k = 0; k < K; ++k) s[k].store(values[k].data());
-  for (int64_t j = 0; j < lanes; ++j) {
-    out[j].n = static_cast<double>(n[j]);
-    for (int k = 0; k < K; ++k) out[j].v[k] = values[k][j];
+  for (int64_t j = first; j < last; ++j, ++out) {
+    out->n = static_cast<double>(n);
+    for (int k = 0; k < K; ++k) out->v[k] = values[k][j];
   }
+  return out;
 }
 
-// Folds plane p into one Partial: its vectors into the lanes of kChains States, then the lanes.
-// A long plane goes by groups of kChains vectors, vector u of a group to chain u. The rest, and a
-// short plane whole (too short to repay combining kChains x kSize lanes), go to chain 0; the last
-// vector may be partial and updates its first n lanes only.
-template <typename scalar_t, int K, typename Step, typename Combine>
-Partial<K> reduce_plane(const Layout& lay, int64_t p, const Step& step, const Combine& combine) {
+// Folds planes [n0, n1) of channel c into one Partial. step(state, inv_n, offset, n, coefs) folds
+// one vector into per-lane accumulators (inv_n = 1 / the lanes' count after this step, for Welford);
+// merge(a, n_a, b, n_b) folds two states of n_a and n_b elements per lane into one; combine(parts,
+// count, stride) folds Partials into one. Every plane has the same shape, so each accumulator's lanes
+// keep one count: a plane's groups of kChains whole vectors go to the kChains chains, the whole
+// vectors after its last group to the rest states (one per position), its tail to the tail state.
+// The whole-vector states are merged lane by lane before their lanes go to combine: a channel of
+// short planes has few elements per lane, and combining kChains x kSize lanes would cost more than
+// reducing them.
+template <typename scalar_t, int K, int KC, typename Step, typename Merge, typename Combine>
+Partial<K> reduce_planes(const Layout& lay, int64_t c, int64_t n0, int64_t n1, const Coefs<scalar_t, KC>& coefs,
+                         const Step& step, const Merge& merge, const Combine& combine) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
-  constexpr int64_t kLanes = kChains * L::kSize;
-  const int64_t c = p % lay.channels, len = lay.inner, base = p * len;
-  const int64_t groups = len >= 2 * kLanes ? len / kLanes : 0;
-  const auto param = [c](const acc_t* v) { return typename L::Vec(v[c]); };
-  std::array<State<scalar_t, K>, kChains> s;
-  s.fill(zero_state<scalar_t, K>());
-  for (int64_t g = 0; g < groups; ++g) {
-    const acc_t inv_n = acc_t(1) / acc_t(g + 1);
-    for (int u = 0; u < kChains; ++u) s[u] = step(s[u], inv_n, base + (g * kChains + u) * L::kSize, L::kSize, param);
+  constexpr int64_t S = L::kSize;
+  const auto p = coefs.view().broadcast(c);
+  const int64_t len = lay.inner, groups = len / S / kChains, rest = len / S % kChains, tail = len % S;
+  const bool overlap = len >= S;
+  // rest < kChains; every state is indexed by a constant (loops of constant bounds), so that the states
+  // can stay in registers
+  std::array<State<scalar_t, K>, kChains> chains, rests;
+  for (int u = 0; u < kChains; ++u) chains[u] = rests[u] = zero_state<scalar_t, K>();
+  State<scalar_t, K> last = zero_state<scalar_t, K>();
+  int64_t group_count = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t base = (n * lay.channels + c) * len;
+    for (int64_t g = 0; g < groups; ++g) {
+      const acc_t inv_n = acc_t(1) / acc_t(++group_count);
+      const int64_t offset = base + g * kChains * S;
+      for (int u = 0; u < kChains; ++u) chains[u] = step(chains[u], inv_n, offset + u * S, Whole{}, p);
+    }
+    const acc_t inv_n = acc_t(1) / acc_t(n - n0 + 1);
+    for (int u = 0; u < kChains - 1; ++u) {
+      if (u < rest) rests[u] = step(rests[u], inv_n, base + (groups * kChains + u) * S, Whole{}, p);
+    }
+    if (tail == 0) continue;
+    last = overlap ? step(last, inv_n, base + len - S, Whole{}, p) : step(last, inv_n, base + len - tail, tail, p);
   }
-  std::array<int64_t, kLanes> counts;  // per lane, chain-major
-  counts.fill(groups);
-  for (int64_t i = groups * kLanes; i < len; i += L::kSize) {
-    const int64_t n = std::min(L::kSize, len - i);
-    const auto next = step(s[0], acc_t(1) / acc_t(counts[0] + 1), base + i, n, param);
-    for (int k = 0; k < K; ++k) s[0][k] = L::Vec::set(s[0][k], next[k], n);
-    for (int64_t j = 0; j < n; ++j) ++counts[j];
+  State<scalar_t, K> whole = zero_state<scalar_t, K>();
+  int64_t whole_count = 0;
+  const auto add = [&](const State<scalar_t, K>& s, int64_t n) {
+    whole = whole_count == 0 ? s : merge(whole, acc_t(whole_count), s, acc_t(n));
+    whole_count += n;
+  };
+  for (int u = 0; u < kChains; ++u) {
+    if (groups > 0) add(chains[u], group_count);
   }
-  const int chains = groups > 0 ? kChains : 1;
-  std::array<Partial<K>, kLanes> lanes;
-  for (int u = 0; u < chains; ++u) {
-    store_lanes<scalar_t, K>(s[u], &lanes[u * L::kSize], L::kSize, &counts[u * L::kSize]);
+  for (int u = 0; u < kChains - 1; ++u) {
+    if (u < rest) add(rests[u], n1 - n0);
   }
-  return combine(lanes.data(), chains * L::kSize, 1);
+  std::array<Partial<K>, 2 * S> parts;
+  Partial<K>* end = parts.data();
+  if (whole_count > 0) end = store_lanes<scalar_t, K>(whole, 0, S, whole_count, end);
+  if (tail > 0) end = store_lanes<scalar_t, K>(last, overlap ? S - tail : 0, overlap ? S : tail, n1 - n0, end);
+  return combine(parts.data(), end - parts.data(), 1);
 }
 
 // Folds rows [r0, r1) of a rows layout into out[0, C): per-thread channel accumulators, lane j of
-// states[i] being channel i * kSize + j. Consecutive vectors of a row update different states,
-// so no chains are needed here.
-template <typename scalar_t, int K, typename Step>
-void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Step& step, Partial<K>* out) {
+// states[i] being channel i * S + j (the tail state's, where it overlaps, C - S + j). Consecutive
+// vectors of a row update different states, so no chains are needed here.
+template <typename scalar_t, int K, int KC, typename Step>
+void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Coefs<scalar_t, KC>& coefs, const Step& step,
+                 Partial<K>* out) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
-  std::vector<State<scalar_t, K>> states(at::ceil_div(lay.channels, L::kSize), zero_state<scalar_t, K>());
+  constexpr int64_t S = L::kSize;
+  const int64_t C = lay.channels, tail = C % S;
+  std::vector<State<scalar_t, K>> states(at::ceil_div(C, S), zero_state<scalar_t, K>());
+  const auto k = coefs.view();
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t inv_n = acc_t(1) / acc_t(r - r0 + 1);
     auto* s = states.data();
-    visit_row<scalar_t>(lay, r, [&](int64_t offset, int64_t n, const auto& param) {
-      *s = step(*s, inv_n, offset, n, param);
-      ++s;
-    });
+    walk_line<S>(
+        C, true,
+        [&](int64_t c) {
+          *s = step(*s, inv_n, r * C + c, Whole{}, k.load(c));
+          ++s;
+        },
+        [&](int64_t c, int64_t n) { *s = step(*s, inv_n, r * C + c, n, k.load(c)); });
   }
-  std::array<int64_t, L::kSize> counts;
-  counts.fill(r1 - r0);
-  for (size_t i = 0; i < states.size(); ++i) {
-    const int64_t c0 = static_cast<int64_t>(i) * L::kSize;
-    store_lanes<scalar_t, K>(states[i], out + c0, std::min(L::kSize, lay.channels - c0), counts.data());
-  }
+  const int64_t full = C / S;
+  for (int64_t i = 0; i < full; ++i) store_lanes<scalar_t, K>(states[i], 0, S, r1 - r0, out + i * S);
+  if (tail == 0) return;
+  const bool overlap = C >= S;
+  store_lanes<scalar_t, K>(states[full], overlap ? S - tail : 0, overlap ? S : tail, r1 - r0, out + full * S);
 }
 
-// One Partial per channel. step(state, inv_n, offset, n, param) folds one vector into per-lane
-// accumulators (inv_n = 1 / the lanes' count after this step, for Welford); combine(parts, count,
-// stride) folds Partials into one. Blocks (planes, or blocks of rows) are reduced in parallel into
-// a [block][channel] table whose columns are then combined, in a fixed order.
-template <typename scalar_t, int K, typename Step, typename Combine>
-std::vector<Partial<K>> reduce_channels(const Layout& lay, const Step& step, const Combine& combine) {
+// One Partial per channel (see reduce_planes for step, merge and combine). Blocks (runs of planes of
+// one channel, or of rows) are reduced in parallel into a [block][channel] table whose columns are then
+// combined, in a fixed order: blocks do not depend on the number of threads.
+template <typename scalar_t, int K, int KC, typename Step, typename Merge, typename Combine>
+std::vector<Partial<K>> reduce_channels(const Layout& lay, const Coefs<scalar_t, KC>& coefs, const Step& step,
+                                        const Merge& merge, const Combine& combine) {
   const int64_t C = lay.channels;
   std::vector<Partial<K>> blocks;
   if (lay.planes()) {
-    blocks.resize(lay.outer * C);
-    at::parallel_for(0, lay.outer * C, std::max<int64_t>(1, kGrain / lay.inner), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) blocks[p] = reduce_plane<scalar_t, K>(lay, p, step, combine);
+    const int64_t planes_per_block = std::clamp<int64_t>(kReduceBlock / lay.inner, 1, std::max<int64_t>(lay.outer, 1));
+    const int64_t n_blocks = at::ceil_div(lay.outer, planes_per_block);
+    blocks.resize(n_blocks * C);
+    const int64_t grain = std::max<int64_t>(1, kGrain / (planes_per_block * lay.inner));
+    at::parallel_for(0, n_blocks * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n0 = t / C * planes_per_block, n1 = std::min(n0 + planes_per_block, lay.outer);
+        blocks[t] = reduce_planes<scalar_t, K>(lay, t % C, n0, n1, coefs, step, merge, combine);
+      }
     });
   } else {
-    const int64_t rows_per_block = at::ceil_div(kRowBlock, std::max<int64_t>(C, 1));
+    const int64_t rows_per_block = at::ceil_div(kReduceBlock, std::max<int64_t>(C, 1));
     blocks.resize(at::ceil_div(lay.outer, rows_per_block) * C);
     at::parallel_for(0, at::ceil_div(lay.outer, rows_per_block), 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const int64_t r0 = k * rows_per_block, r1 = std::min(r0 + rows_per_block, lay.outer);
-        reduce_rows<scalar_t, K>(lay, r0, r1, step, &blocks[k * C]);
+        reduce_rows<scalar_t, K>(lay, r0, r1, coefs, step, &blocks[k * C]);
       }
     });
   }
@@ -273,49 +375,56 @@ Partial<3> sum_combine(const Partial<3>* parts, int64_t count, int64_t stride) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Arguments
+// The pre-activation and its gradient, specialized at compile time
 
-// A None per-channel vector as its neutral value (ones for a scale, zeros for a shift): the kernels read
-// scale/shift pointers unconditionally. From a buffer kept per thread and per value, not a fresh tensor: an
-// allocation and a fill per call, for each None, is host time that matters on small inputs (add_relu has four).
-template <typename acc_t>
-const acc_t* data_or_neutral(const Tensor& t, int64_t channels, int value) {
-  if (t.defined()) return t.const_data_ptr<acc_t>();
-  thread_local std::vector<acc_t> buffers[2];
-  auto& buffer = buffers[value];
-  if (static_cast<int64_t>(buffer.size()) < channels) buffer.assign(channels, static_cast<acc_t>(value));
-  return buffer.data();
+// What a residual contributes to z: nothing, residual*res_scale + res_shift, or that and its own BN's
+// gradient (batch statistics for the residual: res_mean in reduce, sum_dz_rhat in elemt).
+enum class Residual { kNone, kAffine, kNormalized };
+
+// Calls fn(constant) with b as a std::bool_constant, so that fn's loops are compiled once per value.
+template <typename Fn>
+void with_bool(bool b, const Fn& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
-// The pre-activation z = x*scale + shift [+ residual*res_scale + res_shift] as raw pointers;
-// scale/shift/res_scale/res_shift are never null (None reads as ones/zeros).
-template <typename scalar_t>
-struct PreAct {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  using acc_t = typename L::acc_t;
-  const scalar_t* x;
-  const scalar_t* residual;  // null when None
-  const acc_t *scale, *shift, *res_scale, *res_shift;
-  bool relu;
+template <typename Fn>
+void with_residual(Residual r, const Fn& fn) {
+  using R = Residual;
+  switch (r) {
+    case R::kNone: return fn(std::integral_constant<R, R::kNone>{});
+    case R::kAffine: return fn(std::integral_constant<R, R::kAffine>{});
+    case R::kNormalized: return fn(std::integral_constant<R, R::kNormalized>{});
+  }
+}
 
-  C10_ALWAYS_INLINE Vec load_x(int64_t offset, int64_t n) const { return L::load(x + offset, n); }
-  C10_ALWAYS_INLINE Vec load_residual(int64_t offset, int64_t n) const {
-    return residual ? L::load(residual + offset, n) : Vec(0);
-  }
+// The first coefficients of every op that computes z; the ops' own ones follow.
+enum PreActCoef { kScale, kShift, kResScale, kResShift, kPreActCoefs };
 
-  template <typename Param>
-  C10_ALWAYS_INLINE Vec z(const Vec& xv, const Vec& rv, const Param& param) const {
-    const Vec z = at::vec::fmadd(xv, param(scale), param(shift));
-    return residual ? z + at::vec::fmadd(rv, param(res_scale), param(res_shift)) : z;
+// z = x*scale + shift [+ r*res_scale + res_shift]
+template <bool kResidual, typename Vec, typename P>
+C10_ALWAYS_INLINE Vec pre_act(const Vec& x, const Vec& r, const P& p) {
+  const Vec z = at::vec::fmadd(x, p[kScale], p[kShift]);
+  if constexpr (kResidual) {
+    return z + at::vec::fmadd(r, p[kResScale], p[kResShift]);
+  } else {
+    return z;
   }
-  // Under the ReLU, grad_out except where z <= 0: a NaN z lets the gradient through, as torch.relu's
-  // backward (threshold_backward) does.
-  template <typename Param>
-  C10_ALWAYS_INLINE Vec dz(const Vec& g, const Vec& xv, const Vec& rv, const Param& param) const {
-    return relu ? Vec::blendv(g, Vec(0), z(xv, rv, param) <= Vec(0)) : g;
+}
+
+// Under the ReLU, grad_out except where z <= 0: a NaN z lets the gradient through, as torch.relu's
+// backward (threshold_backward) does.
+template <bool kRelu, typename Vec>
+C10_ALWAYS_INLINE Vec act_grad(const Vec& g, const Vec& z) {
+  if constexpr (kRelu) {
+    return Vec::blendv(g, Vec(0), z <= Vec(0));
+  } else {
+    return g;
   }
-};
+}
 
 // The tensors that define z, in x's layout; a None scale/shift is an undefined tensor.
 struct PreActInputs {
@@ -324,31 +433,15 @@ struct PreActInputs {
   explicit PreActInputs(const PreActTensors& t)
       : x(t.x), residual(t.residual), scale(t.scale), shift(t.shift), res_scale(t.res_scale), res_shift(t.res_shift) {}
 
-  template <typename scalar_t>
-  PreAct<scalar_t> pointers(bool relu) const {
-    using acc_t = typename Lanes<scalar_t>::acc_t;
-    const int64_t channels = x.size(1);
-    return {x.const_data_ptr<scalar_t>(),
-            ptr_or_null<scalar_t>(residual),
-            data_or_neutral<acc_t>(scale, channels, 1),
-            data_or_neutral<acc_t>(shift, channels, 0),
-            data_or_neutral<acc_t>(res_scale, channels, 1),
-            data_or_neutral<acc_t>(res_shift, channels, 0),
-            relu};
-  }
-};
-
-// The gradient through one BN input v (x or the residual), mean_dz = sum_dz / count etc.:
-//   scale * (dz - mean_dz - (v - mean) * invstd * mean_dz_vhat)   with batch statistics,
-//   scale * dz                                                     without (mean_dz_vhat null).
-template <typename acc_t>
-struct BnGrad {
-  const acc_t *scale, *mean, *invstd, *mean_dz, *mean_dz_vhat;
-
-  template <typename Vec, typename Param>
-  C10_ALWAYS_INLINE Vec operator()(Vec dz, const Vec& v, const Param& param) const {
-    if (mean_dz_vhat) dz = dz - param(mean_dz) - (v - param(mean)) * param(invstd) * param(mean_dz_vhat);
-    return dz * param(scale);
+  // A table of K coefficients whose first kPreActCoefs are z's; None reads as ones (scales), zeros (shifts).
+  template <typename scalar_t, int K>
+  Coefs<scalar_t, K> coefs() const {
+    Coefs<scalar_t, K> k(x.size(1));
+    k.set(kScale, scale, 1);
+    k.set(kShift, shift, 0);
+    k.set(kResScale, res_scale, 1);
+    k.set(kResShift, res_shift, 0);
+    return k;
   }
 };
 
@@ -369,25 +462,31 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
     // One element of each channel, x[0, c, 0, ...], as a finite shift (0 where it is not), read in place:
     // slicing it out with tensor ops would cost more host time than the whole reduction of a small input.
-    std::vector<acc_t> shift(lay.channels, acc_t(0));
+    Coefs<scalar_t, 1> shift(lay.channels);
     if (x.numel() > 0) {
       for (int64_t c = 0; c < lay.channels; ++c) {
         const auto value = static_cast<acc_t>(data[c * x.stride(1)]);
-        shift[c] = std::isfinite(value) ? value : acc_t(0);
+        shift[0][c] = std::isfinite(value) ? value : acc_t(0);
       }
     }
-    const acc_t* sh = shift.data();
-    const auto welford = [&](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, int64_t n, const auto& param) {
-      const auto v = L::load(data + offset, n) - param(sh);
+    const auto welford = [data](const State<scalar_t, 2>& s, acc_t inv_n, int64_t offset, auto n, const auto& p) {
+      const auto v = L::load(data + offset, n) - p[0];
       const auto delta = v - s[0];
       const auto m = at::vec::fmadd(delta, typename L::Vec(inv_n), s[0]);
       return State<scalar_t, 2>{m, at::vec::fmadd(delta, v - m, s[1])};
     };
-    const auto stats = reduce_channels<scalar_t, 2>(lay, welford, chan_combine);
+    // Chan's combination of two lanes' (mean, M2), in the accumulation type.
+    const auto merge = [](const State<scalar_t, 2>& a, acc_t n_a, const State<scalar_t, 2>& b, acc_t n_b) {
+      const acc_t n = n_a + n_b;
+      const auto delta = b[0] - a[0];
+      return State<scalar_t, 2>{at::vec::fmadd(delta, typename L::Vec(n_b / n), a[0]),
+                                at::vec::fmadd(delta * delta, typename L::Vec(n_a * n_b / n), a[1] + b[1])};
+    };
+    const auto stats = reduce_channels<scalar_t, 2>(lay, shift, welford, merge, chan_combine);
     auto* m = mean.mutable_data_ptr<acc_t>();
     auto* v = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < lay.channels; ++c) {
-      m[c] = sh[c] + stats[c].v[0];  // NaN for no elements, as torch.var_mean
+      m[c] = shift[0][c] + stats[c].v[0];  // NaN for no elements, as torch.var_mean
       v[c] = stats[c].v[1] / stats[c].n;
     }
   });
@@ -395,16 +494,29 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
 }
 
 // Writes act(z) into out: a fresh tensor, or x itself for the in-place variant (a pure map: each element
-// is read before it is written, by the same lane).
+// is read before it is written, by the same lane, and only once).
 void act_forward_into(const PreActInputs& in, const Layout& lay, bool relu, const Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "bn_act_forward", [&] {
     using L = Lanes<scalar_t>;
-    const auto pre = in.pointers<scalar_t>(relu);
+    const auto coefs = in.coefs<scalar_t, kPreActCoefs>();
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = ptr_or_null<scalar_t>(in.residual);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_vector<scalar_t>(lay, [&](int64_t offset, int64_t n, const auto& param) {
-      const auto z = pre.z(pre.load_x(offset, n), pre.load_residual(offset, n), param);
-      // maximum() propagates NaN, as torch.relu does
-      L::store(o + offset, relu ? at::vec::maximum(z, typename L::Vec(0)) : z, n);
+    const bool in_place = o == xp;
+    with_bool(relu, [&](auto relu_t) {
+      with_bool(rp != nullptr, [&](auto residual_t) {
+        constexpr bool kRelu = decltype(relu_t)::value, kResidual = decltype(residual_t)::value;
+        map_vectors<scalar_t>(lay, coefs, !in_place, [=](int64_t offset, auto n, const auto& p) {
+          const auto xv = L::load(xp + offset, n);
+          const auto z = pre_act<kResidual>(xv, kResidual ? L::load(rp + offset, n) : xv, p);
+          // maximum() propagates NaN, as torch.relu does
+          if constexpr (kRelu) {
+            L::store(o + offset, at::vec::maximum(z, typename L::Vec(0)), n);
+          } else {
+            L::store(o + offset, z, n);
+          }
+        });
+      });
     });
   });
 }
@@ -445,20 +557,40 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
   const auto acc = x.options().dtype(acc_type(x));
   Tensor sum_dz = at::empty({lay.channels}, acc), sum_dz_xhat = at::empty({lay.channels}, acc);
   Tensor sum_dz_rhat = at::empty({stats.res_mean.defined() ? lay.channels : 0}, acc);
+  const Residual res = !in.residual.defined()      ? Residual::kNone
+                       : stats.res_mean.defined() ? Residual::kNormalized
+                                                  : Residual::kAffine;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_reduce", [&] {
-    using acc_t = typename Lanes<scalar_t>::acc_t;
-    const auto pre = in.pointers<scalar_t>(relu);
+    using L = Lanes<scalar_t>;
+    using acc_t = typename L::acc_t;
+    enum { kMean = kPreActCoefs, kResMean, kCoefs };
+    auto coefs = in.coefs<scalar_t, kCoefs>();
+    coefs.set(kMean, stats.mean, 0);
+    coefs.set(kResMean, stats.res_mean, 0);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const acc_t* mp = stats.mean.const_data_ptr<acc_t>();
-    const acc_t* rmp = ptr_or_null<acc_t>(stats.res_mean);
-    // Sums dz, dz*(x - mean) and dz*(r - res_mean); invstd is applied once per channel below.
-    const auto sums = [&](const State<scalar_t, 3>& s, acc_t, int64_t offset, int64_t n, const auto& param) {
-      const auto xv = pre.load_x(offset, n), rv = pre.load_residual(offset, n);
-      const auto dz = pre.dz(Lanes<scalar_t>::load(gp + offset, n), xv, rv, param);
-      return State<scalar_t, 3>{s[0] + dz, at::vec::fmadd(dz, xv - param(mp), s[1]),
-                                rmp ? at::vec::fmadd(dz, rv - param(rmp), s[2]) : s[2]};
-    };
-    const auto total = reduce_channels<scalar_t, 3>(lay, sums, sum_combine);
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = ptr_or_null<scalar_t>(in.residual);
+    std::vector<Partial<3>> total;
+    with_bool(relu, [&](auto relu_t) {
+      with_residual(res, [&](auto res_t) {
+        constexpr bool kRelu = decltype(relu_t)::value;
+        constexpr Residual kRes = decltype(res_t)::value;
+        constexpr bool kResidual = kRes != Residual::kNone;
+        // Sums dz, dz*(x - mean) and dz*(r - res_mean); invstd is applied once per channel below.
+        const auto sums = [=](const State<scalar_t, 3>& s, acc_t, int64_t offset, auto n, const auto& p) {
+          const auto xv = L::load(xp + offset, n);
+          const auto rv = kResidual ? L::load(rp + offset, n) : xv;
+          const auto dz = act_grad<kRelu>(L::load(gp + offset, n), pre_act<kResidual>(xv, rv, p));
+          return State<scalar_t, 3>{
+              s[0] + dz, at::vec::fmadd(dz, xv - p[kMean], s[1]),
+              kRes == Residual::kNormalized ? at::vec::fmadd(dz, rv - p[kResMean], s[2]) : s[2]};
+        };
+        const auto add = [](const State<scalar_t, 3>& a, acc_t, const State<scalar_t, 3>& b, acc_t) {
+          return State<scalar_t, 3>{a[0] + b[0], a[1] + b[1], a[2] + b[2]};
+        };
+        total = reduce_channels<scalar_t, 3>(lay, coefs, sums, add, sum_combine);
+      });
+    });
     const acc_t* istd = stats.invstd.const_data_ptr<acc_t>();
     const acc_t* ristd = ptr_or_null<acc_t>(stats.res_invstd);
     auto *s0 = sum_dz.mutable_data_ptr<acc_t>(), *s1 = sum_dz_xhat.mutable_data_ptr<acc_t>();
@@ -466,24 +598,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
     for (int64_t c = 0; c < lay.channels; ++c) {
       s0[c] = total[c].v[0];
       s1[c] = total[c].v[1] * istd[c];
-      if (rmp) s2[c] = total[c].v[2] * ristd[c];
+      if (ristd) s2[c] = total[c].v[2] * ristd[c];
     }
   });
   return {sum_dz, sum_dz_xhat, sum_dz_rhat};
-}
-
-// sums[c] / count as a host vector of the accumulation type; empty for an undefined tensor.
-template <typename acc_t>
-std::vector<acc_t> per_element(const Tensor& sums, int64_t count) {
-  std::vector<acc_t> out(sums.defined() ? sums.numel() : 0);
-  const acc_t* s = ptr_or_null<acc_t>(sums);
-  for (size_t c = 0; c < out.size(); ++c) out[c] = s[c] / static_cast<acc_t>(count);
-  return out;
-}
-
-template <typename T>
-const T* data_or_null(const std::vector<T>& v) {
-  return v.empty() ? nullptr : v.data();
 }
 
 std::tuple<Tensor, Tensor> bn_act_backward_elemt(
@@ -502,29 +620,62 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt(
   Tensor grad_x = at::empty_like(in.x);
   Tensor grad_residual = in.residual.defined() ? at::empty_like(in.x) : at::empty({0}, x.options());
   if (x.numel() == 0) return {grad_x, grad_residual};
+  const Residual res = !in.residual.defined()         ? Residual::kNone
+                       : stats.sum_dz_rhat.defined() ? Residual::kNormalized
+                                                     : Residual::kAffine;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_backward_elemt", [&] {
     using L = Lanes<scalar_t>;
     using acc_t = typename L::acc_t;
-    const auto pre = in.pointers<scalar_t>(relu);
-    // The per-channel means sum / count, divided once here rather than by the caller.
-    const auto mean_dz = per_element<acc_t>(stats.sum_dz, count);
-    const auto mean_dz_xhat = per_element<acc_t>(stats.sum_dz_xhat, count);
-    const auto mean_dz_rhat = per_element<acc_t>(stats.sum_dz_rhat, count);
-    const auto grad = [&](const acc_t* bn_scale, const Tensor& m, const Tensor& istd,
-                          const std::vector<acc_t>& mean_dz_vhat) {
-      return BnGrad<acc_t>{bn_scale, ptr_or_null<acc_t>(m), ptr_or_null<acc_t>(istd), data_or_null(mean_dz),
-                           data_or_null(mean_dz_vhat)};
+    // With batch statistics, the gradient through v (x or the residual) with a = scale*invstd:
+    //   scale*(dz - mean_dz - (v - mean)*invstd*mean_dz_vhat) = dz*scale + ((v - mean)*k1 + k0),
+    //   k1 = -a*mean_dz_vhat, k0 = -scale*mean_dz (mean_dz = sum_dz / count etc., per channel, once here).
+    // Without them: dz*scale.
+    enum { kMean = kPreActCoefs, kK1, kK0, kResMean, kResK1, kResK0, kCoefs };  // each mean, then its k1, k0
+    auto coefs = in.coefs<scalar_t, kCoefs>();
+    const bool batch_stats = stats.sum_dz.defined();
+    const auto fill_grad = [&](int scale_row, int mean_row, const Tensor& m, const Tensor& istd, const Tensor& s_vhat) {
+      coefs.set(mean_row, m, 0);
+      if (!s_vhat.defined()) return;
+      const acc_t *sd = stats.sum_dz.const_data_ptr<acc_t>(), *sv = s_vhat.const_data_ptr<acc_t>();
+      const acc_t* is = istd.const_data_ptr<acc_t>();
+      const acc_t n = static_cast<acc_t>(count);
+      for (int64_t c = 0; c < lay.channels; ++c) {
+        const acc_t sc = coefs[scale_row][c];
+        coefs[mean_row + 1][c] = -sc * is[c] * (sv[c] / n);
+        coefs[mean_row + 2][c] = -sc * (sd[c] / n);
+      }
     };
-    const auto x_grad = grad(pre.scale, stats.norm.mean, stats.norm.invstd, mean_dz_xhat);
-    const auto r_grad = grad(pre.res_scale, stats.norm.res_mean, stats.norm.res_invstd, mean_dz_rhat);
+    fill_grad(kScale, kMean, stats.norm.mean, stats.norm.invstd, stats.sum_dz_xhat);
+    fill_grad(kResScale, kResMean, stats.norm.res_mean, stats.norm.res_invstd, stats.sum_dz_rhat);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = ptr_or_null<scalar_t>(in.residual);
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-    scalar_t* gr = pre.residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-    for_each_vector<scalar_t>(lay, [&](int64_t offset, int64_t n, const auto& param) {
-      const auto xv = pre.load_x(offset, n), rv = pre.load_residual(offset, n);
-      const auto dz = pre.dz(L::load(gp + offset, n), xv, rv, param);
-      L::store(gx + offset, x_grad(dz, xv, param), n);
-      if (gr) L::store(gr + offset, r_grad(dz, rv, param), n);
+    scalar_t* gr = rp ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+    with_bool(relu, [&](auto relu_t) {
+      with_bool(batch_stats, [&](auto batch_stats_t) {
+        with_residual(res, [&](auto res_t) {
+          constexpr bool kRelu = decltype(relu_t)::value, kBatchStats = decltype(batch_stats_t)::value;
+          constexpr Residual kRes = decltype(res_t)::value;
+          constexpr bool kResidual = kRes != Residual::kNone;
+          map_vectors<scalar_t>(lay, coefs, true, [=](int64_t offset, auto n, const auto& p) {
+            const auto xv = L::load(xp + offset, n);
+            const auto rv = kResidual ? L::load(rp + offset, n) : xv;
+            const auto dz = act_grad<kRelu>(L::load(gp + offset, n), pre_act<kResidual>(xv, rv, p));
+            if constexpr (kBatchStats) {
+              L::store(gx + offset, at::vec::fmadd(dz, p[kScale], at::vec::fmadd(xv - p[kMean], p[kK1], p[kK0])), n);
+            } else {
+              L::store(gx + offset, dz * p[kScale], n);
+            }
+            if constexpr (kRes == Residual::kNormalized) {
+              const auto centred = at::vec::fmadd(rv - p[kResMean], p[kResK1], p[kResK0]);
+              L::store(gr + offset, at::vec::fmadd(dz, p[kResScale], centred), n);
+            } else if constexpr (kResidual) {
+              L::store(gr + offset, dz * p[kResScale], n);
+            }
+          });
+        });
+      });
     });
   });
   return {grad_x, grad_residual};
