@@ -114,6 +114,30 @@ inline Affine load_affine(const variable_list& saved, size_t at) {
   return {saved[at], saved[at + 1], saved[at + 2], saved[at + 3]};
 }
 
+// What the two convolving ops keep for their backward: the convolution's operand and weight, the tensor the BN
+// normalizes (conv_bn_relu: the convolution's output; bn_relu_conv: its own input), the BN parameters (whose
+// dtypes their gradients take), the BN's affine map, the convolution's arguments and the flags.
+struct ConvOpSaved {
+  Tensor conv_input, weight, bn_input, bn_weight, bn_bias;
+  Affine affine;
+  ConvArgs conv;
+  bool training, relu;
+
+  void save(AutogradContext* ctx) const {
+    variable_list saved{conv_input, weight, bn_input, bn_weight, bn_bias};
+    save_affine(saved, affine);
+    ctx->save_for_backward(saved);
+    conv.save(ctx);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+  }
+  static ConvOpSaved load(AutogradContext* ctx) {
+    const auto saved = ctx->get_saved_variables();
+    return {saved[0], saved[1], saved[2], saved[3], saved[4], load_affine(saved, 5), ConvArgs::load(ctx),
+            ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool()};
+  }
+};
+
 // bn_act_backward_reduce: (sum dz, sum dz*xhat, sum dz*rhat), also the BN parameter gradients; zeros for an
 // empty batch, as PyTorch's BN gives (the kernels' sums of nothing would meet the NaN invstd of no values).
 inline std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& grad_out, const Tensor& x, const Affine& a,

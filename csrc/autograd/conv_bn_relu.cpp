@@ -17,13 +17,8 @@ class ConvBNReLU : public torch::autograd::Function<ConvBNReLU> {
     const BatchNorm bn{bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps};
     const auto y = conv.forward(x, weight, bias);
     const auto affine = affine_of(y, bn, training);
-    variable_list saved{x, weight, y, or_undefined(bn_weight), or_undefined(bn_bias)};
-    save_affine(saved, affine);
-    ctx->save_for_backward(saved);
+    ConvOpSaved{x, weight, y, or_undefined(bn_weight), or_undefined(bn_bias), affine, conv, training, relu}.save(ctx);
     WantedGrads::save(ctx, {true, true, given(bias), given(bn_weight), given(bn_bias)});
-    conv.save(ctx);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["relu"] = relu;
     return primitives::bn_act_forward(y, affine.scale, affine.shift, std::nullopt, std::nullopt, std::nullopt,
                                       relu);
   }
@@ -32,20 +27,15 @@ class ConvBNReLU : public torch::autograd::Function<ConvBNReLU> {
     variable_list grads(13);
     {
       at::NoGradGuard no_grad;
-      const auto saved = ctx->get_saved_variables();
-      const auto &x = saved[0], &weight = saved[1], &y = saved[2];
-      const auto affine = load_affine(saved, 5);
-      const auto conv = ConvArgs::load(ctx);
-      const bool training = ctx->saved_data["training"].toBool();
+      const auto s = ConvOpSaved::load(ctx);  // conv_input: x, bn_input: y
       const WantedGrads wants(ctx);
       const bool wants_weight = wants(3), wants_bias = wants(4);
-      auto [grad_y, sum_dz, sum_dz_xhat] =
-          bn_act_backward(like_layout(grad_outputs[0], y), y, affine, ctx->saved_data["relu"].toBool(), training,
-                          wants_weight || wants_bias);
-      std::tie(grads[0], grads[1], grads[2]) = conv.backward(
-          grad_y, x, weight, {wants(0), wants(1), wants(2)});
-      grads[3] = param_grad(sum_dz_xhat, saved[3], wants_weight);
-      grads[4] = param_grad(sum_dz, saved[4], wants_bias);
+      auto [grad_y, sum_dz, sum_dz_xhat] = bn_act_backward(like_layout(grad_outputs[0], s.bn_input), s.bn_input,
+                                                           s.affine, s.relu, s.training, wants_weight || wants_bias);
+      std::tie(grads[0], grads[1], grads[2]) =
+          s.conv.backward(grad_y, s.conv_input, s.weight, {wants(0), wants(1), wants(2)});
+      grads[3] = param_grad(sum_dz_xhat, s.bn_weight, wants_weight);
+      grads[4] = param_grad(sum_dz, s.bn_bias, wants_bias);
     }
     return guard_double_backward("conv_bn_relu", std::move(grads), grad_outputs);
   }

@@ -18,7 +18,8 @@ ops = torch.ops.pyfast
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPES = [f32, f64, bf16, f16]
-SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11)]
+# (4, 12, 2, 2): planes and rows shorter than one vector, C between the float and bf16 vector widths
+SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11), (4, 12, 2, 2)]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 RESIDUALS = ["none", "identity", "bn"]
 
