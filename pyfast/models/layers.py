@@ -182,20 +182,21 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers)
         self.kit = get_kit(kit or False)
 
+    # The children by key: Sequential's integer indexing walks its modules on every call.
     @property
     def conv(self) -> nn.Conv2d:
-        return self[0]
+        return self._modules["0"]
 
     @property
     def bn(self) -> nn.BatchNorm2d:
-        return self[1]
+        return self._modules["1"]
 
     @property
     def act(self) -> bool:
-        return len(self) == 3
+        return "2" in self._modules
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.kit.conv_bn_relu(x, self[0], self[1], relu=self.act)
+        return self.kit.conv_bn_relu(x, self.conv, self.bn, relu=self.act)
 
     def cost(self, shape):
-        return conv_bn_cost(self[0], self[1], shape)
+        return conv_bn_cost(self.conv, self.bn, shape)

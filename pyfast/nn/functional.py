@@ -43,14 +43,14 @@ def _plain_state(cls: type, names: Tuple[str, ...]) -> bool:
     return not any(hasattr(cls, name) for name in names)
 
 
-def _module_tensors(module: nn.Module, names: Tuple[str, ...]) -> tuple:
+def _module_tensors(module: nn.Module, names: Tuple[str, ...]) -> list:
     """`getattr(module, name)` for each name (None where the module registered None). Read from the
     module's parameter and buffer dicts where they are plain (_plain_state): every fused call reads its
     modules' tensors, and each attribute that way skips a failed instance lookup and Module.__getattr__."""
     if not _plain_state(type(module), names):
-        return tuple(getattr(module, name) for name in names)
+        return [getattr(module, name) for name in names]
     params, buffers = module._parameters, module._buffers
-    return tuple(params[name] if name in params else buffers.get(name) for name in names)
+    return [params[name] if name in params else buffers.get(name) for name in names]
 
 
 def batch_norm_args(bn: nn.Module) -> Tuple[BatchNormArgs, bool]:
