@@ -6,7 +6,7 @@
 #                                    auto's table from it; the model report for regnetx_32 (1x224x224) and
 #                                    resnet50 (3x224x224), batch 128, bf16 autocast, channels_last,
 #                                    inference and training step, eager vs torch.compile vs pyfast, with
-#                                    peak memory
+#                                    peak memory, and eager vs pyfast with each step replayed from a CUDA graph
 #   bash benchmarks/gpu_check.sh 2   <= 5 min: the GPU correctness tests, one shape per kernel path and
 #                                    dtype (benchmarks/gpu_selection.py), under `timeout -s INT` so that
 #                                    pytest prints its summary
@@ -126,10 +126,10 @@ if [[ $CALL == 1 ]]; then
     # -- the model report: configurations not started before the time limit are listed as skipped; the
     # JSON is rewritten after every row
     if (( DRY )); then
-        BENCH=(--models regnetx_32 --batch-size 2 --image-size 32 --repeats 2 --no-compile --device cpu)
+        BENCH=(--models regnetx_32 --batch-size 2 --image-size 32 --repeats 2 --no-compile --device cpu --cuda-graphs)
     else
         BENCH=(--models regnetx_32 resnet50 --batch-size 128 --image-size 224 --repeats 20 --dtype bf16
-               --compile-models regnetx_32 resnet50)
+               --compile-models regnetx_32 resnet50 --cuda-graphs)
     fi
     BLIMIT=$(( $(left) - 30 ))
     step bench "$OUT/bench.log" $((BLIMIT + 15)) $PY -m pyfast bench "${BENCH[@]}" --layout channels_last \

@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compile_group.add_argument("--compile", dest="compile", action="store_true",
                                help="torch.compile for every model (default: every model on GPU, vionet_d on CPU)")
     parser.add_argument("--compile-models", nargs="+", help="only these models get the torch.compile provider")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time eager's and pyfast's steps captured "
+                        "in a CUDA graph and replayed (providers eager+graph, pyfast+graph; GPU only)")
     parser.add_argument("--time-limit", type=float, help="seconds; configurations not started by then are skipped "
                         "(default: none on GPU, 480 on CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is already busy)")
@@ -95,6 +97,7 @@ def settings(args: argparse.Namespace) -> dict:
         if getattr(args, key, None) is not None:
             chosen[key] = getattr(args, key)
     chosen["in_chans"] = args.in_chans
+    chosen["cuda_graphs"] = bool(getattr(args, "cuda_graphs", False))
     if args.compile:  # --compile: every model, unless --compile-models narrows it
         chosen["compile_models"] = None
     if getattr(args, "compile_models", None):
@@ -153,6 +156,8 @@ def time_provider(module: torch.nn.Module, name: str, config: Config, sets, s: d
         if name == "compile":
             module = workloads.compiled(module)
         step = workloads.make_step(module, config)
+        if name in workloads.GRAPHED:
+            step = workloads.cuda_graphed(step, sets[0])
         m = timing.measure(step, sets, config.device, warmup=s["warmup"], repeats=s["repeats"],
                            min_repeats=min(5, s["repeats"]), budget_s=s["budget_s"])
     except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' timings
@@ -172,6 +177,8 @@ def measure_row(model: str, in_chans: int, num_classes: int, config: Config, s: 
     each provider with only its own model on the device (so that peak memory is its own)."""
     with_compile = compiles(model, s)
     providers = [p for p in workloads.PROVIDERS if p != "compile" or with_compile]
+    graphed = s.get("cuda_graphs") and s["device"] == "cuda"
+    providers += list(workloads.GRAPHED) if graphed else []
     shape = (s["batch_size"], in_chans, s["image_size"], s["image_size"])
     row = {"model": model, "mode": config.mode, "dtype": config.dtype, "layout": config.layout,
            "batch_size": s["batch_size"], "image_size": s["image_size"], "in_chans": in_chans,
@@ -202,6 +209,9 @@ def measure_row(model: str, in_chans: int, num_classes: int, config: Config, s: 
         reason = ("--no-compile" if not s["compile"] else "compiled for vionet_d only on the CPU (see the notes)"
                   if cpu_default else "not in --compile-models")
         row["providers"]["compile"] = {"skipped": reason}
+    if s.get("cuda_graphs") and not graphed:
+        for name in workloads.GRAPHED:
+            row["providers"][name] = {"skipped": "CUDA graphs need a GPU"}
     return results.summarize_row(row)
 
 

@@ -7,8 +7,9 @@ A model-report document (`python -m pyfast bench`):
      "rows": [{"model", "mode", "dtype", "layout", "batch_size", "image_size", "in_chans", "num_classes",
                "flops", "params", "pyfast_backend" (the dispatcher's choices: "cuda", "cuda 34 + triton 12"),
                "pyfast_dispatch": {"<op> <backend>": calls}, "rel_err_vs_eager", "speedup_vs_eager",
-               "speedup_vs_compile", "compile_vs_eager", "memory_ratio", "env": {device, torch, triton, cuda, date},
-               "providers": {"eager" | "compile" | "pyfast":
+               "speedup_vs_compile", "compile_vs_eager", "memory_ratio", "graphed_speedup_vs_eager" (eager+graph
+               over pyfast+graph, with --cuda-graphs), "env": {device, torch, triton, cuda, date},
+               "providers": {"eager" | "compile" | "pyfast" | "eager+graph" | "pyfast+graph":
                    {"median_ms", "p20_ms", "p80_ms", "min_ms", "repeats", "peak_memory_bytes", "first_call_s",
                     "tflops"}  or  {"error": str}  or  {"skipped": str}}}]}
 
@@ -48,6 +49,7 @@ def summarize_row(row: dict) -> dict:
     row["speedup_vs_compile"] = ratio(median.get("compile"), median.get("pyfast"))
     row["compile_vs_eager"] = ratio(median.get("eager"), median.get("compile"))
     row["memory_ratio"] = ratio(memory.get("pyfast"), memory.get("eager"))
+    row["graphed_speedup_vs_eager"] = ratio(median.get("eager+graph"), median.get("pyfast+graph"))
     return row
 
 
@@ -108,15 +110,24 @@ MODEL_HEADERS = ["model", "mode", "dtype", "layout", "eager ms", "compile ms", "
                  "x compile", "mem pyfast/eager", "pyfast TFLOP/s", "pyfast ran on"]
 
 
+GRAPHED_HEADERS = ["eager+graph ms", "pyfast+graph ms", "x eager graphed"]
+
+
 def model_table(doc: dict) -> str:
+    """One line per row; the CUDA-graph columns where a row has those providers (`--cuda-graphs`)."""
+    graphed = any("eager+graph" in r["providers"] for r in doc["rows"])
     rows = []
     for r in doc["rows"]:
         p = r["providers"]
-        rows.append([r["model"], r["mode"], r["dtype"], r["layout"], _ms(p.get("eager")), _ms(p.get("compile")),
-                     _ms(p.get("pyfast")), _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
-                     _fmt(r["memory_ratio"], ".2f"), _fmt((p.get("pyfast") or {}).get("tflops"), ".3g"),
-                     r.get("pyfast_backend") or "-"])
-    return format_table(MODEL_HEADERS, rows)
+        line = [r["model"], r["mode"], r["dtype"], r["layout"], _ms(p.get("eager")), _ms(p.get("compile")),
+                _ms(p.get("pyfast")), _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
+                _fmt(r["memory_ratio"], ".2f"), _fmt((p.get("pyfast") or {}).get("tflops"), ".3g"),
+                r.get("pyfast_backend") or "-"]
+        if graphed:
+            line += [_ms(p.get("eager+graph")), _ms(p.get("pyfast+graph")),
+                     _fmt(r.get("graphed_speedup_vs_eager"), ".2f")]
+        rows.append(line)
+    return format_table(MODEL_HEADERS + (GRAPHED_HEADERS if graphed else []), rows)
 
 
 def header_lines(doc: dict) -> str:

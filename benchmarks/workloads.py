@@ -30,6 +30,9 @@ from . import timing
 
 MODES = ("inference", "train_forward", "train_step")
 PROVIDERS = ("eager", "compile", "pyfast")
+# Opt-in providers (`--cuda-graphs`): a provider's whole step captured once in a CUDA graph and replayed, so
+# that no host work is left in the timing -> the provider whose model it replays.
+GRAPHED = {"eager+graph": "eager", "pyfast+graph": "pyfast"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
@@ -107,16 +110,17 @@ def model_variants(name: str, providers: Sequence[str], num_classes: int, in_cha
     variants = {}
     for provider in providers:
         try:
-            if provider == "eager":
-                variants[provider] = eager
-            elif provider == "compile":
+            kind = GRAPHED.get(provider, provider)
+            if kind == "eager":
+                variants[provider] = eager if provider == "eager" else copy.deepcopy(eager)
+            elif kind == "compile":
                 variants[provider] = copy.deepcopy(eager)
-            elif provider == "pyfast":
+            elif kind == "pyfast":
                 fast = factory(name, num_classes=num_classes, in_chans=in_chans, fused=True)
                 fast.load_state_dict(eager.state_dict())
                 variants[provider] = fast
             else:
-                raise ValueError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
+                raise ValueError(f"unknown provider {provider!r}; choose from {list(PROVIDERS) + list(GRAPHED)}")
         except (RuntimeError, ImportError) as error:
             variants[provider] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     return variants
@@ -204,3 +208,28 @@ def make_step(module: nn.Module, config: Config, optimizer: bool = True, autocas
         loss.backward(grad)
         sgd.step()
     return step
+
+
+def cuda_graphed(step: Callable, example: list, warmup: int = 3) -> Callable:
+    """`step` captured once in a CUDA graph (PyTorch's whole-network capture: `warmup` calls on a side stream
+    first, for tuning, caches and the optimizer's state), as a function that copies its arguments into the
+    captured ones and replays the graph: its host work per call is the copies and one replay."""
+    static = [t.detach().clone().requires_grad_(t.requires_grad) for t in example]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*static)
+
+    def replay(*args):
+        with torch.no_grad():
+            for target, value in zip(static, args):
+                target.copy_(value)
+        graph.replay()
+        return out
+
+    return replay

@@ -6,7 +6,7 @@ import pytest
 
 from pyfast import __main__ as cli
 from pyfast import models, ops
-from pyfast.benchmarks import report, results
+from pyfast.benchmarks import report, results, workloads
 
 from bench_standins import tiny_model
 
@@ -139,3 +139,16 @@ def test_time_limit_skips_and_still_writes(tmp_path, monkeypatch, fixed_ceilings
                              "--threads", "1", "--out", str(out)))
     assert doc["rows"] == [] and "time-limit" in doc["skipped"][0]
     results.validate(json.loads(out.read_text()))
+
+
+def test_cuda_graph_providers_are_skipped_without_a_gpu(tmp_path, monkeypatch, fixed_ceilings):
+    monkeypatch.setattr(models, "create", tiny_model)
+    out = tmp_path / "run.json"
+    cli.main(["bench", "--models", "anynet", "--modes", "train_step", "--batch-size", "2", "--image-size", "16",
+              "--repeats", "3", "--no-compile", "--threads", "1", "--device", "cpu", "--cuda-graphs",
+              "--out", str(out)])
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    for name in workloads.GRAPHED:
+        assert doc["rows"][0]["providers"][name] == {"skipped": "CUDA graphs need a GPU"}
+    assert doc["rows"][0]["graphed_speedup_vs_eager"] is None

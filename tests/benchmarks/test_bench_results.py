@@ -138,3 +138,16 @@ def test_pytest_benchmark_documents_print_too(tmp_path, capsys):
     results.main([str(path)])
     out = capsys.readouterr().out
     assert "Test CPU" in out and "test_bn[add_relu-eager]" in out and "12.500" in out
+
+
+def test_graphed_providers_give_their_own_ratio_and_columns():
+    plain = _row()
+    graphed = _row(providers={**plain["providers"], "eager+graph": _measurement(6.0),
+                              "pyfast+graph": _measurement(4.0)})
+    assert graphed["graphed_speedup_vs_eager"] == pytest.approx(1.5)
+    assert plain["graphed_speedup_vs_eager"] is None
+    assert "x eager graphed" not in results.model_table(_doc([plain]))
+    table = results.model_table(_doc([graphed, plain])).splitlines()
+    assert table[0].rstrip().endswith("eager+graph ms  pyfast+graph ms  x eager graphed"), table[0]
+    assert table[2].split()[-3:] == ["6.00", "4.00", "1.50"]
+    assert table[3].split()[-3:] == ["-", "-", "-"]
