@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "autograd/common.h"
 #include "autograd/fused_ops.h"
 #include "primitives.h"
 
@@ -25,16 +26,14 @@ namespace {
 
 using at::Tensor;
 
-// ATen's convolution backward has no generated Python binding outside torch.ops.
+// ATen's convolution backward has no generated Python binding outside torch.ops. The bias gradient, when
+// output_mask asks for it, has the weight's output channels (ConvArgs::backward's rule).
 std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-                                                         std::optional<std::vector<int64_t>> bias_sizes,
                                                          std::vector<int64_t> stride, std::vector<int64_t> padding,
                                                          std::vector<int64_t> dilation, int64_t groups,
                                                          std::array<bool, 3> output_mask) {
-  std::optional<at::IntArrayRef> sizes;
-  if (bias_sizes) sizes = at::IntArrayRef(*bias_sizes);
-  return at::convolution_backward(grad_out, x, weight, sizes, stride, padding, dilation, false, {0, 0}, groups,
-                                  output_mask);
+  const autograd::ConvArgs conv{std::move(stride), std::move(padding), std::move(dilation), groups};
+  return conv.backward(grad_out, x, weight, output_mask);
 }
 
 }  // namespace

@@ -1,11 +1,12 @@
 // What the fused ops' C++ autograd Functions share (the eager path of the `cpu` and `cuda` backends, as
 // torchvision writes its ops' autograd): convolution arguments, one BN's state and its affine map, the two
 // BN backward passes, and the double-backward guard. The steps are those of pyfast/ops/_bn.py, which the
-// Python autograd.Functions (Triton, torch.compile) take; docs/ARCHITECTURE.md, section 3.
+// Python autograd.Functions (Triton, torch.compile) take; docs/ARCHITECTURE.md, section 6.
 #pragma once
 
 #include <torch/autograd.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -52,10 +53,9 @@ struct ConvArgs {
   // (grad_x, grad_weight, grad_bias), each undefined unless asked for.
   std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                               std::array<bool, 3> mask) const {
-    std::optional<std::vector<int64_t>> bias_sizes;
-    if (mask[2]) bias_sizes = std::vector<int64_t>{weight.size(0)};
+    const std::array<int64_t, 1> bias_size{weight.size(0)};
     std::optional<at::IntArrayRef> sizes;
-    if (bias_sizes) sizes = at::IntArrayRef(*bias_sizes);
+    if (mask[2]) sizes = at::IntArrayRef(bias_size);
     return at::convolution_backward(grad_out, x, weight, sizes, stride, padding, dilation, false, {0, 0}, groups,
                                     mask);
   }

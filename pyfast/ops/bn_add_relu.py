@@ -49,7 +49,7 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     sbn = shortcut_bn or BatchNormArgs()
     records = needs_grad(y, bn_weight, bn_bias, shortcut, sbn.weight, sbn.bias)
     if not training and not records:  # inference: the cached affine maps and one pass, no autograd node
-        return _forward(chosen, y, bn, shortcut, shortcut_bn, False, True, relu)[0]
+        return _forward(chosen, y, bn, shortcut, shortcut_bn, training=False, reuse=True, relu=relu)[0]
     functions = eager_autograd(chosen)
     if functions is not None:
         return functions.bn_add_relu(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
@@ -129,7 +129,7 @@ class _BNAddReLU(torch.autograd.Function):
                                  config.s_momentum, config.s_eps)
         # reuse=False: a call that reaches the Function records a graph, or trains (batch statistics)
         out, shortcut, affine, s_affine = _forward(BACKENDS[config.backend], y, bn, shortcut, s_bn, config.training,
-                                                   False, config.relu)
+                                                   reuse=False, relu=config.relu)
         ctx.save_for_backward(y, shortcut, *affine, *s_affine)
         ctx.config = config
         ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))

@@ -137,6 +137,7 @@ def _new_table() -> None:
     _selected.clear()
     _selected_for = auto.TABLE
 
+
 _NO_SHAPE_CLASS = ("nchw", 1, 0, 1, 1)  # where auto's choice does not depend on the shape class
 
 

@@ -85,10 +85,9 @@ class Backend:
                       output_mask: Sequence[bool]):
         """(grad_x, grad_weight, grad_bias); entries not asked for in output_mask are None."""
         stride, padding, dilation, groups = params.as_lists()
-        bias_sizes = [weight.shape[0]] if output_mask[2] else None
         if _DIRECT_CONV_BACKWARD is not None and not torch.compiler.is_compiling():
-            return _DIRECT_CONV_BACKWARD(grad_out, x, weight, bias_sizes, stride, padding, dilation, groups,
-                                         list(output_mask))
+            return _DIRECT_CONV_BACKWARD(grad_out, x, weight, stride, padding, dilation, groups, list(output_mask))
+        bias_sizes = [weight.shape[0]] if output_mask[2] else None
         return torch.ops.aten.convolution_backward(
             grad_out, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, list(output_mask)
         )
