@@ -101,7 +101,7 @@ def eval_affine(chosen, bn: BatchNormArgs, acc: torch.dtype, reuse: bool) -> Aff
     if not reuse or torch.compiler.is_compiling():
         return compute()
     inputs = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-    return cached(bn.running_var, inputs, (bn.eps, chosen.name, acc, "affine"), compute)
+    return cached(bn.running_var, "affine", inputs, (bn.eps, chosen.name, acc), compute)
 
 
 def affine_of(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool) -> Affine:

@@ -13,11 +13,11 @@ such a write call `pyfast.ops.clear_cache()`, or make the write the ordinary way
 param.copy_(...)`), which every PyTorch optimizer, initializer and `load_state_dict` does.
 """
 import weakref
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-_entries: Dict[int, tuple] = {}  # id(owner) -> (stamp, weak references to the inputs, value)
+_entries: Dict[Tuple[int, str], tuple] = {}  # (id(owner), slot) -> (stamp, weak references to the inputs, value)
 
 
 def _stamp(tensors: Sequence[Optional[Tensor]], extra: tuple) -> list:
@@ -27,33 +27,33 @@ def _stamp(tensors: Sequence[Optional[Tensor]], extra: tuple) -> list:
     return [None if t is None else (t._version, t.data_ptr()) for t in tensors] + list(extra)
 
 
-def _dead() -> None:
-    return None
-
-
 def _same(refs: tuple, tensors: Sequence[Optional[Tensor]]) -> bool:
     """Identity, not id(): an id can be reused by a new tensor once the old one is freed (refs holds a
-    weak reference per input, `_dead` for None)."""
+    weak reference per input, None for None)."""
     for ref, t in zip(refs, tensors):
-        if ref() is not t:
+        if t is None:
+            if ref is not None:
+                return False
+        elif ref is None or ref() is not t:
             return False
     return len(refs) == len(tensors)
 
 
-def cached(owner: Tensor, inputs: Sequence[Optional[Tensor]], extra: tuple, compute: Callable[[], tuple]) -> tuple:
+def cached(owner: Tensor, slot: str, inputs: Sequence[Optional[Tensor]], extra: tuple,
+           compute: Callable[[], object]):
     """compute()'s result for these inputs, reused while every input is the same tensor at the same version
-    and `extra` (hashable settings such as eps) is unchanged. `owner` (one of the inputs) holds the entry:
-    it is dropped when the owner is freed. (A plain dict keyed by id: a WeakKeyDictionary would compare
-    tensors with ==, which is elementwise.)"""
+    and `extra` (settings such as eps, compared with ==) is unchanged. `owner` (one of the inputs) holds one
+    entry per `slot` (what the value is: "fold", "affine", ...): it is dropped when the owner is freed. (A
+    plain dict keyed by id: a WeakKeyDictionary would compare tensors with ==, which is elementwise.)"""
     stamp = _stamp(inputs, extra)
-    key = id(owner)
+    key = (id(owner), slot)
     entry = _entries.get(key)
     if entry is not None and entry[0] == stamp and _same(entry[1], inputs):
         return entry[2]
     value = compute()
     if entry is None:
         weakref.finalize(owner, _entries.pop, key, None)
-    _entries[key] = (stamp, tuple(_dead if t is None else weakref.ref(t) for t in inputs), value)
+    _entries[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in inputs), value)
     return value
 
 

@@ -1,10 +1,11 @@
 """Small pieces every fused op's Python layer uses: autocast, argument checks, gradient bookkeeping."""
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._bn import check_activation, check_like
+from ._cache import cached
 from ._conv import ConvParams, memory_format_of
 
 
@@ -70,3 +71,23 @@ def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], str
     check_like("bias", bias, weight, "weight")
     params = ConvParams.of(stride, padding, dilation, groups)
     return x, weight, bias, params, params.check(x, weight)
+
+
+
+def memoized_inference(activations: Sequence[Optional[Tensor]], tensors: Sequence[Optional[Tensor]],
+                       settings: Optional[tuple], resolve: Callable[[], Optional[Callable]]) -> Optional[Callable]:
+    """An inference call (eval BN, no autograd graph) resolved once: `resolve()` checks the arguments and
+    returns the call as a function of the activations (backend chosen, BN folded or turned into its affine map),
+    or None where the op takes its general path. It is reused while each of `tensors` (the parameters and
+    buffers; the first holds the entry, None: not an inference call) is the same tensor at the same version, each activation (the first a
+    tensor, the others tensors or None) has the same dtype, device, shape and strides, and `settings` (the other
+    arguments and `choice_settings`) are equal: a repeated call skips every check and lookup. None (the general
+    path) under torch.compile, which resolves once per graph, under autocast, which casts per call, when a call
+    records a graph, and when `settings` is None (backend choices being recorded)."""
+    x = activations[0]
+    if settings is None or tensors[0] is None or not isinstance(x, Tensor) or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled(x.device.type) or needs_grad(*activations, *tensors):
+        return None
+    layouts = [None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations]
+    return cached(tensors[0], "inference", tensors, (*layouts, *settings), resolve)

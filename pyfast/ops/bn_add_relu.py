@@ -11,12 +11,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
-                  reduction_count)
-from ._common import dtype_of as _dtype, like_layout, needs_grad, param_grad
-from .backends import BACKENDS, select
+                  eval_affine, reduction_count)
+from ._common import dtype_of as _dtype, like_layout, memoized_inference, needs_grad, param_grad
+from ._conv import memory_format_of
+from .backends import BACKENDS, choice_settings, select
 
 
 def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -27,17 +29,18 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     """relu(F.batch_norm(y, ...) + s) where s = shortcut, or F.batch_norm(shortcut, *shortcut_bn) when
     shortcut_bn (a BatchNormArgs) is given; shortcut=None is a plain BN-ReLU (no addition). Running
     statistics of both BNs update in place in training."""
-    check_activation("y", y)
-    if shortcut is not None:
-        check_activation("shortcut", shortcut)
-        y, shortcut = _same_dtype(y, shortcut)
-        check_like("shortcut", shortcut, y, "y")
-        if shortcut.shape != y.shape:
-            raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but y has {tuple(y.shape)}")
-    elif shortcut_bn is not None:
-        raise ValueError("shortcut_bn needs a shortcut")
-    if shortcut_bn is not None and not isinstance(shortcut_bn, BatchNormArgs):
-        raise TypeError(f"shortcut_bn must be a pyfast.ops.BatchNormArgs, got {type(shortcut_bn).__name__}")
+    if not training and (shortcut_bn is None or isinstance(shortcut_bn, BatchNormArgs)):
+        sbn = shortcut_bn or BatchNormArgs()
+        tensors = (running_mean, running_var, bn_weight, bn_bias, sbn.running_mean, sbn.running_var, sbn.weight,
+                   sbn.bias)
+        settings = choice_settings(backend)
+        run = memoized_inference((y, shortcut), tensors,
+                                 settings and (eps, shortcut_bn is not None, sbn.eps, relu, *settings),
+                                 lambda: _inference(y, bn_weight, bn_bias, running_mean, running_var, eps, shortcut,
+                                                    shortcut_bn, relu, backend))
+        if run is not None:
+            return run(y, shortcut)
+    y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", y.shape, y.device, bn, training)
     if shortcut_bn is not None:
@@ -59,6 +62,41 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name)
     return apply(_BNAddReLU, records, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
                  sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked, config)
+
+
+def _checked_inputs(y: Tensor, shortcut: Optional[Tensor], shortcut_bn: Optional[BatchNormArgs]):
+    """Checks the activations (and the shortcut BN's type); returns them in one dtype (_same_dtype)."""
+    check_activation("y", y)
+    if shortcut is not None:
+        check_activation("shortcut", shortcut)
+        y, shortcut = _same_dtype(y, shortcut)
+        check_like("shortcut", shortcut, y, "y")
+        if shortcut.shape != y.shape:
+            raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but y has {tuple(y.shape)}")
+    elif shortcut_bn is not None:
+        raise ValueError("shortcut_bn needs a shortcut")
+    if shortcut_bn is not None and not isinstance(shortcut_bn, BatchNormArgs):
+        raise TypeError(f"shortcut_bn must be a pyfast.ops.BatchNormArgs, got {type(shortcut_bn).__name__}")
+    return y, shortcut
+
+
+def _inference(y, bn_weight, bn_bias, running_mean, running_var, eps, shortcut, shortcut_bn, relu, backend):
+    """The eval call of these arguments, checked, as a function of (y, shortcut) (memoized_inference's
+    `resolve`); None for the reference backend, which takes the general path."""
+    y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)  # no autocast here: nothing is cast
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, None, None, eps)
+    check_batch_norm("bn_", y.shape, y.device, bn, False)
+    if shortcut_bn is not None:
+        check_batch_norm("shortcut_bn.", shortcut.shape, y.device, shortcut_bn, False)
+    chosen = select("bn_add_relu", y, backend)
+    if chosen.name == "reference":
+        return None
+    affine = eval_affine(chosen, bn, acc_dtype(y.dtype), reuse=True)
+    s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc_dtype(y.dtype), reuse=True)
+    run = chosen.inference_bn_act(affine.scale, affine.shift, s_affine[0], s_affine[1], relu)
+    if shortcut is None or memory_format_of(shortcut) == memory_format_of(y):
+        return run
+    return lambda y, shortcut: run(y, like_layout(shortcut, y))
 
 
 def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:

@@ -19,8 +19,8 @@ from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
-from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
-from .backends import BACKENDS, select
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_inference, needs_grad, param_grad
+from .backends import BACKENDS, choice_settings, select
 
 
 def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -32,6 +32,13 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
+    if not training:
+        tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
+        settings = choice_settings(backend)
+        run = memoized_inference((x,), tensors, settings and (eps, stride, padding, dilation, groups, relu, *settings),
+                                 lambda: _inference(x, *tensors, eps, stride, padding, dilation, groups, relu, backend))
+        if run is not None:
+            return run(x)
     x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
@@ -52,6 +59,19 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
                  num_batches_tracked, config)
 
 
+def _inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation, groups,
+               relu, backend):
+    """The eval call of these arguments, checked, as a function of x (memoized_inference's `resolve`); None for
+    the reference backend, which takes the general path."""
+    x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
+    chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
+    if chosen.name == "reference":
+        return None
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, None, None, eps)
+    folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
+    return chosen.inference_conv(folded_weight, folded_bias, params, relu)
+
+
 def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, backend: Optional[str] = None
                     ) -> Tuple[Tensor, Tensor]:
     """Eval-mode BN folded into the convolution: (w*scale, (b - running_mean)*scale + beta) in the
@@ -70,7 +90,7 @@ def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArg
     if torch.compiler.is_compiling():
         return checked_fold()
     inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return cached(weight, inputs, (bn.eps, chosen.name, "fold"), checked_fold)
+    return cached(weight, "fold", inputs, (bn.eps, chosen.name), checked_fold)
 
 
 def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:

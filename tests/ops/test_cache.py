@@ -8,7 +8,7 @@ from pyfast.ops import _cache, clear_cache
 
 
 def _derived(a, b):
-    return _cache.cached(a, (a, b), ("test",), lambda: (a * b,))
+    return _cache.cached(a, "test", (a, b), (), lambda: (a * b,))
 
 
 def test_reused_while_unchanged_and_recomputed_after_an_in_place_write():
@@ -33,7 +33,7 @@ def test_new_storage_or_a_new_tensor_is_a_new_entry():
 def test_entry_is_dropped_with_its_owner():
     a, b = torch.randn(3), torch.randn(3)
     _derived(a, b)
-    key = id(a)
+    key = (id(a), "test")
     assert key in _cache._entries
     del a
     gc.collect()

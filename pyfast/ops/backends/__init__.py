@@ -128,6 +128,15 @@ def select(op: str, x: Tensor, requested: Optional[str] = None, *, weight: Optio
     return chosen
 
 
+def choice_settings(requested: Optional[str]):
+    """What `select`'s answer depends on besides the call's own arguments: the backend asked for (or the
+    default) and auto's table. For callers that memoize a resolved call; None while `record_choices` counts
+    (every call must then reach select)."""
+    if _recorded is not None:
+        return None
+    return requested or _default, auto.TABLE
+
+
 _selected: Dict[tuple, Backend] = {}
 _selected_for = auto.TABLE  # the table _selected's answers come from
 

@@ -1,6 +1,6 @@
 """What a backend is: capabilities that answer *why not*, the five BN primitives, convolution, and
 three fusable steps whose composite defaults a backend overrides with a fused kernel."""
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -103,6 +103,15 @@ class Backend:
         """Inference conv_bn_relu with BN folded into weight and bias: act(conv(x) + bias)."""
         y = self.conv(x, weight, bias, params)
         return torch.relu_(y) if relu else y
+
+    # -- eager inference calls with everything but the activations bound (ops._common.memoized_inference) --
+    def inference_conv(self, weight, bias, params: ConvParams, relu: bool) -> Callable[[Tensor], Tensor]:
+        """x -> conv_bias_act(x, weight, bias, params, relu)."""
+        return lambda x: self.conv_bias_act(x, weight, bias, params, relu)
+
+    def inference_bn_act(self, scale, shift, res_scale, res_shift, relu: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """(x, residual) -> bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)."""
+        return lambda x, residual: self.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
 
     def bn_act_conv(self, x, scale, shift, relu: bool, weight, bias, params: ConvParams):
         """bn_relu_conv's forward: (conv(a), a) with a = act(x*scale + shift) in the convolution's dtype; a is

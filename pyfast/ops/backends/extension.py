@@ -111,3 +111,13 @@ class ExtensionBackend(Backend):
             return super().conv_bias_act(x, weight, bias, params, relu)
         return _extension.extension.conv_bias_act(x, weight, bias, params.stride, params.padding, params.dilation,
                                                   params.groups, relu)
+
+    # Eager only (memoized inference calls never run under torch.compile): straight to pyfast._C's bindings.
+    def inference_conv(self, weight, bias, params, relu):
+        conv_bias_act = _extension.extension.conv_bias_act
+        stride, padding, dilation, groups = params
+        return lambda x: conv_bias_act(x, weight, bias, stride, padding, dilation, groups, relu)
+
+    def inference_bn_act(self, scale, shift, res_scale, res_shift, relu):
+        bn_act_forward = _extension.extension.bn_act_forward
+        return lambda x, residual: bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)

@@ -1,0 +1,133 @@
+"""Inference calls memoized whole (pyfast.ops._common.memoized_inference): a repeated eval call skips every check
+and backend lookup, and still computes what the reference does after any change of its tensors, its inputs'
+layout or the backend settings; calls that may not be memoized take the general path."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import pyfast
+from pyfast import ops
+from pyfast.ops import BatchNormArgs, backends, reference
+from pyfast.ops._conv import ConvParams
+
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(ops.BACKENDS["cpu"].unavailable() is not None, reason="pyfast._C is not built")
+
+
+def _bn(channels=6):
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(channels))
+        bn.running_var.copy_(torch.rand(channels) + 0.5)
+    return bn.eval()
+
+
+def _args(bn):
+    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, bn.momentum, bn.eps)
+
+
+@pytest.fixture
+def selections(monkeypatch):
+    """How many calls reached the backend lookup (a memoized call does not)."""
+    calls = []
+    original = ops.conv_bn_relu.__globals__["select"]
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    for module in ("pyfast.ops.conv_bn_relu", "pyfast.ops.bn_add_relu"):  # the modules, not their functions
+        monkeypatch.setattr(sys.modules[module], "select", counting)
+    return calls
+
+
+def _conv_bn_relu(x, conv, bn):
+    return ops.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            training=False, padding=1, backend="cpu")
+
+
+def _expected(x, conv, bn):
+    return reference.conv_bn_relu(x, conv.weight, conv.bias, _args(bn), False, ConvParams.of(1, 1, 1, 1), True)
+
+
+@torch.no_grad()
+def test_conv_bn_relu_memo_skips_the_lookup_and_follows_every_change(selections):
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn()
+    x = torch.randn(2, 4, 5, 5)
+    assert_close(_conv_bn_relu(x, conv, bn), _expected(x, conv, bn))
+    resolved = len(selections)
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)  # new activations of the same layout
+        assert_close(_conv_bn_relu(x, conv, bn), _expected(x, conv, bn))
+    assert len(selections) == resolved, "a repeated inference call went through the checks again"
+
+    bn.running_var.mul_(3)  # an in-place write: a new version
+    conv.weight.add_(1)
+    assert_close(_conv_bn_relu(x, conv, bn), _expected(x, conv, bn))
+    for x in (torch.randn(3, 4, 7, 6), x.contiguous(memory_format=torch.channels_last), x.double()):
+        if x.dtype == torch.double:
+            conv.double(), bn.double()
+        assert_close(_conv_bn_relu(x, conv, bn), _expected(x, conv, bn))
+    assert len(selections) == resolved + 4
+
+
+@torch.no_grad()
+def test_bn_add_relu_memo_follows_the_shortcut_and_its_bn(selections):
+    bn, shortcut_bn = _bn(), _bn()
+    y, s = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
+
+    def fused(y, s, sbn):
+        return ops.bn_add_relu(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, shortcut=s,
+                               shortcut_bn=sbn, backend="cpu")
+
+    for sbn in (None, _args(shortcut_bn)):
+        expected = reference.bn_add_relu(y, _args(bn), s, sbn, False, True)
+        assert_close(fused(y, s, sbn), expected)
+        resolved = len(selections)
+        assert_close(fused(y, s, sbn), expected)
+        assert len(selections) == resolved
+    shortcut_bn.running_mean.add_(1)
+    s_last = s.contiguous(memory_format=torch.channels_last)  # the shortcut in another layout than y
+    for shortcut in (s, s_last):
+        assert_close(fused(y, shortcut, _args(shortcut_bn)), reference.bn_add_relu(y, _args(bn), s, _args(shortcut_bn),
+                                                                                   False, True))
+
+
+def test_calls_that_are_not_memoized_take_the_general_path(selections):
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn()
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        _conv_bn_relu(x, conv, bn)
+    first = len(selections)
+    out = _conv_bn_relu(x, conv, bn)  # records a graph: the general path, with gradients
+    assert out.grad_fn is not None and len(selections) == first + 1
+    out.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    with torch.no_grad(), backends.record_choices() as seen:
+        _conv_bn_relu(x, conv, bn)
+    assert seen[("conv_bn_relu", "cpu")] == 1  # recorded choices see every call
+    with torch.no_grad(), pyfast.use_backend("reference"):
+        assert_close(ops.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                      bn.running_var, padding=1), _expected(x, conv, bn))
+
+
+@torch.no_grad()
+def test_bad_input_still_raises_after_a_memoized_call():
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn()
+    _conv_bn_relu(torch.randn(2, 4, 5, 5), conv, bn)
+    with pytest.raises(ValueError, match="channels"):
+        _conv_bn_relu(torch.randn(2, 5, 5, 5), conv, bn)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        ops.conv_bn_relu(torch.randn(2, 4, 1, 1), conv.weight, None, bn.weight, bn.bias, bn.running_mean,
+                         bn.running_var, backend="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        _conv_bn_relu(torch.randn(2, 4, 5, 5, dtype=torch.float64), conv, bn)
+    with pytest.raises(ValueError, match="running_mean"):
+        ops.bn_add_relu(torch.randn(2, 6, 4, 4), bn.weight, bn.bias, None, None, backend="cpu")
+    with pytest.raises(TypeError, match="BatchNormArgs"):
+        ops.bn_add_relu(torch.randn(2, 6, 4, 4), bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                        shortcut=torch.randn(2, 6, 4, 4), shortcut_bn=(1, 2), backend="cpu")
