@@ -106,6 +106,13 @@ Tensor bn_add_relu(const Tensor& y, const OptTensor& bn_weight, const OptTensor&
                           s_momentum, s_eps, shortcut_bn, relu);
 }
 
-Tensor add_relu(const Tensor& a, const Tensor& b) { return AddReLU::apply(a, b); }
+Tensor add_relu(const Tensor& a, const Tensor& b) {
+  // Nothing to record (no_grad, or no input needs a gradient): the kernel alone, without Function::apply's node
+  // bookkeeping, which costs more host time than the pass itself on small inputs.
+  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
+    return primitives::bn_act_forward(a, std::nullopt, std::nullopt, b, std::nullopt, std::nullopt, true);
+  }
+  return AddReLU::apply(a, b);
+}
 
 }  // namespace pyfast::autograd
