@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
+from pyfast.kernels import _arrival as arrival
 from pyfast.kernels import conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,6 +233,7 @@ def test_stats_combine(monkeypatch, final_rows, sms):
         ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
         assert_close(mean, ref_mean, dtype=f32, what="mean")
         assert_close(var, ref_var, dtype=f32, what="var")
+        assert all(not counters.any() for counters in arrival._COUNTERS.values())
 
 
 @pytest.mark.parametrize("c_in, groups", [(16, 1), (8, 8)], ids=["dot", "direct"])
