@@ -294,7 +294,7 @@ def _triton_tool(name: str) -> Path:
 def _signature(fn, args: dict):
     """Triton's (signature, constexprs, attrs) for a launch's arguments as the JIT specializes them: pointers
     16-byte aligned, ints equal to 1 and absent pointers constant, ints divisible by 16 marked so."""
-    _names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    _names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
     signature, constants, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         value = args[p.name]
@@ -311,7 +311,8 @@ def _signature(fn, args: dict):
 
 def compile_sm90(launch) -> dict:
     """Compile a `conv.Launch` (arguments as dtypes) for sm_90; its resources as ptxas reports them, the
-    SASS's MMA instruction and the scf.for loops of its pipelined Triton GPU IR. Needs TRITON_INTERPRET unset."""
+    SASS's MMA instruction and the scf.for loops of its pipelined Triton GPU IR that hold the tl.dot (the
+    statistics combine's loops do not count). Needs TRITON_INTERPRET unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -332,8 +333,29 @@ def compile_sm90(launch) -> dict:
     mma = re.search(r"\b(HGMMA\.\S+?|HMMA\.\S+?)[ ,;]", sass)
     ttgir = compiled.asm["ttgir"]
     return dict(registers=number(r"Used (\d+) registers"), spills=number(r"(\d+) bytes spill stores"),
-                shared=compiled.metadata.shared, mma=mma.group(1) if mma else "-", loops=ttgir.count("scf.for"),
+                shared=compiled.metadata.shared, mma=mma.group(1) if mma else "-", loops=_dot_loops(ttgir),
                 pipelined="async_copy" in ttgir or "async_wait" in ttgir)
+
+
+def _dot_loops(ttgir: str) -> int:
+    """How many scf.for loops of the Triton GPU IR hold a tl.dot (a loop nested in another counts too)."""
+    holds_dot, open_regions = [], []  # per loop; per open brace, its loop's index or None
+    for line in ttgir.splitlines():
+        if "tt.dot " in line or "warp_group_dot " in line:
+            for loop in open_regions:
+                if loop is not None:
+                    holds_dot[loop] = True
+        opens_loop = "scf.for" in line and line.rstrip().endswith("{")  # its last brace opens the body
+        left = line.count("{")
+        for ch in line:
+            if ch == "{":
+                left -= 1
+                if opens_loop and left == 0:
+                    holds_dot.append(False)
+                open_regions.append(len(holds_dot) - 1 if opens_loop and left == 0 else None)
+            elif ch == "}":
+                open_regions.pop()
+    return sum(holds_dot)
 
 
 def _compile_key(launch):

@@ -54,7 +54,6 @@ _REDUCTION_CONFIGS = _configs([
 # _SPLIT_WORK elements of its channel block: enough work per program, and the partials stay ~1% of x.
 _SPLIT_ALIGN = 32 if _INTERPRET else 256
 _SPLIT_WORK = 512 if _INTERPRET else 32768
-_COMBINE_BLOCK_C, _COMBINE_BLOCK_S = (16, 8) if _INTERPRET else (64, 64)
 _FINALIZE_BLOCK_C = 1024  # channels per step of the one bn_finalize program
 
 
@@ -189,11 +188,6 @@ class _View:
         chunk = triton.cdiv(max(_SPLIT_WORK // self.C, 1), _SPLIT_ALIGN) * _SPLIT_ALIGN
         chunk = min(chunk, triton.cdiv(self.L, _SPLIT_ALIGN) * _SPLIT_ALIGN)
         return triton.cdiv(self.L, chunk), chunk
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics: per-chunk (count, mean, M2), then a Chan combine
-# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,15 +3,17 @@ bn_finalize, bn_act_forward, bn_act_backward_reduce and bn_act_backward_elemt, e
 its launcher. What they share (the [G, C, L] walk, tile configs, @triton.jit helpers, argument checks) is in
 kernels/_bn_common.py.
 
-Optional per-channel tensors become constexpr flags of one kernel per pass. Reductions are two-stage and
+Optional per-channel tensors become constexpr flags of one kernel per pass. Reductions are one launch and
 deterministic: every program writes its per-channel partials (count, mean, M2 or sums) to a small [k, S, C]
-buffer that a second step combines; no floating-point atomics.
+buffer, and the program that completes a channel block's partials combines them in a fixed order
+(kernels/_arrival.py); no floating-point atomics.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._bn_common import (_COMBINE_BLOCK_C, _COMBINE_BLOCK_S, _Args, _DTYPES, _ELEMENTWISE_CONFIGS, _FINALIZE_BLOCK_C,
+from ._arrival import _last_to_arrive, arrival_counters
+from ._bn_common import (_Args, _DTYPES, _ELEMENTWISE_CONFIGS, _FINALIZE_BLOCK_C,
                           _INTERPRET, _REDUCTION_CONFIGS, _TUNING, _acc_of, _aligned_sizes, _chan_merge, _chunk,
                           _contiguous, _elementwise_grid, _load_affine, _offsets, _per_channel, _pre_activation,
                           _prepare_input, _relu, _relu_grad, _require, _tl_dtype)
@@ -19,16 +21,19 @@ from ._bn_common import (_COMBINE_BLOCK_C, _COMBINE_BLOCK_S, _Args, _DTYPES, _EL
 
 @triton.autotune(configs=_REDUCTION_CONFIGS, **_TUNING)
 @triton.jit
-def _bn_stats_partial_kernel(
+def _bn_stats_kernel(
     x_ptr,  # input, a [G, C, L] view
-    partial_ptr,  # out: [3, S, C] acc dtype, per-program count, mean and M2 of each channel
+    partial_ptr,  # scratch: [3, S, C] acc dtype, per-program count, mean and M2 of each channel
+    mean_ptr, var_ptr,  # out: [C] acc dtype, mean and biased variance
+    counter_ptr,  # int32 arrival counters, one per channel block, zero (kernels/_arrival.py)
     G, C, L,  # sizes of the view (G is also part of the autotune key)
     splits_per_g, chunk,  # program s covers positions [(s % splits_per_g)*chunk, +chunk) of row s // splits_per_g
     CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr,  # layout, 64-bit offsets, alignment
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
 ):
-    """Per-channel count, mean and M2 = sum (x - mean)^2 over one chunk.
+    """Per-channel count, mean and M2 = sum (x - mean)^2 over one chunk; the last program of a channel block
+    to finish combines the S chunks into the mean and biased variance.
 
     Full tiles run Welford's update per lane, with one count for all lanes:
         n += 1;  d = x - m;  m += d / n;  M2 += d * (x - m)
@@ -61,47 +66,43 @@ def _bn_stats_partial_kernel(
     dev = tl.where(mask, x - mean_t[:, None], 0.0)
     count, mean, m2_c = _chan_merge(count, mean, m2_c, n_t, mean_t, tl.sum(dev * dev, 1))
     out = partial_ptr + tl.program_id(0) * C + c
-    stride_k = tl.num_programs(0) * C
+    S = tl.num_programs(0)
     tl.store(out, count + tl.zeros_like(mean), mask=cmask)
-    tl.store(out + stride_k, mean, mask=cmask)
-    tl.store(out + 2 * stride_k, m2_c, mask=cmask)
+    tl.store(out + S * C, mean, mask=cmask)
+    tl.store(out + 2 * S * C, m2_c, mask=cmask)
+    if _last_to_arrive(counter_ptr + tl.program_id(1), S):
+        _combine_stats(partial_ptr, mean_ptr, var_ptr, c, cmask, C, S, ACC, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
-def _bn_stats_combine_kernel(
-    partial_ptr,  # [3, S, C]: count, mean, M2 per program and channel
-    mean_ptr, var_ptr,  # out: [C] mean and biased variance
-    C, S,  # channels, partials per channel
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile of the partials
-):
-    """Chan's combine of S partials per channel; var = M2 / count (biased).
+def _combine_stats(partial_ptr, mean_ptr, var_ptr, c, cmask, C, S, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    """Chan's combine of the S (count, mean, M2) partials of channels c, BLOCK_S at a time in order of s;
+    var = M2 / count (biased).
 
     Per block of partials: n = sum n_s, mean = sum n_s mean_s / n, M2 = sum M2_s + n_s (mean_s - mean)^2,
     then merged into the running result with _chan_merge.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    acc_ty = partial_ptr.dtype.element_ty
-    n = tl.zeros([BLOCK_C], acc_ty)
-    mean = tl.zeros([BLOCK_C], acc_ty)
-    m2 = tl.zeros([BLOCK_C], acc_ty)
+    n = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & cmask[None, :]
-        ptrs = partial_ptr + s[:, None] * C + c[None, :]
-        n_s = tl.load(ptrs, mask=mask, other=0.0)
-        mean_s = tl.load(ptrs + S * C, mask=mask, other=0.0)
-        m2_s = tl.load(ptrs + 2 * S * C, mask=mask, other=0.0)
-        n_b = tl.sum(n_s, 0)
-        mean_b = tl.sum(n_s * mean_s, 0) / tl.maximum(n_b, 1.0)
-        dev = mean_s - mean_b[None, :]
-        n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, tl.sum(m2_s + n_s * dev * dev, 0))
+        mask = cmask[:, None] & (s < S)[None, :]
+        ptrs = partial_ptr + s[None, :] * C + c[:, None]
+        n_s = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        mean_s = tl.load(ptrs + S * C, mask=mask, other=0.0, cache_modifier=".cg")
+        m2_s = tl.load(ptrs + 2 * S * C, mask=mask, other=0.0, cache_modifier=".cg")
+        n_b = tl.sum(n_s, 1)
+        mean_b = tl.sum(n_s * mean_s, 1) / tl.maximum(n_b, 1.0)
+        dev = mean_s - mean_b[:, None]
+        n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, tl.sum(m2_s + n_s * dev * dev, 1))
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, m2 / tl.maximum(n, 1.0), mask=cmask)  # n > 0 for every real channel
 
 
 def bn_stats(x):
-    """Per-channel mean and biased variance of a 4-D tensor over N*H*W, in the acc dtype."""
+    """Per-channel mean and biased variance of a 4-D tensor over N*H*W, in the acc dtype; one launch."""
     x, view = _prepare_input(x)
     acc = _acc_of(x)
     mean = torch.empty(view.C, dtype=acc, device=x.device)
@@ -112,10 +113,9 @@ def bn_stats(x):
     num_splits = view.G * splits_per_g
     partial = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
     sizes, layout = view.args()
-    _bn_stats_partial_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
-        x, partial, *sizes, splits_per_g, chunk, **layout, ACC=_tl_dtype(acc))
-    _bn_stats_combine_kernel[(triton.cdiv(view.C, _COMBINE_BLOCK_C),)](
-        partial, mean, var, view.C, num_splits, BLOCK_C=_COMBINE_BLOCK_C, BLOCK_S=_COMBINE_BLOCK_S)
+    _bn_stats_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+        x, partial, mean, var, arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **layout,
+        ACC=_tl_dtype(acc))
     return mean, var
 
 
@@ -194,7 +194,9 @@ def _bn_act_backward_reduce_kernel(
     scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,  # [C] acc dtype, optional as in the forward
     mean_ptr, invstd_ptr,  # [C] statistics that normalize x
     res_mean_ptr, res_invstd_ptr,  # [C] statistics that normalize the residual, read when HAS_RHAT
-    partial_ptr,  # out: [2 or 3, S, C] acc dtype, per-program sums of dz, dz*xhat (, dz*rhat)
+    partial_ptr,  # scratch: [2 or 3, S, C] acc dtype, per-program sums of dz, dz*xhat (, dz*rhat)
+    sum_dz_ptr, sum_dz_xhat_ptr, sum_dz_rhat_ptr,  # out: [C] each; sum_dz_rhat_ptr written when HAS_RHAT
+    counter_ptr,  # int32 arrival counters, one per channel block, zero (kernels/_arrival.py)
     G, C, L,  # sizes of the view (G is also part of the autotune key)
     splits_per_g, chunk,  # program s covers positions [(s % splits_per_g)*chunk, +chunk) of row s // splits_per_g
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,  # which optional
@@ -205,7 +207,8 @@ def _bn_act_backward_reduce_kernel(
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # tile
 ):
-    """Per-channel partial sums over one chunk, accumulated per lane and reduced once at the end.
+    """Per-channel partial sums over one chunk, accumulated per lane and reduced once at the end; the last
+    program of a channel block to finish sums the S chunks.
 
         dz = grad_out * (z > 0) (relu) or grad_out;  sum dz;  sum dz*xhat = invstd * sum dz*(x - mean);
         sum dz*rhat = res_invstd * sum dz*(residual - res_mean)
@@ -237,45 +240,34 @@ def _bn_act_backward_reduce_kernel(
         if HAS_RHAT:
             sum_dz_r += dz * (r - res_mean)
     out = partial_ptr + tl.program_id(0) * C + c
-    stride_k = tl.num_programs(0) * C
+    S = tl.num_programs(0)
     tl.store(out, tl.sum(sum_dz, 1), mask=cmask)
-    tl.store(out + stride_k, tl.sum(sum_dz_x, 1) * tl.load(invstd_ptr + c, mask=cmask), mask=cmask)
+    tl.store(out + S * C, tl.sum(sum_dz_x, 1) * tl.load(invstd_ptr + c, mask=cmask), mask=cmask)
     if HAS_RHAT:
-        tl.store(out + 2 * stride_k, tl.sum(sum_dz_r, 1) * tl.load(res_invstd_ptr + c, mask=cmask), mask=cmask)
+        tl.store(out + 2 * S * C, tl.sum(sum_dz_r, 1) * tl.load(res_invstd_ptr + c, mask=cmask), mask=cmask)
+    if _last_to_arrive(counter_ptr + tl.program_id(1), S):
+        _combine_sums(partial_ptr, sum_dz_ptr, 0, c, cmask, C, S, ACC, BLOCK_C, BLOCK_L)
+        _combine_sums(partial_ptr, sum_dz_xhat_ptr, 1, c, cmask, C, S, ACC, BLOCK_C, BLOCK_L)
+        if HAS_RHAT:
+            _combine_sums(partial_ptr, sum_dz_rhat_ptr, 2, c, cmask, C, S, ACC, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
-def _sum_combine_kernel(
-    partial_ptr,  # [2 or 3, S, C]: per-program sums of dz, dz*xhat (, dz*rhat)
-    sum_dz_ptr, sum_dz_xhat_ptr, sum_dz_rhat_ptr,  # out: [C] each; sum_dz_rhat_ptr written when HAS_RHAT
-    C, S,  # channels, partials per channel
-    HAS_RHAT: tl.constexpr,  # the partials hold a third sum
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile of the partials
-):
-    """The S partials of each channel summed in a fixed order (deterministic), into three separate outputs."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    acc_ty = partial_ptr.dtype.element_ty
-    sum_dz = tl.zeros([BLOCK_C], acc_ty)
-    sum_dz_xhat = tl.zeros([BLOCK_C], acc_ty)
-    sum_dz_rhat = tl.zeros([BLOCK_C], acc_ty)
+def _combine_sums(partial_ptr, out_ptr, k, c, cmask, C, S, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """out[c] = the sum of the S partials of sum k (of [k, S, C]) of channels c, BLOCK_S at a time in order of s."""
+    total = tl.zeros([BLOCK_C], ACC)
+    ptrs = partial_ptr + k * S * C + c[:, None]
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & cmask[None, :]
-        ptrs = partial_ptr + s[:, None] * C + c[None, :]
-        sum_dz += tl.sum(tl.load(ptrs, mask=mask, other=0.0), 0)
-        sum_dz_xhat += tl.sum(tl.load(ptrs + S * C, mask=mask, other=0.0), 0)
-        if HAS_RHAT:
-            sum_dz_rhat += tl.sum(tl.load(ptrs + 2 * S * C, mask=mask, other=0.0), 0)
-    tl.store(sum_dz_ptr + c, sum_dz, mask=cmask)
-    tl.store(sum_dz_xhat_ptr + c, sum_dz_xhat, mask=cmask)
-    if HAS_RHAT:
-        tl.store(sum_dz_rhat_ptr + c, sum_dz_rhat, mask=cmask)
+        total += tl.sum(tl.load(ptrs + s[None, :] * C, mask=cmask[:, None] & (s < S)[None, :], other=0.0,
+                               cache_modifier=".cg"), 1)
+    tl.store(out_ptr + c, total, mask=cmask)
 
 
 def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift, res_mean,
                            res_invstd, relu):
-    """(sum dz, sum dz*xhat, sum dz*rhat) per channel; the last is empty when res_mean is None."""
+    """(sum dz, sum dz*xhat, sum dz*rhat) per channel, one launch; the last is empty when res_mean is None."""
     x, view = _prepare_input(x)
     args = _Args(x, view)
     flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
@@ -296,11 +288,9 @@ def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, re
     partial = torch.empty((3 if has_rhat else 2, num_splits, view.C), dtype=acc, device=x.device)
     sizes, layout = view.args()
     _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
-        grad_out, x, residual, *channels, partial, *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat,
-        RELU=relu, **layout, ACC=args.acc)
-    _sum_combine_kernel[(triton.cdiv(view.C, _COMBINE_BLOCK_C),)](
-        partial, sums[0], sums[1], sums[2] if has_rhat else None, view.C, num_splits, HAS_RHAT=has_rhat,
-        BLOCK_C=_COMBINE_BLOCK_C, BLOCK_S=_COMBINE_BLOCK_S)
+        grad_out, x, residual, *channels, partial, sums[0], sums[1], sums[2] if has_rhat else None,
+        arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat, RELU=relu,
+        **layout, ACC=args.acc)
     return tuple(sums)
 
 

@@ -39,10 +39,12 @@ interpreter (TRITON_INTERPRET=1) always computes in fp32.
 Epilogue with compute_stats: each pixel tile writes per-channel statistics of the values it stores
 (post-bias, as rounded to the output dtype): the mean as an fp32 pair hi + lo and M2, the sum of
 squared deviations from it, to a (pixel tiles, 3, C_out) fp32 buffer sized from the launched config,
-no atomics, nothing zero-filled. `_stats_combine_kernel` merges them with Chan's formula, in parallel
-over blocks of tiles and then once more over the blocks' results, into the mean and biased variance,
-so the output is never read back for statistics. Nothing in a launch reads back to the host (CUDA graphs
-can capture it after the first call of a tuning key).
+nothing zero-filled. The same launch merges them with Chan's formula into the mean and biased variance
+(`_combine_tile_stats`): the tile that completes its channel block's rows merges them, in a fixed order
+(kernels/_arrival.py: integer arrival counters, no floating-point atomics); with many tiles in two
+levels, groups of tiles first, then the groups' rows. The output is never read back for statistics.
+Nothing in a launch reads back to the host (CUDA graphs can capture it after the first call of a tuning
+key).
 """
 import functools
 import weakref
@@ -56,6 +58,7 @@ import triton.testing
 
 from .. import _flags
 from .._shapes import conv_output_size, pair
+from ._arrival import _last_to_arrive, arrival_counters
 
 _INTERPRET = _flags.TRITON_INTERPRET
 # PYFAST_TRITON_AUTOTUNE=0 launches _default_config's choice without timing: for GPU test runs, where
@@ -316,16 +319,21 @@ def _conv2d_kernel(
     scale_ptr, shift_ptr,  # (C_in,) fp32 prologue scale and shift, read if HAS_SCALE / HAS_SHIFT
     out_ptr,  # output (N, OH, OW, C_out), dense NHWC, dtype of x
     tile_stats_ptr,  # (cdiv(M, BLOCK_M), 3, C_out) fp32 per tile: channel mean as hi, lo and M2, written if STATS
+    group_stats_ptr,  # (groups of stats_rows tiles, 3, C_out) fp32: the groups' merged rows, if STATS_TWO_LEVEL
+    mean_ptr, var_ptr,  # (C_out,) fp32 out: mean and biased variance of the output, written if STATS
+    counter_ptr,  # int32 arrival counters, zero (kernels/_arrival.py), if STATS
     H, W, C_in,  # input height, width, channels
     OH, OW, C_out,  # output height, width, channels
     M,  # output pixels N*OH*OW: the GEMM's rows
     C_in_g, C_out_g,  # channels per group
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     w_stride_o, w_stride_i, w_stride_h, w_stride_w,
+    stats_rows,  # STATS_TWO_LEVEL: pixel tiles per group of the combine's first level
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,  # prologue relu?(x*scale + shift)
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr,  # epilogue: + bias, then ReLU
-    STATS: tl.constexpr,  # epilogue: per-tile channel statistics of the stored output
+    STATS: tl.constexpr,  # epilogue: channel statistics of the stored output
+    STATS_TWO_LEVEL: tl.constexpr,  # combine them in groups of stats_rows tiles first
     DIRECT: tl.constexpr,  # CUDA-core multiply-add over channel tiles spanning groups instead of tl.dot
     DENSE: tl.constexpr,  # direct path with groups == 1: every output channel reads the same inputs
     GROUP_TILE: tl.constexpr,  # tl.dot path: groups per program (block-diagonal weight tile if > 1)
@@ -418,47 +426,40 @@ def _conv2d_kernel(
         acc = tl.where(acc < 0, 0.0, acc)
     tl.store(out_ptr + offs_m[:, None] * C_out + co[None, :], _cast(acc, out_dtype),
              mask=m_mask[:, None] & n_mask[None, :])
+    if STATS:
+        _combine_tile_stats(tile_stats_ptr, group_stats_ptr, mean_ptr, var_ptr, counter_ptr, co, n_mask, pid_m, M,
+                            C_out, stats_rows, STATS_TWO_LEVEL, BLOCK_M)
+
+
+_MERGE_ROWS = tl.constexpr(16)  # rows of tile statistics merged at a time
 
 
 @triton.jit
-def _stats_combine_kernel(
-    tile_stats_ptr,  # (T, 3, C) fp32: per row, the channel mean as hi + lo, and M2
-    out_ptr,  # FINAL: (C,) fp32 mean; else (cdiv(T, rows), 3, C) rows of the same format, one per program
-    var_ptr,  # FINAL: (C,) fp32 biased variance
-    T, C,  # rows and channels of tile_stats
-    M, row_pixels,  # pixels in all and per row: row t holds min(M - t*row_pixels, row_pixels) of them
-    rows,  # rows merged by one program
-    FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Merge rows [pid_t*rows, (pid_t+1)*rows) of per-tile (n_t, mean_t, M2_t) for channels of block pid_c.
+def _merge_rows(rows_ptr, first, end, co, n_mask, C, M, row_pixels):
+    """(hi_0, mean - hi_0, M2, count) of channels co over rows [first, end) of (hi, lo, M2) rows of C channels,
+    row t holding min(M - t*row_pixels, row_pixels) pixels; merged _MERGE_ROWS rows at a time in order of t.
 
-    BLOCK_T rows are merged exactly about their joint mean:
+    A block of rows is merged exactly about its joint mean:
         n_B = sum n_t,  mean_B = sum n_t*mean_t / n_B,  M2_B = sum M2_t + n_t*(mean_t - mean_B)^2
     and the block into the running result with Chan et al.'s pairwise formula:
         n = n_a + n_B,  d = mean_B - mean_a,  mean = mean_a + d*n_B/n,  M2 = M2_a + M2_B + d^2*n_a*n_B/n
     Only deviations are squared, so a large mean costs no precision (unlike E[y^2] - E[y]^2); the
     means are taken relative to the first row's hi: mean_t = (hi_t - hi_0) + lo_t is small and exact to
-    fp32 rounding, and so is sum n_t*mean_t. A non-final program writes its result as a row again, the
-    mean split as hi = fp32(hi_0 + mean) and lo = mean - (hi - hi_0).
+    fp32 rounding, and so is sum n_t*mean_t.
     """
-    pid_t = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    first = pid_t * rows
-    end = tl.minimum(first + rows, T)
-    shift = tl.load(tile_stats_ptr + first * 3 * C + c, mask=c_mask, other=0.0)
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(first, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+    shift = tl.load(rows_ptr + first * 3 * C + co, mask=n_mask, other=0.0, cache_modifier=".cg")
+    n = tl.zeros_like(shift)
+    mean = tl.zeros_like(shift)
+    m2 = tl.zeros_like(shift)
+    for t0 in range(first, end, _MERGE_ROWS):
+        t = t0 + tl.arange(0, _MERGE_ROWS)
         t_mask = t < end
         n_t = tl.where(t_mask, tl.minimum(M - t * row_pixels, row_pixels), 0).to(tl.float32)
-        mask = t_mask[:, None] & c_mask[None, :]
-        row = tile_stats_ptr + t[:, None] * 3 * C + c[None, :]
-        mean_t = tl.where(mask, (tl.load(row, mask=mask, other=0.0) - shift[None, :])
-                          + tl.load(row + C, mask=mask, other=0.0), 0.0)
-        m2_t = tl.load(row + 2 * C, mask=mask, other=0.0)
+        mask = t_mask[:, None] & n_mask[None, :]
+        row = rows_ptr + t[:, None] * 3 * C + co[None, :]
+        mean_t = tl.where(mask, (tl.load(row, mask=mask, other=0.0, cache_modifier=".cg") - shift[None, :])
+                          + tl.load(row + C, mask=mask, other=0.0, cache_modifier=".cg"), 0.0)
+        m2_t = tl.load(row + 2 * C, mask=mask, other=0.0, cache_modifier=".cg")
         n_b = tl.sum(n_t, axis=0)
         mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / tl.maximum(n_b, 1.0)
         dev = tl.where(mask, mean_t - mean_b[None, :], 0.0)
@@ -468,15 +469,47 @@ def _stats_combine_kernel(
         mean += d * (n_b / tl.maximum(n_ab, 1.0))
         m2 += m2_b + d * d * (n * n_b / tl.maximum(n_ab, 1.0))
         n = n_ab
-    if FINAL:
-        tl.store(out_ptr + c, shift + mean, mask=c_mask)
-        tl.store(var_ptr + c, m2 / n, mask=c_mask)
+    return shift, mean, m2, n
+
+
+@triton.jit
+def _store_mean_var(rows_ptr, first, end, co, n_mask, C, M, row_pixels, mean_ptr, var_ptr):
+    """The mean and biased variance of channels co from rows [first, end) (see _merge_rows)."""
+    shift, mean, m2, n = _merge_rows(rows_ptr, first, end, co, n_mask, C, M, row_pixels)
+    tl.store(mean_ptr + co, shift + mean, mask=n_mask)
+    tl.store(var_ptr + co, m2 / n, mask=n_mask)
+
+
+@triton.jit
+def _combine_tile_stats(tile_stats_ptr, group_stats_ptr, mean_ptr, var_ptr, counter_ptr, co, n_mask, pid_m, M, C,
+                        group_rows, TWO_LEVEL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """After a tile's statistics row is stored: the tile that completes a count merges (kernels/_arrival.py).
+
+    The tiles of one channel block are the programs along axis 0. One level: the last of them merges all rows
+    into the mean and variance. Two levels: the last tile of each group of group_rows tiles merges the group's
+    rows into a row of group_stats (its mean split as hi = fp32(hi_0 + mean) and lo = mean - (hi - hi_0)), and
+    the last group to finish merges those rows.
+    """
+    block = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    blocks = tl.num_programs(1) * tl.num_programs(2)
+    tiles = tl.num_programs(0)
+    if TWO_LEVEL:
+        group = pid_m // group_rows
+        first = group * group_rows
+        end = tl.minimum(first + group_rows, tiles)
+        if _last_to_arrive(counter_ptr + group * blocks + block, end - first):
+            shift, mean, m2, _ = _merge_rows(tile_stats_ptr, first, end, co, n_mask, C, M, BLOCK_M)
+            hi = shift + mean
+            row = group_stats_ptr + group * 3 * C + co
+            tl.store(row, hi, mask=n_mask)
+            tl.store(row + C, mean - (hi - shift), mask=n_mask)
+            tl.store(row + 2 * C, m2, mask=n_mask)
+            groups = tl.cdiv(tiles, group_rows)
+            if _last_to_arrive(counter_ptr + groups * blocks + block, groups):
+                _store_mean_var(group_stats_ptr, 0, groups, co, n_mask, C, M, group_rows * BLOCK_M, mean_ptr, var_ptr)
     else:
-        hi = shift + mean
-        out = out_ptr + pid_t * 3 * C + c
-        tl.store(out, hi, mask=c_mask)
-        tl.store(out + C, mean - (hi - shift), mask=c_mask)
-        tl.store(out + 2 * C, m2, mask=c_mask)
+        if _last_to_arrive(counter_ptr + block, tiles):
+            _store_mean_var(tile_stats_ptr, 0, tiles, co, n_mask, C, M, BLOCK_M, mean_ptr, var_ptr)
 
 
 @dataclass
@@ -495,34 +528,34 @@ class Launch:
         self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-_COMBINE_BLOCK_T = 16
-_COMBINE_FINAL_ROWS = 512  # rows one program merges in the final level
+_COMBINE_FINAL_ROWS = 512  # most tile rows one program merges before the combine takes two levels
 
 
-def _combine_launches(T, C, M, tile_pixels, tile_stats, mean, var, alloc):
-    """The statistics combine: one program per channel block merging all rows when they are few, else
-    first a level over blocks of rows sized to give every SM one or two programs, whose results (at most
-    2 * _SMS rows) the final level merges."""
-    block_c = min(64, _next_pow2(C))
-    c_blocks = _cdiv(C, block_c)
-    launches = []
-    if T > _COMBINE_FINAL_ROWS:
-        rows = max(_COMBINE_BLOCK_T, _next_pow2(_cdiv(T * c_blocks, 2 * _SMS)))
-        partial_rows = _cdiv(T, rows)
-        partial = alloc((partial_rows, 3, C))
-        launches.append(_combine_launch((partial_rows, c_blocks), tile_stats, partial, None, T, C, M, tile_pixels,
-                                        rows, False, block_c))
-        tile_stats, T, tile_pixels = partial, partial_rows, tile_pixels * rows
-    launches.append(_combine_launch((1, c_blocks), tile_stats, mean, var, T, C, M, tile_pixels, T, True, block_c))
-    return launches
+@dataclass(frozen=True)
+class _StatsPlan:
+    """How the statistics epilogue combines its tile rows at one problem and config."""
+    tiles: int  # pixel tiles: rows of tile statistics per channel block
+    blocks: int  # channel blocks
+    two_level: bool
+    group_rows: int  # tiles per group of the first level (two_level), else all tiles
+
+    @property
+    def groups(self):
+        return _cdiv(self.tiles, self.group_rows) if self.two_level else 0
+
+    @property
+    def counters(self):
+        return (self.groups + 1) * self.blocks  # a counter per group and channel block, then per channel block
 
 
-def _combine_launch(grid, rows_in, out, var, T, C, M, tile_pixels, rows, final, block_c):
-    args = dict(tile_stats_ptr=rows_in, out_ptr=out, var_ptr=var, T=T, C=C, M=M, row_pixels=tile_pixels, rows=rows,
-                FINAL=final, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_C=block_c)
-    written = (2 if final else 3 * grid[0]) * C
-    return Launch(_stats_combine_kernel, (*grid, 1), args, 4, 1, f"{_COMBINE_BLOCK_T}x{block_c}",
-                  3 * T * C + written)
+def _stats_plan(problem, config):
+    """One level while a channel block has at most _COMBINE_FINAL_ROWS tiles, else groups sized so that about
+    two per SM merge (of all channel blocks), which bounds both levels' merges."""
+    grid = _grid(problem, config)
+    tiles, blocks = grid[0], grid[1] * grid[2]
+    if tiles <= _COMBINE_FINAL_ROWS:
+        return _StatsPlan(tiles, blocks, False, tiles)
+    return _StatsPlan(tiles, blocks, True, max(_MERGE_ROWS.value, _next_pow2(_cdiv(tiles * blocks, 2 * _SMS))))
 
 
 def _conv_launch(problem, config, tensors):
@@ -544,9 +577,11 @@ def _conv_static_args(problem, config):
                 HAS_BIAS=p.has_bias, RELU=p.relu, STATS=p.stats, DIRECT=p.direct, DENSE=p.direct and p.groups == 1,
                 GROUP_TILE=config.group_tile, INT64=p.int64, DOT_PRECISION="tf32" if p.tf32 else "ieee",
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    plan = _stats_plan(p, config)
+    args.update(STATS_TWO_LEVEL=p.stats and plan.two_level, stats_rows=plan.group_rows if p.stats else 0)
     elements = p.n * p.c_in * p.h * p.w + p.c_out * p.c_in_g * p.kh * p.kw + p.m * p.c_out
-    if p.stats:
-        elements += _cdiv(p.m, config.block_m) * 3 * p.c_out
+    if p.stats:  # tile rows written and read back (the groups' rows are fewer)
+        elements += 2 * plan.tiles * 3 * p.c_out
     return _grid(p, config), args, elements
 
 
@@ -570,12 +605,20 @@ def launch_plan(problem, config=None):
     weight_strides = _weight_strides(torch.empty(shape, device="meta").permute(*_inverse(order)))
     tensors = dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=f32 if problem.has_bias else None,
                    scale_ptr=f32 if problem.has_scale else None, shift_ptr=f32 if problem.has_shift else None,
-                   out_ptr=dtype, tile_stats_ptr=f32 if problem.stats else None, **weight_strides)
-    launches = [_conv_launch(problem, config, tensors)]
-    if problem.stats and problem.m:
-        launches += _combine_launches(_cdiv(problem.m, config.block_m), problem.c_out, problem.m,
-                                      config.block_m, f32, f32, f32, lambda shape: f32)
-    return launches
+                   out_ptr=dtype, **_stats_tensors(problem, config, f32, f32, lambda shape: f32,
+                                                   lambda count: torch.int32), **weight_strides)
+    return [_conv_launch(problem, config, tensors)]
+
+
+def _stats_tensors(problem, config, mean, var, alloc, counters):
+    """The statistics epilogue's pointers, all None without statistics: the outputs mean and var, the scratch
+    rows from `alloc(shape)` and the arrival counters from `counters(count)`."""
+    if not problem.stats:
+        return dict.fromkeys(("tile_stats_ptr", "group_stats_ptr", "mean_ptr", "var_ptr", "counter_ptr"))
+    plan = _stats_plan(problem, config)
+    return dict(tile_stats_ptr=alloc((plan.tiles, 3, problem.c_out)),
+                group_stats_ptr=alloc((plan.groups, 3, problem.c_out)) if plan.two_level else None,
+                mean_ptr=mean, var_ptr=var, counter_ptr=counters(plan.counters))
 
 
 def _inverse(order):
@@ -672,23 +715,15 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
             return out
         nan = torch.full((C_out,), float("nan"), device=x.device)
         return out, nan, nan.clone()
-    tensors = dict(x_ptr=x, w_ptr=w, bias_ptr=bias, scale_ptr=in_scale, shift_ptr=in_shift, out_ptr=out,
-                   **_weight_strides(w))
+    mean = torch.empty(C_out, device=x.device, dtype=torch.float32) if compute_stats else None
+    var = torch.empty_like(mean) if compute_stats else None
 
-    def tile_stats(config):
-        if not compute_stats:
-            return None
-        return torch.empty((_cdiv(problem.m, config.block_m), 3, C_out), device=x.device, dtype=torch.float32)
+    def launch(config):
+        stats = _stats_tensors(problem, config, mean, var,
+                               lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32),
+                               lambda count: arrival_counters(x.device, count))
+        return _conv_launch(problem, config, dict(x_ptr=x, w_ptr=w, bias_ptr=bias, scale_ptr=in_scale,
+                                                  shift_ptr=in_shift, out_ptr=out, **stats, **_weight_strides(w)))
 
-    config = _choose_config(problem,
-                            lambda c: _conv_launch(problem, c, dict(tensors, tile_stats_ptr=tile_stats(c))).run)
-    stats = tile_stats(config)
-    _conv_launch(problem, config, dict(tensors, tile_stats_ptr=stats)).run()
-    if not compute_stats:
-        return out
-    mean = torch.empty(C_out, device=x.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
-    alloc = lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32)  # noqa: E731
-    for launch in _combine_launches(stats.shape[0], C_out, problem.m, config.block_m, stats, mean, var, alloc):
-        launch.run()
-    return out, mean, var
+    launch(_choose_config(problem, lambda c: launch(c).run)).run()
+    return (out, mean, var) if compute_stats else out

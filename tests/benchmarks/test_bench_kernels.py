@@ -118,7 +118,25 @@ def test_static_rows_without_compiling():
     convs = [r for r in rows if r["kernel"] == "conv2d_kernel"]
     assert sum(r["count"] for r in convs) == len(kernels.static_launches("regnetx_32", 2, 32))
     assert all(r["programs"] == r["grid"][0] * r["grid"][1] * r["grid"][2] > 0 for r in rows)
-    assert "stats_combine_kernel" in kernels.static_table(rows)
+    assert {r["kernel"] for r in rows} == {"conv2d_kernel"}  # the statistics combine runs inside the conv
+
+
+def test_dot_loops_counts_the_loops_around_a_dot():
+    ttgir = """tt.func @k(%a: i32 {tt.divisibility = 16 : i32}) {
+    %0 = scf.for %i = %c0 to %n step %c1 iter_args(%x = %acc) -> (tensor<64x64xf32, #mma>) {
+      %1 = scf.for %j = %c0 to %n step %c1 iter_args(%y = %x) -> (tensor<64x64xf32, #mma>) {
+        %2 = ttng.warp_group_dot %a, %b, %y {inputPrecision = 0 : i32} : tensor<64x16xbf16, #ttg.dot_op<{opIdx = 0}>>
+        scf.yield %2 : tensor<64x64xf32, #mma>
+      } {tt.num_stages = 3 : i32}
+      scf.yield %1 : tensor<64x64xf32, #mma>
+    }
+    %3 = scf.for %t = %c0 to %n step %c16 iter_args(%m = %z) -> (tensor<64xf32, #blocked>) {
+      scf.yield %m : tensor<64xf32, #blocked>
+    }
+    tt.return
+  }"""
+    assert kernels._dot_loops(ttgir) == 2
+    assert kernels._dot_loops(ttgir.replace("ttng.warp_group_dot", "arith.addf")) == 0
 
 
 def test_static_check_reports_each_missed_target():

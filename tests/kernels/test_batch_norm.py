@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
+from pyfast.kernels import _arrival as arrival
 from pyfast.kernels import _bn_common as bn_common
 from pyfast.kernels import batch_norm as bn
 
@@ -161,6 +162,28 @@ def test_bn_stats_large_mean_is_stable(fmt):
     var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
     assert (var.double() - var_ref).abs().max() < 1e-3
     assert_close(mean, mean_ref, f32, what="mean")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reductions_combine_in_their_launch_deterministically(fmt):
+    """bn_stats and bn_act_backward_reduce merge their partials in the launch that writes them (the program
+    completing each channel block, kernels/_arrival.py): 40 channels make three channel blocks and 2x40x12x12
+    several partials per block; a repeated call gives the same bits, and every arrival counter is back at 0."""
+    p = _problem((2, 40, 12, 12), f32, fmt)
+    grad = p.grad_out
+    mean, var = bn.bn_stats(p.x)
+    var_ref, mean_ref = torch.var_mean(p.x.double(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, mean_ref, f32, what="mean")
+    assert_close(var, var_ref, f32, what="var")
+    invstd = torch.rsqrt(var + 1e-5)
+    sums = bn.bn_act_backward_reduce(grad, p.x, None, None, mean, invstd, None, None, None, None, None, False)
+    xhat = (p.x.double() - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+    assert_close(sums[0], grad.double().sum((0, 2, 3)), f32, what="sum_dz")
+    assert_close(sums[1], (grad.double() * xhat).sum((0, 2, 3)), f32, what="sum_dz_xhat")
+    assert all(torch.equal(a, b) for a, b in zip((mean, var), bn.bn_stats(p.x)))
+    again = bn.bn_act_backward_reduce(grad, p.x, None, None, mean, invstd, None, None, None, None, None, False)
+    assert all(torch.equal(a, b) for a, b in zip(sums, again))
+    assert all(not counters.any() for counters in arrival._COUNTERS.values())
 
 
 def test_bn_stats_float64():

@@ -8,9 +8,9 @@ Every value of every constexpr flag is compiled at least once (not their product
 specialization the JIT would use (pointers 16-byte aligned, ints divisible by 16 marked so, ints equal
 to 1 and absent (None) pointers constexpr), each case with the largest or the smallest of the autotune
 configs that the kernel's own pruning keeps for the case's shape:
-  conv: dot / direct, prologue on / off, stats on / off, int64 on / off, fp32 (tf32 and ieee) / bf16 /
-        fp16, and the statistics combine;
-  batch_norm: each of its five kernels in NCHW and in channels_last, with representative flags.
+  conv: dot / direct, prologue on / off, stats on / off (its combine in one level and in two), int64 on /
+        off, fp32 (tf32 and ieee) / bf16 / fp16;
+  batch_norm: each of its four kernels in NCHW and in channels_last, with representative flags.
 Checks: the compile succeeds, shared memory fits the 227 KB an H100 block may use, the tl.dot path
 runs on tensor cores (wgmma / mma in the PTX, HGMMA / HMMA in the SASS where cuobjdump is there) and
 the direct path and the exact-fp32 dot do not.
@@ -34,6 +34,7 @@ WORKERS = 2
 WORKER_TIMEOUT_S = 300
 # Pointer arguments in the input dtype; every other pointer is a per-channel vector / buffer in acc dtype.
 DATA_POINTERS = {"x_ptr", "w_ptr", "out_ptr", "res_ptr", "grad_ptr", "grad_x_ptr", "grad_res_ptr"}
+INT32_POINTERS = {"counter_ptr"}  # the reductions' arrival counters (kernels/_arrival.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def _conv(dtype, shape, config, mma, prologue=False, in_relu=False, bias=True, r
 CONV_CASES = {
     # tl.dot path. The bf16 largest-tile cases are the tensor-core and shared-memory checks of the brief.
     "conv-dot-bf16-largest-bias-relu": _conv("bf16", (8, 64, (56, 56), 64, 3, 1, 1, 1), "largest", True, relu=True),
-    "conv-dot-bf16-largest-prologue-stats": _conv(
+    "conv-dot-bf16-largest-prologue-stats": _conv(  # one-level statistics combine
         "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 1), "largest", True, prologue=True, in_relu=True, stats=True),
     "conv-dot-bf16-largest-width16-stats": _conv(  # several groups per tile: block-diagonal weights
         "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 8), "largest", True, stats=True),
@@ -65,7 +66,7 @@ CONV_CASES = {
     "conv-dot-fp32-ieee-smallest-stats": _conv(  # exact fp32: FMA, no tensor cores
         "fp32", (8, 32, (56, 56), 32, 3, 2, 1, 2), "smallest", False, stats=True, precision="ieee"),
     # direct (CUDA-core) path: depthwise (C_in_g = 1, a constexpr after specialization), narrow groups, stem
-    "conv-direct-fp16-largest-depthwise-prologue-stats-int64": _conv(
+    "conv-direct-fp16-largest-depthwise-prologue-stats-int64": _conv(  # two-level combine
         "fp16", (8, 32, (3000, 3000), 32, 3, 1, 1, 32), "largest", False, prologue=True, in_relu=True, stats=True),
     "conv-direct-bf16-smallest-width8": _conv("bf16", (8, 64, (28, 28), 64, 3, 2, 1, 8), "smallest", False,
                                               bias=False),
@@ -80,8 +81,8 @@ _FLAG_POINTERS = dict(zip(_FLAGS, ("scale_ptr", "shift_ptr", "res_ptr", "res_sca
 def _bn(kernel, dtype, shape, fmt, config, int64=False, relu=True, flags=_FLAGS, none=(), **constexprs):
     """A batch_norm kernel compile on an (N, C, H, W) tensor in `fmt`; the worker derives the view's ints as
     the launcher does. Pointers of absent optional tensors are None, as the launchers pass them."""
-    flag_values = {f: f in flags for f in _FLAGS} if kernel != "_bn_stats_partial_kernel" else {}
-    if kernel != "_bn_stats_partial_kernel":
+    flag_values = {f: f in flags for f in _FLAGS} if kernel != "_bn_stats_kernel" else {}
+    if kernel != "_bn_stats_kernel":
         constexprs = dict(flag_values, RELU=relu, **constexprs)
     none = list(none) + [_FLAG_POINTERS[f] for f, on in flag_values.items() if not on]
     return dict(module="batch_norm", kernel=kernel, dtype=dtype, acc="fp64" if dtype == "fp64" else "fp32",
@@ -90,13 +91,10 @@ def _bn(kernel, dtype, shape, fmt, config, int64=False, relu=True, flags=_FLAGS,
 
 
 BN_CASES = {
-    "bn-stats-partial-nchw-fp32-largest": _bn("_bn_stats_partial_kernel", "fp32", (8, 64, 56, 56), "nchw", "largest"),
-    "bn-stats-partial-nhwc-bf16-smallest-int64": _bn(
-        "_bn_stats_partial_kernel", "bf16", (8, 24, 112, 112), "nhwc", "smallest", int64=True),
-    "bn-stats-partial-nchw-fp64-odd": _bn("_bn_stats_partial_kernel", "fp64", (3, 17, 9, 11), "nchw", "smallest"),
-    "bn-stats-combine-fp32": dict(
-        module="batch_norm", kernel="_bn_stats_combine_kernel", dtype="fp32", acc="fp32", ints=dict(C=256, S=49),
-        constexprs=dict(BLOCK_C=64, BLOCK_S=64), config=None, none=[], mma=None),
+    "bn-stats-nchw-fp32-largest": _bn("_bn_stats_kernel", "fp32", (8, 64, 56, 56), "nchw", "largest"),
+    "bn-stats-nhwc-bf16-smallest-int64": _bn("_bn_stats_kernel", "bf16", (8, 24, 112, 112), "nhwc", "smallest",
+                                             int64=True),
+    "bn-stats-nchw-fp64-odd": _bn("_bn_stats_kernel", "fp64", (3, 17, 9, 11), "nchw", "smallest"),
     "bn-forward-nchw-bf16-largest-all": _bn("_bn_act_forward_kernel", "bf16", (8, 256, 28, 28), "nchw", "largest"),
     "bn-forward-nhwc-fp16-smallest-shift-only-int64": _bn(
         "_bn_act_forward_kernel", "fp16", (8, 152, 14, 14), "nhwc", "smallest", int64=True, relu=False,
@@ -105,7 +103,8 @@ BN_CASES = {
         "_bn_act_backward_reduce_kernel", "fp32", (8, 64, 56, 56), "nchw", "largest", HAS_RHAT=True),
     "bn-backward-reduce-nhwc-bf16-smallest-identity-int64": _bn(
         "_bn_act_backward_reduce_kernel", "bf16", (8, 128, 28, 28), "nhwc", "smallest", int64=True,
-        flags=("HAS_SCALE", "HAS_SHIFT", "HAS_RES"), none=("res_mean_ptr", "res_invstd_ptr"), HAS_RHAT=False),
+        flags=("HAS_SCALE", "HAS_SHIFT", "HAS_RES"), none=("res_mean_ptr", "res_invstd_ptr", "sum_dz_rhat_ptr"),
+        HAS_RHAT=False),
     "bn-backward-elemt-nchw-fp16-largest-train": _bn(
         "_bn_act_backward_elemt_kernel", "fp16", (8, 256, 28, 28), "nchw", "largest", X_TRAIN=True,
         RES_TRAIN=True),
@@ -219,6 +218,9 @@ def _compile_case(modules, case):
             signature[name], constants[(i,)] = "constexpr", constexprs.pop(name)
         elif name in case["none"]:
             signature[name], constants[(i,)] = "constexpr", None
+        elif name in INT32_POINTERS:
+            signature[name] = "*i32"
+            attrs[(i,)] = aligned
         elif name.endswith("_ptr"):
             signature[name] = "*" + (case["dtype"] if name in DATA_POINTERS else case["acc"])
             attrs[(i,)] = aligned
@@ -252,12 +254,10 @@ def _conv_config_size(config, which):
     return (smem, tile, config.num_warps) if which == "largest" else (tile * config.block_k, smem, config.num_warps)
 
 
-def _compile_conv_case(case):
-    """Each launch of the case (the conv, then the statistics combine) compiled; the conv's result, with the
-    combine's failures if any."""
+def _conv_launch(case):
+    """(problem, config, the one launch of the case: the conv, its statistics combine included)."""
     import torch
 
-    from pyfast.benchmarks.kernels import compile_sm90
     from pyfast.kernels import conv
 
     fields = dict(case["problem"], dtype=getattr(torch, DTYPES[case["problem"]["dtype"]]))
@@ -265,12 +265,20 @@ def _compile_conv_case(case):
     problem = conv.Problem(**fields)
     pick = max if case["config"] == "largest" else min
     config = pick(conv.candidates(problem), key=lambda c: _conv_config_size(c, case["config"]))
+    (launch,) = conv.launch_plan(problem, config)
+    return problem, config, launch
+
+
+def _compile_conv_case(case):
+    from pyfast.benchmarks.kernels import compile_sm90
+
     start = time.perf_counter()
-    results = [compile_sm90(launch) for launch in conv.launch_plan(problem, config)]
+    problem, config, launch = _conv_launch(case)
+    result = compile_sm90(launch)
     if problem.int64 != ("int64" in case.get("id", "")):
         raise AssertionError(f"int64 offsets: {problem.int64}")
-    return dict(results[0], ok=True, seconds=round(time.perf_counter() - start, 2), config=str(config),
-                group_tile=config.group_tile, combines=results[1:])
+    return dict(result, ok=True, seconds=round(time.perf_counter() - start, 2), config=str(config),
+                group_tile=config.group_tile)
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -380,13 +388,18 @@ def test_compiles_for_sm90(compiled, case_id):
 CONV_IDS = [case_id for case_id in CASES if case_id.startswith("conv-")]
 
 
+def test_conv_cases_compile_both_statistics_combines():
+    """Among the statistics cases, one combines in one level and one in two (the kernel's two variants)."""
+    two_level = {_conv_launch(CASES[i])[2].args["STATS_TWO_LEVEL"] for i in CONV_IDS if "stats" in i}
+    assert two_level == {False, True}
+
+
 @pytest.mark.parametrize("case_id", CONV_IDS)
 def test_conv_does_not_spill(compiled, case_id):
-    """Neither the convolution (its statistics epilogue included) nor the statistics combine spills registers."""
+    """The convolution (its statistics epilogue and combine included) does not spill registers."""
     result = compiled[case_id]
     assert result["ok"], result
-    for launch in [result, *result["combines"]]:
-        assert launch["spills"] == 0 and 0 < launch["registers"] <= 255, (case_id, result["config"], launch)
+    assert result["spills"] == 0 and 0 < result["registers"] <= 255, (case_id, result["config"])
 
 
 @pytest.mark.parametrize("case_id", [case_id for case_id in CONV_IDS if CASES[case_id]["mma"]])

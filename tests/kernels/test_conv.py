@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
+from pyfast.kernels import _arrival as arrival
 from pyfast.kernels import conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,33 +211,29 @@ def test_stats_epilogue(case):
     assert_close(var, ref_var, dtype=f32, what="var")
 
 
-def _tile_rows(data):
-    """(hi, lo, M2) rows, in the conv kernel's format, of the float64 tiles in `data`."""
-    rows = []
-    for d in data:
-        hi = d.mean(0).float().double()
-        rows.append(torch.stack([hi, d.mean(0) - hi, ((d - d.mean(0)) ** 2).sum(0)]))
-    return torch.stack(rows).float().to(DEVICE)
-
-
-@pytest.mark.parametrize("final_rows, sms", [(512, 132), (2, 3)], ids=["one-level", "two-level"])
+@pytest.mark.parametrize("final_rows, sms", [(512, 132), (3, 8)], ids=["one-level", "two-level"])
 def test_stats_combine(monkeypatch, final_rows, sms):
-    """Chan's merge of 41 tiles of 8 pixels (the last one of 3) over 70 channels (two channel blocks), a mean of
-    1e4: in one program per channel block, or first in three blocks of 16 rows (the last one of 9), then those."""
+    """The statistics epilogue's combine inside the launch, over 5600 pixels (many tiles) and 70 channels (several
+    channel blocks) with a mean of 1e4: the tile that completes a channel block merges all rows, or (forced)
+    the last tile of each group merges the group's rows and the last group those rows (the last group partial).
+    Called twice: the arrival counters are back to zero after a launch."""
     monkeypatch.setattr(conv, "_COMBINE_FINAL_ROWS", final_rows)
     monkeypatch.setattr(conv, "_SMS", sms)
-    m, row_pixels, channels = 323, 8, 70
-    pixels = 1e4 + torch.randn(m, channels, dtype=torch.float64)
-    stats = _tile_rows(pixels.split(row_pixels))
-    mean, var = torch.empty(channels, device=DEVICE), torch.empty(channels, device=DEVICE)
-    alloc = lambda shape: torch.full(shape, float("nan"), device=DEVICE)  # noqa: E731 - every row must be written
-    launches = conv._combine_launches(len(stats), channels, m, row_pixels, stats, mean, var, alloc)
-    assert [launch.grid for launch in launches] == ([(1, 2, 1)] if final_rows > len(stats) else [(3, 2, 1), (1, 2, 1)])
-    for launch in launches:
-        launch.run()
-    ref_var, ref_mean = torch.var_mean(pixels, dim=0, unbiased=False)
-    assert_close(mean, ref_mean, dtype=f32, what="mean")
-    assert_close(var, ref_var, dtype=f32, what="var")
+    x, w = _make(2, 16, 70, (50, 56), 1, 1, f32)
+    problem = conv.Problem(2, 16, 50, 56, 70, 1, 1, (1, 1), (0, 0), (1, 1), 1, f32, has_bias=True, stats=True,
+                           tf32=torch.backends.cudnn.allow_tf32)
+    plan = conv._stats_plan(problem, conv._choose_config(problem, make_run=None))  # the config conv2d launches
+    assert plan.blocks > 1 and plan.tiles > 3 and plan.two_level == (final_rows < plan.tiles)
+    if plan.two_level:
+        assert plan.groups > 1 and plan.tiles % plan.group_rows
+    for _ in range(2):
+        bias = torch.randn(70, device=DEVICE) + 1e4
+        out, mean, var = conv.conv2d(x, w, bias, compute_stats=True)
+        _check(out, *_expected(x, w, bias), f32)
+        ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
+        assert_close(mean, ref_mean, dtype=f32, what="mean")
+        assert_close(var, ref_var, dtype=f32, what="var")
+        assert all(not counters.any() for counters in arrival._COUNTERS.values())
 
 
 @pytest.mark.parametrize("c_in, groups", [(16, 1), (8, 8)], ids=["dot", "direct"])
@@ -380,7 +377,7 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("groups, stats", [(2, True), (2, False), (8, True)], ids=["dot-stats", "dot", "direct-stats"])
 def test_a_repeated_call_only_allocates_and_launches(monkeypatch, groups, stats):
     """Once a weight's copy is cached, conv2d dispatches no ATen compute (no weight reorder, no zero-fill):
-    allocations and its kernels, one conv plus the statistics combine (forced to two levels)."""
+    allocations and one launch, the statistics combine (forced to two levels) included."""
     monkeypatch.setattr(conv, "_COMBINE_FINAL_ROWS", 0)
     x, w = _make(2, 32, 32, (5, 5), 3, groups, f32)
     conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
@@ -399,7 +396,7 @@ def test_a_repeated_call_only_allocates_and_launches(monkeypatch, groups, stats)
     with mode:
         conv.conv2d(x, w, padding=1, groups=groups, compute_stats=stats)
     assert set(mode.ops) <= {"empty", "empty_like", "empty_strided"}, mode.ops
-    assert mode.launches == (3 if stats else 1)
+    assert mode.launches == 1
 
 
 @pytest.mark.gpu
