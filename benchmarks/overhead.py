@@ -256,10 +256,33 @@ class _Identity(nn.Module):
         return x
 
 
+class _ConvOnlyKit:
+    """The kit of a pyfast.models block without BN and ReLU: its convolutions and residual additions only (the
+    eager kit calls F.relu, which no module replacement reaches)."""
+
+    fused = False
+    backend = None
+
+    def conv_bn_relu(self, x, conv, bn, relu=True):
+        return conv(x)
+
+    def bn_add_relu(self, y, bn, shortcut, shortcut_bn=None, relu=True):
+        return y.add_(shortcut)
+
+    def bn_relu_conv(self, x, bn, conv):
+        return conv(x)
+
+    def bn_relu(self, x, bn):
+        return x
+
+
 def conv_only_floor(model: nn.Module) -> nn.Module:
-    """`model` with every BatchNorm2d and ReLU replaced by identity: the speed if BN and ReLU were free."""
+    """`model` with every BatchNorm2d and ReLU replaced by identity: the speed if BN and ReLU were free. The
+    blocks of pyfast.models get a kit of their convolutions and additions alone."""
     floor = copy.deepcopy(model)
     for parent in floor.modules():
+        if hasattr(parent, "kit"):
+            parent.kit = _ConvOnlyKit()
         for name, child in list(parent.named_children()):
             if isinstance(child, (nn.BatchNorm2d, nn.ReLU)):
                 setattr(parent, name, _Identity())
