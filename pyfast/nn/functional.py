@@ -85,17 +85,24 @@ def resolve_padding(padding, kernel_size, dilation, name: str = "padding") -> Tu
     return (total[0] // 2, total[1] // 2)
 
 
+_CONV_ARGS = ("weight", "bias", "stride", "padding", "dilation", "groups")
+
+
 def conv_args(conv: nn.Module) -> dict:
     """weight, bias, stride, padding (ints), dilation and groups of a zero-padded nn.Conv2d."""
+    return dict(zip(_CONV_ARGS, _conv_state(conv)))
+
+
+def _conv_state(conv: nn.Module) -> tuple:
+    """conv_args as a tuple in F.conv2d's order (every fused call reads its convolution's)."""
     if conv.padding_mode != "zeros":
         raise ValueError(
             f"padding_mode={conv.padding_mode!r} is not supported: the fused kernels pad with zeros "
             "(use padding_mode='zeros', or keep this convolution unfused)"
         )
-    weight, bias = _module_tensors(conv, ("weight", "bias"))
-    return dict(weight=weight, bias=bias, stride=conv.stride,
-                padding=_resolved_padding(conv.padding, conv.kernel_size, conv.dilation), dilation=conv.dilation,
-                groups=conv.groups)
+    weight, bias = _module_tensors(conv, _CONV_ARGS[:2])
+    return (weight, bias, conv.stride, _resolved_padding(conv.padding, conv.kernel_size, conv.dilation),
+            conv.dilation, conv.groups)
 
 
 def _resolved_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
@@ -166,15 +173,14 @@ def _one_fx_node(fn):
 def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
-    c = conv_args(conv)
-    if process_group_of(bn) is not None or _on_meta(x, c["weight"]):
-        y = _eager_batch_norm(F.conv2d(x, **c), bn)
+    weight, bias, stride, padding, dilation, groups = c = _conv_state(conv)
+    if process_group_of(bn) is not None or _on_meta(x, weight):
+        y = _eager_batch_norm(F.conv2d(x, *c), bn)
         return F.relu(y) if relu else y
     args, training = batch_norm_args(bn)
-    return ops.conv_bn_relu(x, c["weight"], c["bias"], args.weight, args.bias, args.running_mean, args.running_var,
-                            args.num_batches_tracked, training=training, momentum=args.momentum, eps=args.eps,
-                            stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"],
-                            relu=relu, backend=backend)
+    # positional: keyword matching of 16 arguments is a measurable part of a small call's host time
+    return ops.conv_bn_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding, dilation,
+                            groups, relu, backend)
 
 
 @_one_fx_node
@@ -205,9 +211,7 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
         s = shortcut if shortcut_bn is None else _eager_batch_norm(shortcut, shortcut_bn)
         z = _eager_batch_norm(y, bn) + s
         return F.relu(z) if relu else z
-    return ops.bn_add_relu(y, args.weight, args.bias, args.running_mean, args.running_var, args.num_batches_tracked,
-                           training=training, momentum=args.momentum, eps=args.eps, shortcut=shortcut,
-                           shortcut_bn=s_args, relu=relu, backend=backend)
+    return ops.bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
 
 @_one_fx_node

@@ -17,14 +17,20 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-_entries: Dict[Tuple[int, str], tuple] = {}  # (id(owner), slot) -> (stamp, weak references to the inputs, value)
+_entries: Dict[Tuple[int, str], tuple] = {}  # (id(owner), slot) -> (stamp, extra, weak refs to the inputs, value)
 
 
-def _stamp(tensors: Sequence[Optional[Tensor]], extra: tuple) -> list:
+def version_stamp(tensors: Sequence[Optional[Tensor]]) -> list:
     """Version counter and storage address of each input (`param.data = other` keeps the tensor and its
-    counter but moves its storage), then `extra`. A list built by one comprehension: this runs on every
-    inference call."""
-    return [None if t is None else (t._version, t.data_ptr()) for t in tensors] + list(extra)
+    counter but moves its storage): a value derived from the inputs' contents is valid while this is unchanged.
+    A list built by one comprehension: this runs on every inference call."""
+    return [None if t is None else (t._version, t.data_ptr()) for t in tensors]
+
+
+def storage_stamp(tensors: Sequence[Optional[Tensor]]) -> list:
+    """Storage address and shape of each input: what argument checks read (dtype and device change only with
+    the storage) is unchanged while this is, whatever in-place writes change the values."""
+    return [None if t is None else (t.data_ptr(), t.shape) for t in tensors]
 
 
 def _same(refs: tuple, tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -40,20 +46,21 @@ def _same(refs: tuple, tensors: Sequence[Optional[Tensor]]) -> bool:
 
 
 def cached(owner: Tensor, slot: str, inputs: Sequence[Optional[Tensor]], extra: tuple,
-           compute: Callable[[], object]):
-    """compute()'s result for these inputs, reused while every input is the same tensor at the same version
-    and `extra` (settings such as eps, compared with ==) is unchanged. `owner` (one of the inputs) holds one
-    entry per `slot` (what the value is: "fold", "affine", ...): it is dropped when the owner is freed. (A
-    plain dict keyed by id: a WeakKeyDictionary would compare tensors with ==, which is elementwise.)"""
-    stamp = _stamp(inputs, extra)
+           compute: Callable[[], object], stamp_of: Callable[[Sequence[Optional[Tensor]]], list] = version_stamp):
+    """compute()'s result for these inputs, reused while every input is the same tensor with the same
+    `stamp_of` (by default: at the same version) and `extra` (settings such as eps, compared with ==) is
+    unchanged. `owner` (one of the inputs) holds one entry per `slot` (what the value is: "fold", "affine",
+    ...): it is dropped when the owner is freed. (A plain dict keyed by id: a WeakKeyDictionary would compare
+    tensors with ==, which is elementwise.)"""
+    stamp = stamp_of(inputs)
     key = (id(owner), slot)
     entry = _entries.get(key)
-    if entry is not None and entry[0] == stamp and _same(entry[1], inputs):
-        return entry[2]
+    if entry is not None and entry[0] == stamp and entry[1] == extra and _same(entry[2], inputs):
+        return entry[3]
     value = compute()
     if entry is None:
         weakref.finalize(owner, _entries.pop, key, None)
-    _entries[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in inputs), value)
+    _entries[key] = (stamp, extra, tuple(None if t is None else weakref.ref(t) for t in inputs), value)
     return value
 
 

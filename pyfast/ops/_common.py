@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._bn import check_activation, check_like
-from ._cache import cached
+from ._cache import cached, storage_stamp
 from ._conv import ConvParams, memory_format_of
 
 
@@ -74,20 +74,28 @@ def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], str
 
 
 
-def memoized_inference(activations: Sequence[Optional[Tensor]], tensors: Sequence[Optional[Tensor]],
-                       settings: Optional[tuple], resolve: Callable[[], Optional[Callable]]) -> Optional[Callable]:
-    """An inference call (eval BN, no autograd graph) resolved once: `resolve()` checks the arguments and
-    returns the call as a function of the activations (backend chosen, BN folded or turned into its affine map),
-    or None where the op takes its general path. It is reused while each of `tensors` (the parameters and
-    buffers; the first holds the entry, None: not an inference call) is the same tensor at the same version, each activation (the first a
-    tensor, the others tensors or None) has the same dtype, device, shape and strides, and `settings` (the other
-    arguments and `choice_settings`) are equal: a repeated call skips every check and lookup. None (the general
-    path) under torch.compile, which resolves once per graph, under autocast, which casts per call, when a call
-    records a graph, and when `settings` is None (backend choices being recorded)."""
+def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tensors: Sequence[Optional[Tensor]],
+                  settings: Optional[tuple], resolve: Callable[[], Optional[Callable]]) -> Optional[Callable]:
+    """A fused call resolved once and reused: `resolve()` checks the arguments and returns the call as a function
+    of the activations (backend chosen; in inference the BN folded or turned into its affine map), or None where
+    the op takes its general path. It is reused while each activation (the first a tensor, the others tensors or
+    None) has the same dtype, device, shape and strides, `settings` (the other arguments and `choice_settings`)
+    are equal, and each of `tensors` (the parameters and buffers; the first holds the entry, None: no call to
+    memoize) is the same tensor
+    - in inference (eval BN, no autograd graph), at the same version: the function binds values derived from
+      them;
+    - in training, with the same storage and shape: the function binds only the tensors and what the checks and
+      the backend choice found, so the running statistics' updates and optimizer steps keep it valid.
+    A repeated call skips every check and lookup. None (the general path) under torch.compile, which resolves
+    once per graph, under autocast, which casts per call, for an eval call that records a graph, and when
+    `settings` is None (backend choices being recorded)."""
     x = activations[0]
     if settings is None or tensors[0] is None or not isinstance(x, Tensor) or torch.compiler.is_compiling():
         return None
-    if torch.is_autocast_enabled(x.device.type) or needs_grad(*activations, *tensors):
+    # (autocast on any device: one builtin call, where asking x's device type would build a device object first)
+    if torch._C._is_any_autocast_enabled() or (not training and needs_grad(*activations, *tensors)):
         return None
-    layouts = [None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations]
-    return cached(tensors[0], "inference", tensors, (*layouts, *settings), resolve)
+    layouts = tuple(None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations)
+    if training:
+        return cached(tensors[0], "training call", tensors, (layouts, settings), resolve, storage_stamp)
+    return cached(tensors[0], "inference call", tensors, (layouts, settings), resolve)

@@ -16,7 +16,7 @@ from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
                   eval_affine, reduction_count)
-from ._common import dtype_of as _dtype, like_layout, memoized_inference, needs_grad, param_grad
+from ._common import dtype_of as _dtype, like_layout, memoized_call, needs_grad, param_grad
 from ._conv import memory_format_of
 from .backends import BACKENDS, choice_settings, select
 
@@ -29,15 +29,16 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     """relu(F.batch_norm(y, ...) + s) where s = shortcut, or F.batch_norm(shortcut, *shortcut_bn) when
     shortcut_bn (a BatchNormArgs) is given; shortcut=None is a plain BN-ReLU (no addition). Running
     statistics of both BNs update in place in training."""
-    if not training and (shortcut_bn is None or isinstance(shortcut_bn, BatchNormArgs)):
+    if shortcut_bn is None or isinstance(shortcut_bn, BatchNormArgs):
         sbn = shortcut_bn or BatchNormArgs()
-        tensors = (running_mean, running_var, bn_weight, bn_bias, sbn.running_mean, sbn.running_var, sbn.weight,
-                   sbn.bias)
+        # the owner first: a BN in eval has running statistics, one in training usually a weight
+        tensors = ((bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, *sbn[:5]) if training else
+                   (running_mean, running_var, bn_weight, bn_bias, *sbn[:4]))
         settings = choice_settings(backend)
-        run = memoized_inference((y, shortcut), tensors,
-                                 settings and (eps, shortcut_bn is not None, sbn.eps, relu, *settings),
-                                 lambda: _inference(y, bn_weight, bn_bias, running_mean, running_var, eps, shortcut,
-                                                    shortcut_bn, relu, backend))
+        settings = settings and (momentum, eps, shortcut_bn is not None, sbn.momentum, sbn.eps, relu, *settings)
+        run = memoized_call(training, (y, shortcut), tensors, settings,
+                            lambda: _resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                             training, momentum, eps, shortcut, shortcut_bn, relu, backend))
         if run is not None:
             return run(y, shortcut)
     y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)
@@ -80,17 +81,25 @@ def _checked_inputs(y: Tensor, shortcut: Optional[Tensor], shortcut_bn: Optional
     return y, shortcut
 
 
-def _inference(y, bn_weight, bn_bias, running_mean, running_var, eps, shortcut, shortcut_bn, relu, backend):
-    """The eval call of these arguments, checked, as a function of (y, shortcut) (memoized_inference's
-    `resolve`); None for the reference backend, which takes the general path."""
+def _resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+             shortcut, shortcut_bn, relu, backend):
+    """The call of these arguments, checked, as a function of (y, shortcut) (memoized_call's `resolve`): in
+    inference one elementwise pass with the cached affine maps, in training the backend's C++ autograd entry.
+    None where the general path runs it (the reference backend, the Python autograd.Function)."""
     y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)  # no autocast here: nothing is cast
-    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, None, None, eps)
-    check_batch_norm("bn_", y.shape, y.device, bn, False)
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    check_batch_norm("bn_", y.shape, y.device, bn, training)
     if shortcut_bn is not None:
-        check_batch_norm("shortcut_bn.", shortcut.shape, y.device, shortcut_bn, False)
+        check_batch_norm("shortcut_bn.", shortcut.shape, y.device, shortcut_bn, training)
     chosen = select("bn_add_relu", y, backend)
-    if chosen.name == "reference":
+    functions = eager_autograd(chosen)
+    if chosen.name == "reference" or (training and functions is None):
         return None
+    if training:
+        sbn = shortcut_bn or BatchNormArgs()
+        return lambda y, shortcut: functions.bn_add_relu(
+            y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, True, momentum, eps, shortcut,
+            *sbn, shortcut_bn is not None, relu)
     affine = eval_affine(chosen, bn, acc_dtype(y.dtype), reuse=True)
     s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc_dtype(y.dtype), reuse=True)
     run = chosen.inference_bn_act(affine.scale, affine.shift, s_affine[0], s_affine[1], relu)

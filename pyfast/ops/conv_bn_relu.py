@@ -19,7 +19,7 @@ from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
-from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_inference, needs_grad, param_grad
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_call, needs_grad, param_grad
 from .backends import BACKENDS, choice_settings, select
 
 
@@ -32,16 +32,17 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
-    if not training:
-        tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-        settings = choice_settings(backend)
-        run = memoized_inference((x,), tensors, settings and (eps, stride, padding, dilation, groups, relu, *settings),
-                                 lambda: _inference(x, *tensors, eps, stride, padding, dilation, groups, relu, backend))
-        if run is not None:
-            return run(x)
-    x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
+    settings = choice_settings(backend)
+    tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
+    run = memoized_call(training, (x,), tensors if training else tensors[:6],
+                        settings and (momentum, eps, stride, padding, dilation, groups, relu, *settings),
+                        lambda: _resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
+                                         backend))
+    if run is not None:
+        return run(x)
+    x, weight, bias, params, out_shape, chosen = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
+                                                               backend)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-    chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
     records = needs_grad(x, weight, bias, bn_weight, bn_bias)
     if not training and not records and chosen.name != "reference":
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
@@ -59,17 +60,33 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
                  num_batches_tracked, config)
 
 
-def _inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation, groups,
-               relu, backend):
-    """The eval call of these arguments, checked, as a function of x (memoized_inference's `resolve`); None for
-    the reference backend, which takes the general path."""
+def _checked_conv(x, weight, bias, stride, padding, dilation, groups, backend):
+    """conv_inputs, then the backend for the call."""
     x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
-    chosen = select("conv_bn_relu", x, backend, weight=weight, params=params)
+    return x, weight, bias, params, out_shape, select("conv_bn_relu", x, backend, weight=weight, params=params)
+
+
+def _resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+             eps, stride, padding, dilation, groups, relu, backend):
+    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`): in inference the
+    folded convolution, in training the backend's C++ autograd entry. None where the general path runs it (the
+    reference backend, the Python autograd.Function)."""
+    x, weight, bias, params, out_shape, chosen = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
+                                                               backend)
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     if chosen.name == "reference":
         return None
-    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, None, None, eps)
-    folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
-    return chosen.inference_conv(folded_weight, folded_bias, params, relu)
+    if not training:
+        folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
+        return chosen.inference_conv(folded_weight, folded_bias, params, relu)
+    check_batch_norm("bn_", out_shape, x.device, bn, training)
+    functions = eager_autograd(chosen)
+    if functions is None:
+        return None
+    stride, padding, dilation, groups = params
+    return lambda x: functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                            num_batches_tracked, True, momentum, eps, stride, padding, dilation,
+                                            groups, relu)
 
 
 def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, backend: Optional[str] = None

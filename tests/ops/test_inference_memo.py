@@ -1,6 +1,7 @@
-"""Inference calls memoized whole (pyfast.ops._common.memoized_inference): a repeated eval call skips every check
+"""Fused calls memoized whole (pyfast.ops._common.memoized_call): a repeated eval call skips every check
 and backend lookup, and still computes what the reference does after any change of its tensors, its inputs'
 layout or the backend settings; calls that may not be memoized take the general path."""
+import copy
 import sys
 
 import pytest
@@ -32,13 +33,14 @@ def _args(bn):
 
 @pytest.fixture
 def selections(monkeypatch):
-    """How many calls reached the backend lookup (a memoized call does not)."""
+    """The (op, backend) of every call that reached the backend lookup (a memoized call does not)."""
     calls = []
     original = ops.conv_bn_relu.__globals__["select"]
 
     def counting(*args, **kwargs):
-        calls.append(args[0])
-        return original(*args, **kwargs)
+        chosen = original(*args, **kwargs)
+        calls.append((args[0], chosen.name))
+        return chosen
 
     for module in ("pyfast.ops.conv_bn_relu", "pyfast.ops.bn_add_relu"):  # the modules, not their functions
         monkeypatch.setattr(sys.modules[module], "select", counting)
@@ -131,3 +133,36 @@ def test_bad_input_still_raises_after_a_memoized_call():
     with pytest.raises(TypeError, match="BatchNormArgs"):
         ops.bn_add_relu(torch.randn(2, 6, 4, 4), bn.weight, bn.bias, bn.running_mean, bn.running_var,
                         shortcut=torch.randn(2, 6, 4, 4), shortcut_bn=(1, 2), backend="cpu")
+
+
+def test_training_memo_keeps_through_optimizer_steps_and_follows_new_tensors(selections):
+    """A training call's memo binds the tensors, not their values: running statistics and optimizer steps
+    change values in place and the memo still holds; outputs, gradients and running statistics match the
+    reference at every step, and a rebound parameter resolves the call again."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    optimizer = torch.optim.SGD([*conv.parameters(), *bn.parameters()], lr=0.1)
+    ref_optimizer = torch.optim.SGD([*ref_conv.parameters(), *ref_bn.parameters()], lr=0.1)
+
+    def step(c, b, opt, backend, x):
+        opt.zero_grad()
+        out = ops.conv_bn_relu(x, c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var,
+                               b.num_batches_tracked, training=True, padding=1, backend=backend)
+        out.square().sum().backward()
+        opt.step()
+        return out
+
+    for i in range(4):
+        if i == 2:
+            conv.weight = nn.Parameter(conv.weight.detach().clone())  # a new tensor: resolved again
+            ref_conv.weight = nn.Parameter(ref_conv.weight.detach().clone())
+            optimizer.param_groups[0]["params"][0] = conv.weight
+            ref_optimizer.param_groups[0]["params"][0] = ref_conv.weight
+        x = torch.randn(2, 4, 5, 5)
+        assert_close(step(conv, bn, optimizer, "cpu", x), step(ref_conv, ref_bn, ref_optimizer, "reference", x))
+        for mine, theirs in ((conv.weight, ref_conv.weight), (bn.weight, ref_bn.weight), (bn.bias, ref_bn.bias),
+                             (bn.running_mean, ref_bn.running_mean), (bn.running_var, ref_bn.running_var)):
+            assert_close(mine, theirs)
+        assert bn.num_batches_tracked.item() == i + 1
+    assert selections.count(("conv_bn_relu", "cpu")) == 2  # the first call and the one after the rebinding

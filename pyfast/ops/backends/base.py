@@ -104,7 +104,7 @@ class Backend:
         y = self.conv(x, weight, bias, params)
         return torch.relu_(y) if relu else y
 
-    # -- eager inference calls with everything but the activations bound (ops._common.memoized_inference) --
+    # -- eager inference calls with everything but the activations bound (ops._common.memoized_call) --
     def inference_conv(self, weight, bias, params: ConvParams, relu: bool) -> Callable[[Tensor], Tensor]:
         """x -> conv_bias_act(x, weight, bias, params, relu)."""
         return lambda x: self.conv_bias_act(x, weight, bias, params, relu)
