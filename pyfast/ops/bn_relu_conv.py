@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
-from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm
-from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, needs_grad, param_grad
-from .backends import BACKENDS, select
+from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm, eval_affine
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_call, needs_grad, param_grad
+from .backends import BACKENDS, choice_settings, select
 
 
 def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -27,11 +28,17 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     """F.conv2d(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum,
     eps)), weight, bias, stride, padding, dilation, groups); `relu=False` drops the ReLU. Under autocast the
     BN runs in x's dtype and only the convolution in the autocast dtype, as in eager PyTorch."""
-    x, weight, bias, params, _ = conv_inputs(x, weight, bias, stride, padding, dilation, groups, cast_x=False)
-    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-    check_batch_norm("bn_", x.shape, x.device, bn, training)
-
-    chosen = select("bn_relu_conv", x, backend, weight=weight, params=params)
+    settings = choice_settings(backend)
+    tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
+    run = memoized_call(training, (x,), tensors if training else tensors[:6],
+                        settings and (momentum, eps, stride, padding, dilation, groups, relu, *settings),
+                        lambda: _resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
+                                         backend))
+    if run is not None:
+        return run(x)
+    x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,
+                                                   num_batches_tracked, training, momentum, eps, weight, bias, stride,
+                                                   padding, dilation, groups, backend)
     if chosen.name == "reference":
         return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
     records = needs_grad(x, bn_weight, bn_bias, weight, bias)
@@ -43,6 +50,35 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
     return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                  weight, bias, config)
+
+
+def _checked(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, weight,
+             bias, stride, padding, dilation, groups, backend):
+    """The checked arguments (x, weight, bias, ConvParams, BatchNormArgs) and the backend for the call."""
+    x, weight, bias, params, _ = conv_inputs(x, weight, bias, stride, padding, dilation, groups, cast_x=False)
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    check_batch_norm("bn_", x.shape, x.device, bn, training)
+    return x, weight, bias, params, bn, select("bn_relu_conv", x, backend, weight=weight, params=params)
+
+
+def _resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+             eps, stride, padding, dilation, groups, relu, backend):
+    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`): in inference the
+    BN's cached affine map and the convolution, in training the backend's C++ autograd entry. None where the
+    general path runs it (the reference backend, the Python autograd.Function in training)."""
+    x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,
+                                                   num_batches_tracked, training, momentum, eps, weight, bias, stride,
+                                                   padding, dilation, groups, backend)
+    functions = eager_autograd(chosen)
+    if chosen.name == "reference" or (training and functions is None):
+        return None
+    if training:
+        stride, padding, dilation, groups = params
+        return lambda x: functions.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                                True, momentum, eps, weight, bias, stride, padding, dilation, groups,
+                                                relu)
+    affine = eval_affine(chosen, bn, acc_dtype(x.dtype), reuse=True)
+    return lambda x: chosen.bn_act_conv(x, affine.scale, affine.shift, relu, weight, bias, params)[0]
 
 
 class _BNReLUConv(torch.autograd.Function):

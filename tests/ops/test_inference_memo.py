@@ -42,7 +42,7 @@ def selections(monkeypatch):
         calls.append((args[0], chosen.name))
         return chosen
 
-    for module in ("pyfast.ops.conv_bn_relu", "pyfast.ops.bn_add_relu"):  # the modules, not their functions
+    for module in ("pyfast.ops.conv_bn_relu", "pyfast.ops.bn_add_relu", "pyfast.ops.bn_relu_conv"):  # not the functions
         monkeypatch.setattr(sys.modules[module], "select", counting)
     return calls
 
@@ -166,3 +166,31 @@ def test_training_memo_keeps_through_optimizer_steps_and_follows_new_tensors(sel
             assert_close(mine, theirs)
         assert bn.num_batches_tracked.item() == i + 1
     assert selections.count(("conv_bn_relu", "cpu")) == 2  # the first call and the one after the rebinding
+
+
+def test_bn_relu_conv_memo_in_both_modes(selections):
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)
+    ref_bn, ref_conv = copy.deepcopy(bn), copy.deepcopy(conv)
+
+    def call(b, c, training, backend, x):
+        return ops.bn_relu_conv(x, b.weight, b.bias, b.running_mean, b.running_var, b.num_batches_tracked,
+                                training=training, weight=c.weight, bias=c.bias, padding=1, backend=backend)
+
+    for training in (True, True, False, False):
+        x = torch.randn(2, 4, 5, 5, requires_grad=training)
+        ref_x = x.detach().clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out, expected = call(bn, conv, training, "cpu", x), call(ref_bn, ref_conv, training, "reference", ref_x)
+        assert_close(out, expected)
+        if training:
+            out.sum().backward()
+            expected.sum().backward()
+            assert_close(x.grad, ref_x.grad)
+            assert_close(conv.weight.grad, ref_conv.weight.grad)
+        assert_close(bn.running_var, ref_bn.running_var)
+    with torch.no_grad():
+        bn.running_mean.add_(1)
+        ref_bn.running_mean.add_(1)
+        assert_close(call(bn, conv, False, "cpu", x), call(ref_bn, ref_conv, False, "reference", x))
+    assert selections.count(("bn_relu_conv", "cpu")) == 3  # training once, eval once, eval after the write
