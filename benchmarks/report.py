@@ -12,7 +12,7 @@ import datetime
 import os
 import re
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -150,21 +150,66 @@ def relative_error(eager, fast, x: torch.Tensor, config: Config) -> Optional[flo
         return f"error: {error}"[:200]
 
 
-def time_provider(module: torch.nn.Module, name: str, config: Config, sets, s: dict, cost) -> dict:
-    """One provider's Measurement as a dict (with achieved TFLOP/s), or the error that stopped it."""
-    try:
-        if name == "compile":
-            module = workloads.compiled(module)
-        step = workloads.make_step(module, config)
-        if name in workloads.GRAPHED:
-            step = workloads.cuda_graphed(step, sets[0])
-        m = timing.measure(step, sets, config.device, warmup=s["warmup"], repeats=s["repeats"],
-                           min_repeats=min(5, s["repeats"]), budget_s=s["budget_s"])
-    except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' timings
-        return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+# On the CPU the providers are timed in interleaved rounds, their samples pooled: the machines are shared and
+# their speed drifts, which one provider timed after another would read as a ratio. (GPUs time one provider at a
+# time, alone on the device, so that each peak memory is its own.)
+CPU_ROUNDS = 3
+
+
+def provider_step(module: torch.nn.Module, name: str, config: Config, sets) -> Callable:
+    """The timed step of one provider's model (compiled, or captured in a CUDA graph, as `name` says)."""
+    if name == "compile":
+        module = workloads.compiled(module)
+    step = workloads.make_step(module, config)
+    if name in workloads.GRAPHED:
+        step = workloads.cuda_graphed(step, sets[0])
+    return step
+
+
+def _entry(m: timing.Measurement, config: Config, cost) -> dict:
     entry = m.as_dict()
     entry["tflops"] = cost.tflops(m.median_ms * 1e-3, backward=config.backward) if cost else None
     return entry
+
+
+def _failure(error: Exception) -> dict:
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+
+
+def time_provider(module: torch.nn.Module, name: str, config: Config, sets, s: dict, cost) -> dict:
+    """One provider's Measurement as a dict (with achieved TFLOP/s), or the error that stopped it."""
+    try:
+        m = timing.measure(provider_step(module, name, config, sets), sets, config.device, warmup=s["warmup"],
+                           repeats=s["repeats"], min_repeats=min(5, s["repeats"]), budget_s=s["budget_s"])
+    except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' timings
+        return _failure(error)
+    return _entry(m, config, cost)
+
+
+def time_interleaved(steps: Dict[str, Callable], config: Config, sets, s: dict, cost) -> Dict[str, dict]:
+    """The providers' steps timed in CPU_ROUNDS interleaved rounds, each round a share of the repeats (the first
+    with the warm-up), each provider's samples pooled into one Measurement; a provider that fails drops out."""
+    samples: Dict[str, list] = {name: [] for name in steps}
+    first_call = {}
+    out: Dict[str, dict] = {}
+    repeats = max(1, -(-s["repeats"] // CPU_ROUNDS))
+    for round_index in range(CPU_ROUNDS):
+        for name, step in steps.items():
+            if name in out:
+                continue
+            try:
+                timed, first_call_s = timing.sample(
+                    step, sets, config.device, warmup=s["warmup"] if round_index == 0 else 1, repeats=repeats,
+                    min_repeats=max(1, min(5, s["repeats"]) // CPU_ROUNDS), budget_s=s["budget_s"] / CPU_ROUNDS)
+            except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' timings
+                out[name] = _failure(error)
+                continue
+            first_call.setdefault(name, first_call_s)
+            samples[name] += timed
+    for name in steps:
+        if name not in out:
+            out[name] = _entry(timing.Measurement.of(samples[name], first_call_s=first_call[name]), config, cost)
+    return {name: out[name] for name in steps}
 
 
 def compiles(model: str, s: dict) -> bool:
@@ -196,14 +241,23 @@ def measure_row(model: str, in_chans: int, num_classes: int, config: Config, s: 
         row["pyfast_dispatch"] = {f"{op} {backend}": count for (op, backend), count in sorted(seen.items())}
         fast.to("cpu")
         del eager, fast
+    interleave = config.device == "cpu"
+    steps = {}
     for name in providers:
         variant, variants[name] = variants[name], None
         if isinstance(variant, str):
             row["providers"][name] = {"error": variant}
             continue
-        row["providers"][name] = time_provider(workloads.place(variant, config), name, config, sets, s, cost)
+        if not interleave:
+            row["providers"][name] = time_provider(workloads.place(variant, config), name, config, sets, s, cost)
+        else:
+            try:
+                steps[name] = provider_step(workloads.place(variant, config), name, config, sets)
+            except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' timings
+                row["providers"][name] = _failure(error)
         del variant
         workloads.release(config.device)
+    row["providers"].update(time_interleaved(steps, config, sets, s, cost) if steps else {})
     if not with_compile:
         cpu_default = s["device"] == "cpu" and s["compile_models"] == CPU_COMPILE_MODELS
         reason = ("--no-compile" if not s["compile"] else "compiled for vionet_d only on the CPU (see the notes)"

@@ -115,10 +115,17 @@ def plan_repeats(estimate_ms: float, budget_ms: float, min_repeats: int, max_rep
     return max(min_repeats, min(max_repeats, fitting))
 
 
-def measure(fn: Callable, input_sets: Sequence[Args], device="cpu", *, warmup: int = 3, repeats: int = 20,
-            min_repeats: int = 5, budget_s: Optional[float] = None, timer=None,
-            flush: Optional[Callable[[], None]] = None) -> Measurement:
-    """Times `fn(*input_sets[i % len(input_sets)])`.
+def measure(fn: Callable, input_sets: Sequence[Args], device="cpu", **kwargs) -> Measurement:
+    """Times `fn(*input_sets[i % len(input_sets)])`: `sample`'s timings as a Measurement, with the peak memory."""
+    samples, first_call_s = sample(fn, input_sets, device, **kwargs)
+    return Measurement.of(samples, peak_memory_bytes=max_memory(torch.device(device)), first_call_s=first_call_s)
+
+
+def sample(fn: Callable, input_sets: Sequence[Args], device="cpu", *, warmup: int = 3, repeats: int = 20,
+           min_repeats: int = 5, budget_s: Optional[float] = None, timer=None,
+           flush: Optional[Callable[[], None]] = None) -> Tuple[List[float], Optional[float]]:
+    """(milliseconds of each timed call of `fn(*input_sets[i % len(input_sets)])`, the first warm-up call's
+    seconds).
 
     warmup: untimed calls first (the first one's wall time is kept as `first_call_s`: compilation,
         autotuning, cuDNN plan search land there).
@@ -155,8 +162,7 @@ def measure(fn: Callable, input_sets: Sequence[Args], device="cpu", *, warmup: i
         fn(*args)
         marks.append((start, timer.mark()))
     timer.finish()
-    samples = [timer.elapsed_ms(start, end) for start, end in marks]
-    return Measurement.of(samples, peak_memory_bytes=max_memory(device), first_call_s=first_call_s)
+    return [timer.elapsed_ms(start, end) for start, end in marks], first_call_s
 
 
 # -- memory ----------------------------------------------------------------------------------------

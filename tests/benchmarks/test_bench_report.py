@@ -152,3 +152,28 @@ def test_cuda_graph_providers_are_skipped_without_a_gpu(tmp_path, monkeypatch, f
     for name in workloads.GRAPHED:
         assert doc["rows"][0]["providers"][name] == {"skipped": "CUDA graphs need a GPU"}
     assert doc["rows"][0]["graphed_speedup_vs_eager"] is None
+
+
+def test_cpu_providers_are_timed_in_interleaved_rounds():
+    """Each provider's samples come from every round, the rounds alternating between providers (so drift on a
+    shared machine hits all of them alike); a provider that fails is reported with its error, the others
+    still timed."""
+    order = []
+
+    def step_of(name):
+        def step(*args):
+            order.append(name)
+        return step
+
+    def broken(*args):
+        raise RuntimeError("no kernel")
+
+    s = dict(repeats=6, warmup=1, budget_s=10.0)
+    config = workloads.Config("inference", "fp32", "nchw", "cpu")
+    out = report.time_interleaved({"eager": step_of("eager"), "broken": broken, "pyfast": step_of("pyfast")},
+                                  config, [()], s, None)
+    assert list(out) == ["eager", "broken", "pyfast"]
+    assert out["broken"]["error"] == "RuntimeError: no kernel"
+    assert out["eager"]["repeats"] == out["pyfast"]["repeats"] == 6
+    runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert runs == ["eager", "pyfast"] * report.CPU_ROUNDS
