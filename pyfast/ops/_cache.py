@@ -7,10 +7,12 @@ parameter gives a new tensor, so (identity, version) of each input is an exact k
 be returned. Entries live as long as the tensor that owns them (a weak reference), so a deleted model
 leaves nothing behind.
 
-Only for calls that record no autograd graph: a cached result carries no history back to its inputs.
-Writes through `tensor.data` bypass the version counter (PyTorch gives `.data` a counter of its own): after
-such a write call `pyfast.ops.clear_cache()`, or make the write the ordinary way (`with torch.no_grad():
-param.copy_(...)`), which every PyTorch optimizer, initializer and `load_state_dict` does.
+Derived tensors are cached only for calls that record no autograd graph: a cached result carries no history
+back to its inputs. A value that depends on the inputs' metadata alone (a training call's checked arguments,
+`pyfast.ops._common.memoized_call`) is stamped by storage and shape instead of version. Writes through
+`tensor.data` bypass the version counter (PyTorch gives `.data` a counter of its own): after such a write call
+`pyfast.ops.clear_cache()`, or make the write the ordinary way (`with torch.no_grad(): param.copy_(...)`),
+which every PyTorch optimizer, initializer and `load_state_dict` does.
 """
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple

@@ -7,6 +7,7 @@ from torch import Tensor
 from ._bn import check_activation, check_like
 from ._cache import cached, storage_stamp
 from ._conv import ConvParams, memory_format_of
+from .backends import choice_settings
 
 
 class ConvOpConfig(NamedTuple):
@@ -73,23 +74,23 @@ def conv_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], str
     return x, weight, bias, params, params.check(x, weight)
 
 
-
 def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tensors: Sequence[Optional[Tensor]],
-                  settings: Optional[tuple], resolve: Callable[[], Optional[Callable]]) -> Optional[Callable]:
+                  arguments: tuple, backend: Optional[str], resolve: Callable[[], Optional[Callable]]
+                  ) -> Optional[Callable]:
     """A fused call resolved once and reused: `resolve()` checks the arguments and returns the call as a function
     of the activations (backend chosen; in inference the BN folded or turned into its affine map), or None where
     the op takes its general path. It is reused while each activation (the first a tensor, the others tensors or
-    None) has the same dtype, device, shape and strides, `settings` (the other arguments and `choice_settings`)
-    are equal, and each of `tensors` (the parameters and buffers; the first holds the entry, None: no call to
-    memoize) is the same tensor
+    None) has the same dtype, device, shape and strides, the other `arguments` and the backend settings
+    (`choice_settings(backend)`) are equal, and each of `tensors` (the parameters and buffers; the first holds
+    the entry, None: no call to memoize) is the same tensor
     - in inference (eval BN, no autograd graph), at the same version: the function binds values derived from
       them;
     - in training, with the same storage and shape: the function binds only the tensors and what the checks and
       the backend choice found, so the running statistics' updates and optimizer steps keep it valid.
     A repeated call skips every check and lookup. None (the general path) under torch.compile, which resolves
-    once per graph, under autocast, which casts per call, for an eval call that records a graph, and when
-    `settings` is None (backend choices being recorded)."""
-    x = activations[0]
+    once per graph, under autocast, which casts per call, for an eval call that records a graph, and while
+    backend choices are recorded."""
+    x, settings = activations[0], choice_settings(backend)
     if settings is None or tensors[0] is None or not isinstance(x, Tensor) or torch.compiler.is_compiling():
         return None
     # (autocast on any device: one builtin call, where asking x's device type would build a device object first)
@@ -97,5 +98,16 @@ def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tenso
         return None
     layouts = tuple(None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations)
     if training:
-        return cached(tensors[0], "training call", tensors, (layouts, settings), resolve, storage_stamp)
-    return cached(tensors[0], "inference call", tensors, (layouts, settings), resolve)
+        return cached(tensors[0], "training call", tensors, (layouts, arguments, settings), resolve, storage_stamp)
+    return cached(tensors[0], "inference call", tensors, (layouts, arguments, settings), resolve)
+
+
+def memoized_conv_call(resolve: Callable, x: Tensor, tensors: tuple, training: bool, momentum, eps, stride, padding,
+                       dilation, groups, relu: bool, backend: Optional[str]) -> Optional[Callable]:
+    """memoized_call for the convolving ops: `tensors` are (weight, bias, bn_weight, bn_bias, running_mean,
+    running_var, num_batches_tracked), the last unused in inference, and `resolve` takes the op's arguments in
+    that order (x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu, backend)."""
+    return memoized_call(training, (x,), tensors if training else tensors[:6],
+                         (momentum, eps, stride, padding, dilation, groups, relu), backend,
+                         lambda: resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
+                                         backend))

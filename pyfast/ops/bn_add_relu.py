@@ -18,7 +18,7 @@ from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activat
                   eval_affine, reduction_count)
 from ._common import dtype_of as _dtype, like_layout, memoized_call, needs_grad, param_grad
 from ._conv import memory_format_of
-from .backends import BACKENDS, choice_settings, select
+from .backends import BACKENDS, select
 
 
 def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -34,9 +34,8 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         # the owner first: a BN in eval has running statistics, one in training usually a weight
         tensors = ((bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, *sbn[:5]) if training else
                    (running_mean, running_var, bn_weight, bn_bias, *sbn[:4]))
-        settings = choice_settings(backend)
-        settings = settings and (momentum, eps, shortcut_bn is not None, sbn.momentum, sbn.eps, relu, *settings)
-        run = memoized_call(training, (y, shortcut), tensors, settings,
+        arguments = (momentum, eps, shortcut_bn is not None, sbn.momentum, sbn.eps, relu)
+        run = memoized_call(training, (y, shortcut), tensors, arguments, backend,
                             lambda: _resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                                              training, momentum, eps, shortcut, shortcut_bn, relu, backend))
         if run is not None:

@@ -16,8 +16,8 @@ from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm, eval_affine
-from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_call, needs_grad, param_grad
-from .backends import BACKENDS, choice_settings, select
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
+from .backends import BACKENDS, select
 
 
 def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -28,12 +28,9 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     """F.conv2d(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum,
     eps)), weight, bias, stride, padding, dilation, groups); `relu=False` drops the ReLU. Under autocast the
     BN runs in x's dtype and only the convolution in the autocast dtype, as in eager PyTorch."""
-    settings = choice_settings(backend)
-    tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
-    run = memoized_call(training, (x,), tensors if training else tensors[:6],
-                        settings and (momentum, eps, stride, padding, dilation, groups, relu, *settings),
-                        lambda: _resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
-                                         backend))
+    run = memoized_conv_call(_resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                           num_batches_tracked), training, momentum, eps, stride, padding, dilation,
+                             groups, relu, backend)
     if run is not None:
         return run(x)
     x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,

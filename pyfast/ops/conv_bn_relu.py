@@ -19,8 +19,8 @@ from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
                   reduction_count)
 from ._cache import cached
-from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_call, needs_grad, param_grad
-from .backends import BACKENDS, choice_settings, select
+from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
+from .backends import BACKENDS, select
 
 
 def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -32,12 +32,9 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
-    settings = choice_settings(backend)
-    tensors = (weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
-    run = memoized_call(training, (x,), tensors if training else tensors[:6],
-                        settings and (momentum, eps, stride, padding, dilation, groups, relu, *settings),
-                        lambda: _resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
-                                         backend))
+    run = memoized_conv_call(_resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                           num_batches_tracked), training, momentum, eps, stride, padding, dilation,
+                             groups, relu, backend)
     if run is not None:
         return run(x)
     x, weight, bias, params, out_shape, chosen = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
