@@ -299,7 +299,7 @@ def wall_ms(fn: Callable[[], object], repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def interleaved_wall(providers: Dict[str, Callable[[], object]], rounds: int = 3) -> Dict[str, float]:
+def interleaved_wall(providers: Dict[str, Callable[[], object]], rounds: int = 5) -> Dict[str, float]:
     samples: Dict[str, List[float]] = {name: [] for name in providers}
     for _ in range(rounds):
         for name, fn in providers.items():
@@ -341,7 +341,7 @@ def report_models(out) -> None:
         for training in (True, False):
             steps = {("fast" if fused else "eager"): model_steps(name, fused, 2, 32, training, **narrow)
                      for fused in (False, True)}
-            times = {k: v / 1e3 for k, v in interleaved(steps, rounds=3, repeats=3, calls=3).items()}
+            times = {k: v / 1e3 for k, v in interleaved(steps, rounds=7, repeats=3, calls=3).items()}
             mode = "training" if training else "inference"
             print(_ratio_row(f"{name} {mode}", times, "ms", "<= 1.2" if training else "<= 1.0"), file=out)
 
