@@ -35,7 +35,12 @@ def autocast_inputs(*tensors: Optional[Tensor]):
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any() over a generator: this runs on every call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def like_layout(t: Tensor, ref: Tensor) -> Tensor:
@@ -96,7 +101,7 @@ def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tenso
     # (autocast on any device: one builtin call, where asking x's device type would build a device object first)
     if torch._C._is_any_autocast_enabled() or (not training and needs_grad(*activations, *tensors)):
         return None
-    layouts = tuple(None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations)
+    layouts = [None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations]
     if training:
         return cached(tensors[0], "training call", tensors, (layouts, arguments, settings), resolve, storage_stamp)
     return cached(tensors[0], "inference call", tensors, (layouts, arguments, settings), resolve)
