@@ -25,6 +25,9 @@ from torch import Tensor, fx, nn
 from .. import ops
 from ..ops import BatchNormArgs
 from ..ops import reference as _reference
+from ..ops._common import memoized_call
+from ..ops.bn_add_relu import resolve as resolve_bn_add_relu
+from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
 from ._sync import process_group_of, sync_batch_norm
 
 __all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_conv", "conv_args", "conv_bn_relu",
@@ -173,6 +176,10 @@ def _one_fx_node(fn):
 def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
+    if not bn.training:
+        run = _memoized_inference(x, conv, bn, relu, backend)
+        if run is not None:
+            return run(x)
     weight, bias, stride, padding, dilation, groups = c = _conv_state(conv)
     if process_group_of(bn) is not None or _on_meta(x, weight):
         y = _eager_batch_norm(F.conv2d(x, *c), bn)
@@ -181,6 +188,30 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
     # positional: keyword matching of 16 arguments is a measurable part of a small call's host time
     return ops.conv_bn_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding, dilation,
                             groups, relu, backend)
+
+
+def _memoized_inference(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+    """conv_bn_relu's inference call memoized on the modules themselves (pyfast.ops' memoized_call, keyed on
+    their tensors and on the settings as the modules hold them): a repeated eval call reads no more state than
+    the key. None where the general path runs (a module whose tensors are computed, no running statistics)."""
+    if not (_plain_state(type(conv), _CONV_ARGS[:2]) and _plain_state(type(bn), _BN_STATE)):
+        return None
+    conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+    tensors = (conv_params.get("weight"), conv_params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
+               bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
+    settings = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps, relu)
+    return memoized_call(False, (x,), tensors, settings, backend,
+                         lambda: _resolve_inference(x, conv, bn, relu, backend))
+
+
+def _resolve_inference(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+    """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
+    weight, bias, stride, padding, dilation, groups = _conv_state(conv)
+    args, training = batch_norm_args(bn)
+    if training or _on_meta(x, weight):
+        return None
+    return resolve_conv_bn_relu(x, weight, bias, *args[:5], False, args.momentum, args.eps, stride, padding, dilation,
+                                groups, relu, backend)
 
 
 @_one_fx_node
@@ -203,6 +234,10 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
                 relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(y) + shortcut), or relu(bn(y) + shortcut_bn(shortcut)) for a BN'd (downsample) shortcut;
     `relu=False` stops after the add."""
+    if not bn.training and (shortcut_bn is None or not getattr(shortcut_bn, "training", True)):
+        run = _memoized_add_inference(y, bn, shortcut, shortcut_bn, relu, backend)
+        if run is not None:
+            return run(y, shortcut)
     _check_bn_module("shortcut_bn", shortcut_bn)
     args, training = batch_norm_args(bn)
     s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
@@ -212,6 +247,36 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
         z = _eager_batch_norm(y, bn) + s
         return F.relu(z) if relu else z
     return ops.bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
+
+
+def _memoized_add_inference(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
+                            backend: Optional[str]):
+    """bn_add_relu's inference call memoized on the BN modules themselves, as _memoized_inference does for
+    conv_bn_relu; None where the general path runs."""
+    if not isinstance(shortcut, Tensor) or not _plain_state(type(bn), _BN_STATE):
+        return None
+    if shortcut_bn is not None and not _plain_state(type(shortcut_bn), _BN_STATE):
+        return None
+    params, buffers = bn._parameters, bn._buffers
+    tensors = (buffers.get("running_mean"), buffers.get("running_var"), params.get("weight"), params.get("bias"))
+    if shortcut_bn is not None:
+        s_params, s_buffers = shortcut_bn._parameters, shortcut_bn._buffers
+        tensors += (s_buffers.get("running_mean"), s_buffers.get("running_var"), s_params.get("weight"),
+                    s_params.get("bias"))
+    settings = (bn.eps, shortcut_bn is not None and shortcut_bn.eps, relu)
+    return memoized_call(False, (y, shortcut), tensors, settings, backend,
+                         lambda: _resolve_add_inference(y, bn, shortcut, shortcut_bn, relu, backend))
+
+
+def _resolve_add_inference(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
+                           backend: Optional[str]):
+    """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
+    _check_bn_module("shortcut_bn", shortcut_bn)
+    args, training = batch_norm_args(bn)
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, False)
+    if training or s_training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
+        return None
+    return resolve_bn_add_relu(y, *args[:5], False, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
 
 @_one_fx_node

@@ -36,7 +36,7 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                    (running_mean, running_var, bn_weight, bn_bias, *sbn[:4]))
         arguments = (momentum, eps, shortcut_bn is not None, sbn.momentum, sbn.eps, relu)
         run = memoized_call(training, (y, shortcut), tensors, arguments, backend,
-                            lambda: _resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                            lambda: resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                                              training, momentum, eps, shortcut, shortcut_bn, relu, backend))
         if run is not None:
             return run(y, shortcut)
@@ -80,11 +80,12 @@ def _checked_inputs(y: Tensor, shortcut: Optional[Tensor], shortcut_bn: Optional
     return y, shortcut
 
 
-def _resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+def resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
              shortcut, shortcut_bn, relu, backend):
-    """The call of these arguments, checked, as a function of (y, shortcut) (memoized_call's `resolve`): in
-    inference one elementwise pass with the cached affine maps, in training the backend's C++ autograd entry.
-    None where the general path runs it (the reference backend, the Python autograd.Function)."""
+    """The call of these arguments, checked, as a function of (y, shortcut) (memoized_call's `resolve`; the
+    memo of pyfast.nn's BN modules uses it too): in inference one elementwise pass with the cached affine maps,
+    in training the backend's C++ autograd entry. None where the general path runs it (the reference backend,
+    the Python autograd.Function)."""
     y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)  # no autocast here: nothing is cast
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", y.shape, y.device, bn, training)

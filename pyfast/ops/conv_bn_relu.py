@@ -32,7 +32,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     running_var, bn_weight, bn_bias, training, momentum, eps)), with `num_batches_tracked` and
     `momentum=None` as in nn.BatchNorm2d; `relu=False` stops after the BN. Running statistics are
     updated in place in training."""
-    run = memoized_conv_call(_resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
+    run = memoized_conv_call(resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked), training, momentum, eps, stride, padding, dilation,
                              groups, relu, backend)
     if run is not None:
@@ -63,11 +63,11 @@ def _checked_conv(x, weight, bias, stride, padding, dilation, groups, backend):
     return x, weight, bias, params, out_shape, select("conv_bn_relu", x, backend, weight=weight, params=params)
 
 
-def _resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+def resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
              eps, stride, padding, dilation, groups, relu, backend):
-    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`): in inference the
-    folded convolution, in training the backend's C++ autograd entry. None where the general path runs it (the
-    reference backend, the Python autograd.Function)."""
+    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`; the memo of
+    pyfast.nn's module pairs uses it too): in inference the folded convolution, in training the backend's C++
+    autograd entry. None where the general path runs it (the reference backend, the Python autograd.Function)."""
     x, weight, bias, params, out_shape, chosen = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
                                                                backend)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)

@@ -1,0 +1,81 @@
+"""pyfast.nn.functional's memo of module pairs in eval: a repeated call on the same modules reads only what its
+key holds and skips every lookup, and follows every change of the modules' state or settings (compared with the
+plain modules computing the same thing)."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyfast import ops
+from pyfast.nn import functional
+
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(ops.BACKENDS["cpu"].unavailable() is not None, reason="pyfast._C is not built")
+
+
+@pytest.fixture
+def lookups(monkeypatch):
+    """The ops whose calls reached the backend lookup."""
+    seen = []
+    for name in ("pyfast.ops.conv_bn_relu", "pyfast.ops.bn_add_relu"):
+        module = sys.modules[name]
+        original = module.select
+
+        def counting(*args, _original=original, **kwargs):
+            seen.append(args[0])
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, "select", counting)
+    return seen
+
+
+def _bn(channels):
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    return bn.eval()
+
+
+@torch.no_grad()
+def test_conv_bn_relu_module_memo_follows_the_modules(lookups):
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn(6)
+    x = torch.randn(2, 4, 8, 8)
+
+    def check():
+        assert_close(functional.conv_bn_relu(x, conv, bn, backend="cpu"), F.relu(bn(conv(x))))
+
+    check()
+    resolved = len(lookups)
+    check()
+    check()
+    assert len(lookups) == resolved, "a repeated eval call went through the op layer's checks again"
+    changes = [lambda: setattr(bn, "eps", 1e-1), lambda: bn.running_var.mul_(2),
+               lambda: setattr(conv, "stride", (2, 2)), lambda: setattr(conv, "padding", "same"),
+               lambda: setattr(bn, "running_mean", torch.randn(6)),
+               lambda: conv.load_state_dict({"weight": torch.randn(6, 4, 3, 3), "bias": torch.randn(6)})]
+    for change in changes:
+        if change is changes[3]:
+            conv.stride = (1, 1)  # 'same' padding needs stride 1
+        change()
+        check()
+    assert len(lookups) == resolved + len(changes)
+
+
+@torch.no_grad()
+def test_bn_add_relu_module_memo_follows_both_bns_and_falls_back_for_broadcasts(lookups):
+    bn, shortcut_bn = _bn(6), _bn(6)
+    y, s = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
+    for sbn in (None, shortcut_bn):
+        expected = F.relu(bn(y) + (s if sbn is None else sbn(s)))
+        assert_close(functional.bn_add_relu(y, bn, s, sbn, backend="cpu"), expected)
+        resolved = len(lookups)
+        assert_close(functional.bn_add_relu(y, bn, s, sbn, backend="cpu"), expected)
+        assert len(lookups) == resolved
+    shortcut_bn.running_mean.add_(1)
+    assert_close(functional.bn_add_relu(y, bn, s, shortcut_bn, backend="cpu"), F.relu(bn(y) + shortcut_bn(s)))
+    row = torch.randn(1, 6, 1, 4)  # broadcasts: the plain modules' own result
+    assert_close(functional.bn_add_relu(y, bn, row, backend="cpu"), F.relu(bn(y) + row))
+    with pytest.raises(TypeError, match="nn.BatchNorm2d"):
+        functional.bn_add_relu(y, bn, s, nn.Identity(), backend="cpu")
