@@ -176,10 +176,9 @@ def _one_fx_node(fn):
 def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
-    if not bn.training:
-        run = _memoized_inference(x, conv, bn, relu, backend)
-        if run is not None:
-            return run(x)
+    run = _memoized(x, conv, bn, relu, backend)
+    if run is not None:
+        return run(x)
     weight, bias, stride, padding, dilation, groups = c = _conv_state(conv)
     if process_group_of(bn) is not None or _on_meta(x, weight):
         y = _eager_batch_norm(F.conv2d(x, *c), bn)
@@ -190,28 +189,35 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                             groups, relu, backend)
 
 
-def _memoized_inference(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
-    """conv_bn_relu's inference call memoized on the modules themselves (pyfast.ops' memoized_call, keyed on
-    their tensors and on the settings as the modules hold them): a repeated eval call reads no more state than
-    the key. None where the general path runs (a module whose tensors are computed, no running statistics)."""
+def _memoized(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+    """conv_bn_relu's call memoized on the modules themselves (pyfast.ops' memoized_call, keyed on their tensors
+    and on the settings as the modules hold them): a repeated call reads no more state than the key. None where
+    the general path runs (a module whose tensors are computed, a BN that synchronizes, no memo)."""
     if not (_plain_state(type(conv), _CONV_ARGS[:2]) and _plain_state(type(bn), _BN_STATE)):
+        return None
+    training = bn.training
+    if training and process_group_of(bn) is not None:
         return None
     conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
     tensors = (conv_params.get("weight"), conv_params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
                bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
-    settings = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps, relu)
-    return memoized_call(False, (x,), tensors, settings, backend,
-                         lambda: _resolve_inference(x, conv, bn, relu, backend))
+    if training:
+        tensors += (bn_buffers.get("num_batches_tracked"),)
+    settings = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps, bn.momentum,
+                bn.track_running_stats, relu)
+    return memoized_call(training, (x,), tensors, settings, backend, lambda: _resolve(x, conv, bn, relu, backend))
 
 
-def _resolve_inference(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+def _resolve(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
     """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
     weight, bias, stride, padding, dilation, groups = _conv_state(conv)
-    args, training = batch_norm_args(bn)
-    if training or _on_meta(x, weight):
+    if _on_meta(x, weight):
         return None
-    return resolve_conv_bn_relu(x, weight, bias, *args[:5], False, args.momentum, args.eps, stride, padding, dilation,
-                                groups, relu, backend)
+    args, training = batch_norm_args(bn)
+    if training != bn.training:  # eval without running statistics: batch statistics, the general path
+        return None
+    return resolve_conv_bn_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding,
+                                dilation, groups, relu, backend)
 
 
 @_one_fx_node
@@ -234,10 +240,9 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
                 relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(y) + shortcut), or relu(bn(y) + shortcut_bn(shortcut)) for a BN'd (downsample) shortcut;
     `relu=False` stops after the add."""
-    if not bn.training and (shortcut_bn is None or not getattr(shortcut_bn, "training", True)):
-        run = _memoized_add_inference(y, bn, shortcut, shortcut_bn, relu, backend)
-        if run is not None:
-            return run(y, shortcut)
+    run = _memoized_add(y, bn, shortcut, shortcut_bn, relu, backend)
+    if run is not None:
+        return run(y, shortcut)
     _check_bn_module("shortcut_bn", shortcut_bn)
     args, training = batch_norm_args(bn)
     s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
@@ -249,34 +254,46 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
     return ops.bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
 
-def _memoized_add_inference(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
-                            backend: Optional[str]):
-    """bn_add_relu's inference call memoized on the BN modules themselves, as _memoized_inference does for
-    conv_bn_relu; None where the general path runs."""
+def _memoized_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
+                  backend: Optional[str]):
+    """bn_add_relu's call memoized on the BN modules themselves, as _memoized does for conv_bn_relu; None where
+    the general path runs (also: the two BNs in different modes, a shortcut_bn that is no BN module)."""
+    training = bn.training
     if not isinstance(shortcut, Tensor) or not _plain_state(type(bn), _BN_STATE):
         return None
-    if shortcut_bn is not None and not _plain_state(type(shortcut_bn), _BN_STATE):
+    if shortcut_bn is not None and not (isinstance(shortcut_bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+                                        and shortcut_bn.training == training
+                                        and _plain_state(type(shortcut_bn), _BN_STATE)):
         return None
-    params, buffers = bn._parameters, bn._buffers
-    tensors = (buffers.get("running_mean"), buffers.get("running_var"), params.get("weight"), params.get("bias"))
+    if training and (process_group_of(bn) is not None or process_group_of(shortcut_bn) is not None):
+        return None
+    tensors = _bn_tensors(bn, training)
     if shortcut_bn is not None:
-        s_params, s_buffers = shortcut_bn._parameters, shortcut_bn._buffers
-        tensors += (s_buffers.get("running_mean"), s_buffers.get("running_var"), s_params.get("weight"),
-                    s_params.get("bias"))
-    settings = (bn.eps, shortcut_bn is not None and shortcut_bn.eps, relu)
-    return memoized_call(False, (y, shortcut), tensors, settings, backend,
-                         lambda: _resolve_add_inference(y, bn, shortcut, shortcut_bn, relu, backend))
+        tensors += _bn_tensors(shortcut_bn, training)
+    settings = (bn.eps, bn.momentum, bn.track_running_stats, relu) + (
+        () if shortcut_bn is None else (shortcut_bn.eps, shortcut_bn.momentum, shortcut_bn.track_running_stats))
+    return memoized_call(training, (y, shortcut), tensors, settings, backend,
+                         lambda: _resolve_add(y, bn, shortcut, shortcut_bn, relu, backend))
 
 
-def _resolve_add_inference(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
-                           backend: Optional[str]):
+def _bn_tensors(bn: nn.Module, training: bool) -> tuple:
+    """A BN's tensors as a memo's key: the owner first (an eval BN has running statistics, a training one
+    usually a weight)."""
+    params, buffers = bn._parameters, bn._buffers
+    if training:
+        return (params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var"),
+                buffers.get("num_batches_tracked"))
+    return buffers.get("running_mean"), buffers.get("running_var"), params.get("weight"), params.get("bias")
+
+
+def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
+                 backend: Optional[str]):
     """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
-    _check_bn_module("shortcut_bn", shortcut_bn)
     args, training = batch_norm_args(bn)
-    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, False)
-    if training or s_training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    if training != bn.training or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
         return None
-    return resolve_bn_add_relu(y, *args[:5], False, args.momentum, args.eps, shortcut, s_args, relu, backend)
+    return resolve_bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
 
 @_one_fx_node

@@ -1,6 +1,7 @@
 """pyfast.nn.functional's memo of module pairs in eval: a repeated call on the same modules reads only what its
 key holds and skips every lookup, and follows every change of the modules' state or settings (compared with the
 plain modules computing the same thing)."""
+import copy
 import sys
 
 import pytest
@@ -79,3 +80,46 @@ def test_bn_add_relu_module_memo_follows_both_bns_and_falls_back_for_broadcasts(
     assert_close(functional.bn_add_relu(y, bn, row, backend="cpu"), F.relu(bn(y) + row))
     with pytest.raises(TypeError, match="nn.BatchNorm2d"):
         functional.bn_add_relu(y, bn, s, nn.Identity(), backend="cpu")
+
+
+def test_training_module_memo_through_sgd_steps_and_mode_switches(lookups):
+    """Training calls memoized on the modules: outputs, gradients and running statistics match the plain modules
+    over SGD steps (in-place updates keep the memo), and a changed momentum or a switch to eval resolves again."""
+    torch.manual_seed(0)
+    conv, bn, last_bn = nn.Conv2d(4, 6, 3, padding=1), _bn(6).train(), _bn(6).train()
+    plain = [copy.deepcopy(m) for m in (conv, bn, last_bn)]
+    fused_params = [p for m in (conv, bn, last_bn) for p in m.parameters()]
+    plain_params = [p for m in plain for p in m.parameters()]
+    optimizers = [torch.optim.SGD(fused_params, lr=0.01), torch.optim.SGD(plain_params, lr=0.01)]
+
+    def fused_forward(x):
+        h = functional.conv_bn_relu(x, conv, bn, backend="cpu")
+        return functional.bn_add_relu(h, last_bn, x.repeat(1, 2, 1, 1)[:, :6], backend="cpu")
+
+    def plain_forward(x):
+        p_conv, p_bn, p_last = plain
+        return F.relu(p_last(F.relu(p_bn(p_conv(x)))) + x.repeat(1, 2, 1, 1)[:, :6])
+
+    for step in range(5):
+        if step == 3:
+            bn.momentum = plain[1].momentum = None  # cumulative averages: resolved again
+        x = torch.randn(2, 4, 8, 8)
+        outs = []
+        for forward, optimizer in zip((fused_forward, plain_forward), optimizers):
+            optimizer.zero_grad()
+            out = forward(x)
+            out.sum().backward()
+            optimizer.step()
+            outs.append(out)
+        assert_close(*outs)
+        for mine, theirs in zip(fused_params, plain_params):
+            assert_close(mine, theirs)
+        for mine, theirs in zip((bn, last_bn), plain[1:]):
+            assert_close(mine.running_var, theirs.running_var)
+            assert mine.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
+    assert lookups.count("conv_bn_relu") == 2 and lookups.count("bn_add_relu") == 1
+    for m in (conv, bn, last_bn, *plain):
+        m.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 4, 8, 8)
+        assert_close(fused_forward(x), plain_forward(x))
