@@ -27,6 +27,7 @@ from ..ops import BatchNormArgs
 from ..ops import reference as _reference
 from ..ops._common import memoized_call
 from ..ops.bn_add_relu import resolve as resolve_bn_add_relu
+from ..ops.bn_relu_conv import resolve as resolve_bn_relu_conv
 from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
 from ._sync import process_group_of, sync_batch_norm
 
@@ -176,7 +177,7 @@ def _one_fx_node(fn):
 def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """relu(bn(conv(x))) (`relu=False`: bn(conv(x))) with the modules' parameters and BN state."""
-    run = _memoized(x, conv, bn, relu, backend)
+    run = _memoized(resolve_conv_bn_relu, x, conv, bn, relu, backend)
     if run is not None:
         return run(x)
     weight, bias, stride, padding, dilation, groups = c = _conv_state(conv)
@@ -189,10 +190,11 @@ def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True,
                             groups, relu, backend)
 
 
-def _memoized(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
-    """conv_bn_relu's call memoized on the modules themselves (pyfast.ops' memoized_call, keyed on their tensors
-    and on the settings as the modules hold them): a repeated call reads no more state than the key. None where
-    the general path runs (a module whose tensors are computed, a BN that synchronizes, no memo)."""
+def _memoized(resolve_op, x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+    """The call of a convolving op (conv_bn_relu or bn_relu_conv, `resolve_op` its pyfast.ops resolve) memoized
+    on the modules themselves (pyfast.ops' memoized_call, keyed on their tensors and on the settings as the
+    modules hold them): a repeated call reads no more state than the key. None where the general path runs (a
+    module whose tensors are computed, a BN that synchronizes, no memo)."""
     if not (_plain_state(type(conv), _CONV_ARGS[:2]) and _plain_state(type(bn), _BN_STATE)):
         return None
     training = bn.training
@@ -203,12 +205,13 @@ def _memoized(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Op
                bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
     if training:
         tensors += (bn_buffers.get("num_batches_tracked"),)
-    settings = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps, bn.momentum,
-                bn.track_running_stats, relu)
-    return memoized_call(training, (x,), tensors, settings, backend, lambda: _resolve(x, conv, bn, relu, backend))
+    settings = (resolve_op, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps,
+                bn.momentum, bn.track_running_stats, relu)
+    return memoized_call(training, (x,), tensors, settings, backend,
+                         lambda: _resolve(resolve_op, x, conv, bn, relu, backend))
 
 
-def _resolve(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
+def _resolve(resolve_op, x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Optional[str]):
     """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
     weight, bias, stride, padding, dilation, groups = _conv_state(conv)
     if _on_meta(x, weight):
@@ -216,14 +219,17 @@ def _resolve(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool, backend: Opt
     args, training = batch_norm_args(bn)
     if training != bn.training:  # eval without running statistics: batch statistics, the general path
         return None
-    return resolve_conv_bn_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding,
-                                dilation, groups, relu, backend)
+    return resolve_op(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding, dilation,
+                      groups, relu, backend)
 
 
 @_one_fx_node
 def bn_relu_conv(x: Tensor, bn: nn.Module, conv: nn.Module, relu: bool = True,
                  backend: Optional[str] = None) -> Tensor:
     """conv(relu(bn(x))) (`relu=False`: conv(bn(x))), the pre-activation unit."""
+    run = _memoized(resolve_bn_relu_conv, x, conv, bn, relu, backend)
+    if run is not None:
+        return run(x)
     c = conv_args(conv)
     if process_group_of(bn) is not None or _on_meta(x, c["weight"]):
         a = _eager_batch_norm(x, bn)
@@ -256,10 +262,11 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
 
 def _memoized_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
                   backend: Optional[str]):
-    """bn_add_relu's call memoized on the BN modules themselves, as _memoized does for conv_bn_relu; None where
-    the general path runs (also: the two BNs in different modes, a shortcut_bn that is no BN module)."""
+    """bn_add_relu's call (bn_relu's: no shortcut) memoized on the BN modules themselves, as _memoized does for
+    the convolving ops; None where the general path runs (also: the two BNs in different modes, a shortcut_bn
+    that is no BN module)."""
     training = bn.training
-    if not isinstance(shortcut, Tensor) or not _plain_state(type(bn), _BN_STATE):
+    if (shortcut is not None and not isinstance(shortcut, Tensor)) or not _plain_state(type(bn), _BN_STATE):
         return None
     if shortcut_bn is not None and not (isinstance(shortcut_bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
                                         and shortcut_bn.training == training
@@ -291,7 +298,8 @@ def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Option
     """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
     args, training = batch_norm_args(bn)
     s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
-    if training != bn.training or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
+    fusable = _fusable_pair(y, shortcut) if shortcut is not None else isinstance(y, Tensor) and y.dim() == 4
+    if training != bn.training or s_training != training or not fusable or _on_meta(y, args.weight):
         return None
     return resolve_bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
@@ -300,6 +308,9 @@ def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Option
 def bn_relu(x: Tensor, bn: nn.Module, relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """relu(bn(x)) as one elementwise pass after the statistics: bn_add_relu without a shortcut (for a
     pre-activation shared by two convolutions, where bn_relu_conv would normalize twice)."""
+    run = _memoized_add(x, bn, None, None, relu, backend)
+    if run is not None:
+        return run(x, None)
     if process_group_of(bn) is not None or not (isinstance(x, Tensor) and x.dim() == 4) or _on_meta(x, bn.weight):
         z = _eager_batch_norm(x, bn)
         return F.relu(z) if relu else z

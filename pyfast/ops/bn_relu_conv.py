@@ -28,7 +28,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     """F.conv2d(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum,
     eps)), weight, bias, stride, padding, dilation, groups); `relu=False` drops the ReLU. Under autocast the
     BN runs in x's dtype and only the convolution in the autocast dtype, as in eager PyTorch."""
-    run = memoized_conv_call(_resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
+    run = memoized_conv_call(resolve, x, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked), training, momentum, eps, stride, padding, dilation,
                              groups, relu, backend)
     if run is not None:
@@ -58,11 +58,12 @@ def _checked(x, bn_weight, bn_bias, running_mean, running_var, num_batches_track
     return x, weight, bias, params, bn, select("bn_relu_conv", x, backend, weight=weight, params=params)
 
 
-def _resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+def resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
              eps, stride, padding, dilation, groups, relu, backend):
-    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`): in inference the
-    BN's cached affine map and the convolution, in training the backend's C++ autograd entry. None where the
-    general path runs it (the reference backend, the Python autograd.Function in training)."""
+    """The call of these arguments, checked, as a function of x (memoized_call's `resolve`; the memo of
+    pyfast.nn's module pairs uses it too): in inference the BN's cached affine map and the convolution, in
+    training the backend's C++ autograd entry. None where the general path runs it (the reference backend, the
+    Python autograd.Function in training)."""
     x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,
                                                    num_batches_tracked, training, momentum, eps, weight, bias, stride,
                                                    padding, dilation, groups, backend)

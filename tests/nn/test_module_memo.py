@@ -123,3 +123,44 @@ def test_training_module_memo_through_sgd_steps_and_mode_switches(lookups):
     with torch.no_grad():
         x = torch.randn(2, 4, 8, 8)
         assert_close(fused_forward(x), plain_forward(x))
+
+
+def test_bn_relu_conv_module_memo_in_both_modes(lookups, monkeypatch):
+    """The pre-activation unit's memo on its modules: training steps and eval calls match the plain modules, and
+    a repeated call skips the op layer's lookup."""
+    seen = []
+    module = sys.modules["pyfast.ops.bn_relu_conv"]
+    original = module.select
+    monkeypatch.setattr(module, "select", lambda *args, **kwargs: seen.append(args[0]) or original(*args, **kwargs))
+    torch.manual_seed(0)
+    bn, conv = _bn(4).train(), nn.Conv2d(4, 6, 3, padding=1)
+    plain_bn, plain_conv = copy.deepcopy(bn), copy.deepcopy(conv)
+    for training in (True, True, True, False, False):
+        for m in (bn, conv, plain_bn, plain_conv):
+            m.train(training)
+        x = torch.randn(2, 4, 8, 8, requires_grad=training)
+        plain_x = x.detach().clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out, expected = functional.bn_relu_conv(x, bn, conv, backend="cpu"), plain_conv(F.relu(plain_bn(plain_x)))
+        assert_close(out, expected)
+        if training:
+            out.sum().backward()
+            expected.sum().backward()
+            assert_close(x.grad, plain_x.grad)
+            assert_close(conv.weight.grad, plain_conv.weight.grad)
+            assert_close(bn.weight.grad, plain_bn.weight.grad)
+        assert_close(bn.running_mean, plain_bn.running_mean)
+    assert seen.count("bn_relu_conv") == 2  # one training resolve, one eval resolve
+
+
+def test_bn_relu_module_memo(lookups):
+    torch.manual_seed(0)
+    bn = _bn(6).train()
+    plain = copy.deepcopy(bn)
+    for training in (True, True, False, False):
+        bn.train(training), plain.train(training)
+        x = torch.randn(2, 6, 5, 5)
+        with torch.set_grad_enabled(training):  # an eval call that records a graph takes the general path
+            assert_close(functional.bn_relu(x, bn, backend="cpu"), F.relu(plain(x)))
+        assert_close(bn.running_var, plain.running_var)
+    assert lookups.count("bn_add_relu") == 2  # once per mode
