@@ -31,3 +31,14 @@ def assert_close(actual, expected, dtype=None, eager=None, kind="forward", what=
         eager_err = relative_error(eager, expected)
         bound = min(bound, max(EAGER_FACTOR[kind] * eager_err, 4e-3))
     assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e} ({dtype}, {kind})"
+
+
+def assert_sum_backward_close(out, expected, leaves):
+    """out ~ expected, then the gradients that out.sum() and expected.sum() give each (mine, theirs) pair of
+    leaves."""
+    assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for mine, theirs in leaves:
+        assert_close(mine.grad, theirs.grad)
+
