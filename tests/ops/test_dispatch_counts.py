@@ -157,31 +157,29 @@ def copy_of(bn):
     return copy.deepcopy(bn)
 
 
+# (backend, model, training) -> the exact kernels (cpu) or launches and kernels (triton) of the fast model's step
+MODEL_BUDGETS = {("cpu", "resnet50", True): 392, ("cpu", "resnet50", False): 105, ("cpu", "regnetx_32", True): 786,
+                 ("cpu", "regnetx_32", False): 212, ("triton", "resnet50", True): 379,
+                 ("triton", "resnet50", False): 74, ("triton", "regnetx_32", True): 754,
+                 ("triton", "regnetx_32", False): 144}
+# (backend, training) -> the largest fast/eager ratio: training at most eager's kernels; inference (BN folded once,
+# ReLU in the convolution) 0.7x on cpu, 0.5x on Triton
+MODEL_RATIOS = {("cpu", True): 1.0, ("cpu", False): 0.7, ("triton", True): 1.0, ("triton", False): 0.5}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-def test_model_step_dispatches_fewer_kernels_than_eager(model, training):
-    """A fast model's step (batch 2, 32x32, cpu backend) against the eager model's: training at most as many
-    kernels, inference at most 0.7x (BN folded once, ReLU in the convolution)."""
-    if ops.BACKENDS["cpu"].unavailable():
+def test_model_step_kernels_against_eager(backend, model, training):
+    """A fast model's step (batch 2, 32x32) against the eager model's, held to exact budgets. On Triton (under the
+    interpreter, launches counted without running them) every reduction is one launch, its partials combined by
+    its last program."""
+    if backend == "cpu" and ops.BACKENDS["cpu"].unavailable():
         pytest.skip("pyfast._C is not built")
-    counts = kernel_counts(model, "cpu", training)
-    budget = {("resnet50", True): 392, ("resnet50", False): 105, ("regnetx_32", True): 786,
-              ("regnetx_32", False): 212}[model, training]
-    assert counts["fast"] == budget, counts
-    assert counts["fast"] <= (1.0 if training else 0.7) * counts["eager"], counts
-
-
-@pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
-@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-def test_model_step_triton_launches(model, training):
-    """The same step on the Triton backend (under the interpreter, launches counted without running them):
-    held to exact budgets. Training launches at most eager's kernels (every reduction is one launch, its
-    partials combined by its last program), inference at most 0.5x."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the model runs on CPU tensors: Triton's interpreter only")
-    counts = kernel_counts(model, "triton", training)
-    budget = {("resnet50", True): 379, ("resnet50", False): 74, ("regnetx_32", True): 754,
-              ("regnetx_32", False): 144}[model, training]
-    assert counts["fast"] == budget, counts
-    assert counts["fast"] <= (1.0 if training else 0.5) * counts["eager"], counts
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the model runs on CPU tensors: Triton's interpreter only")
+    counts = kernel_counts(model, backend, training)
+    assert counts["fast"] == MODEL_BUDGETS[backend, model, training], counts
+    assert counts["fast"] <= MODEL_RATIOS[backend, training] * counts["eager"], counts
