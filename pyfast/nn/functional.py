@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 from .. import ops
 from ..ops import BatchNormArgs
 from ..ops import reference as _reference
-from ..ops._common import memoized_call
+from ..ops._common import bn_memo_tensors, memoized_call
 from ..ops.bn_add_relu import resolve as resolve_bn_add_relu
 from ..ops.bn_relu_conv import resolve as resolve_bn_relu_conv
 from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
@@ -284,13 +284,10 @@ def _memoized_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optio
 
 
 def _bn_tensors(bn: nn.Module, training: bool) -> tuple:
-    """A BN's tensors as a memo's key: the owner first (an eval BN has running statistics, a training one
-    usually a weight)."""
+    """A BN module's tensors as a memo's key (bn_memo_tensors' order), read from its dicts."""
     params, buffers = bn._parameters, bn._buffers
-    if training:
-        return (params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var"),
-                buffers.get("num_batches_tracked"))
-    return buffers.get("running_mean"), buffers.get("running_var"), params.get("weight"), params.get("bias")
+    return bn_memo_tensors(params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+                           buffers.get("running_var"), buffers.get("num_batches_tracked"), training)
 
 
 def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,

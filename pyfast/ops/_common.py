@@ -116,3 +116,12 @@ def memoized_conv_call(resolve: Callable, x: Tensor, tensors: tuple, training: b
                          (momentum, eps, stride, padding, dilation, groups, relu), backend,
                          lambda: resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
                                          backend))
+
+
+def bn_memo_tensors(weight, bias, running_mean, running_var, num_batches_tracked, training: bool) -> tuple:
+    """One BN's tensors as a memoized call's key, the owner of its entry first: in eval the running statistics
+    (an eval BN has them; num_batches_tracked is not read), in training the weight (usually given)."""
+    if training:
+        return weight, bias, running_mean, running_var, num_batches_tracked
+    return running_mean, running_var, weight, bias
+

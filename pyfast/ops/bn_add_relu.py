@@ -16,7 +16,7 @@ from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
                   eval_affine, reduction_count)
-from ._common import dtype_of as _dtype, like_layout, memoized_call, needs_grad, param_grad
+from ._common import bn_memo_tensors, dtype_of as _dtype, like_layout, memoized_call, needs_grad, param_grad
 from ._conv import memory_format_of
 from .backends import BACKENDS, select
 
@@ -31,9 +31,8 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     statistics of both BNs update in place in training."""
     if shortcut_bn is None or isinstance(shortcut_bn, BatchNormArgs):
         sbn = shortcut_bn or BatchNormArgs()
-        # the owner first: a BN in eval has running statistics, one in training usually a weight
-        tensors = ((bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, *sbn[:5]) if training else
-                   (running_mean, running_var, bn_weight, bn_bias, *sbn[:4]))
+        tensors = (bn_memo_tensors(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training)
+                   + bn_memo_tensors(*sbn[:5], training))
         arguments = (momentum, eps, shortcut_bn is not None, sbn.momentum, sbn.eps, relu)
         run = memoized_call(training, (y, shortcut), tensors, arguments, backend,
                             lambda: resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
