@@ -6,7 +6,7 @@ and running-statistics update), then one elementwise pass. Backward: one reducti
 ReLU mask (sum dz, sum dz*xhat, sum dz*rhat: also the BN parameter gradients), then one elementwise pass that
 writes both input gradients. add_relu's backward is one pass over the saved output.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -46,21 +46,11 @@ def bn_add_relu(y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         check_batch_norm("shortcut_bn.", shortcut.shape, y.device, shortcut_bn, training)
 
     chosen = select("bn_add_relu", y, backend)
-    if chosen.name == "reference":
-        return reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
-    sbn = shortcut_bn or BatchNormArgs()
-    records = needs_grad(y, bn_weight, bn_bias, shortcut, sbn.weight, sbn.bias)
-    if not training and not records:  # inference: the cached affine maps and one pass, no autograd node
+    if chosen.name != "reference" and not training and not needs_grad(y, bn_weight, bn_bias, shortcut,
+                                                                       *(shortcut_bn or BatchNormArgs())[:2]):
+        # inference: the cached affine maps and one pass, no autograd node
         return _forward(chosen, y, bn, shortcut, shortcut_bn, training=False, reuse=True, relu=relu)[0]
-    functions = eager_autograd(chosen)
-    if functions is not None:
-        return functions.bn_add_relu(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
-                                     momentum, eps, shortcut, sbn.weight, sbn.bias, sbn.running_mean,
-                                     sbn.running_var, sbn.num_batches_tracked, sbn.momentum, sbn.eps,
-                                     shortcut_bn is not None, relu)
-    config = _Config(training, momentum, eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name)
-    return apply(_BNAddReLU, records, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, shortcut,
-                 sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked, config)
+    return _checked_call(chosen, bn, shortcut_bn, training, relu)(y, shortcut)
 
 
 def _checked_inputs(y: Tensor, shortcut: Optional[Tensor], shortcut_bn: Optional[BatchNormArgs]):
@@ -83,28 +73,43 @@ def resolve(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracke
              shortcut, shortcut_bn, relu, backend):
     """The call of these arguments, checked, as a function of (y, shortcut) (memoized_call's `resolve`; the
     memo of pyfast.nn's BN modules uses it too): in inference one elementwise pass with the cached affine maps,
-    in training the backend's C++ autograd entry. None where the general path runs it (the reference backend,
-    the Python autograd.Function)."""
+    in training _checked_call's."""
     y, shortcut = _checked_inputs(y, shortcut, shortcut_bn)  # no autocast here: nothing is cast
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     check_batch_norm("bn_", y.shape, y.device, bn, training)
     if shortcut_bn is not None:
         check_batch_norm("shortcut_bn.", shortcut.shape, y.device, shortcut_bn, training)
     chosen = select("bn_add_relu", y, backend)
-    functions = eager_autograd(chosen)
-    if chosen.name == "reference" or (training and functions is None):
-        return None
-    if training:
-        sbn = shortcut_bn or BatchNormArgs()
-        return lambda y, shortcut: functions.bn_add_relu(
-            y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, True, momentum, eps, shortcut,
-            *sbn, shortcut_bn is not None, relu)
+    if training or chosen.name == "reference":
+        return _checked_call(chosen, bn, shortcut_bn, training, relu)
     affine = eval_affine(chosen, bn, acc_dtype(y.dtype), reuse=True)
     s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc_dtype(y.dtype), reuse=True)
     run = chosen.inference_bn_act(affine.scale, affine.shift, s_affine[0], s_affine[1], relu)
     if shortcut is None or memory_format_of(shortcut) == memory_format_of(y):
         return run
     return lambda y, shortcut: run(y, like_layout(shortcut, y))
+
+
+def _checked_call(chosen, bn: BatchNormArgs, shortcut_bn: Optional[BatchNormArgs], training: bool, relu: bool
+                  ) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
+    """The call of checked arguments as a function of (y, shortcut), where the affine maps are not cached: the
+    reference composite, the backend's C++ autograd entry, or the Python autograd.Function (which records a graph
+    where an input needs a gradient, asked per call)."""
+    if chosen.name == "reference":
+        return lambda y, shortcut: reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
+    functions = eager_autograd(chosen)
+    sbn, has_shortcut_bn = shortcut_bn or BatchNormArgs(), shortcut_bn is not None
+    if functions is not None:
+        weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps = bn
+        return lambda y, shortcut: functions.bn_add_relu(y, weight, bias, running_mean, running_var,
+                                                         num_batches_tracked, training, momentum, eps, shortcut, *sbn,
+                                                         has_shortcut_bn, relu)
+    config = _Config(training, bn.momentum, bn.eps, sbn.momentum, sbn.eps, has_shortcut_bn, relu, chosen.name)
+
+    def run(y, shortcut):
+        records = needs_grad(y, bn.weight, bn.bias, shortcut, sbn.weight, sbn.bias)
+        return apply(_BNAddReLU, records, y, *bn[:5], shortcut, *sbn[:5], config)
+    return run
 
 
 def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:

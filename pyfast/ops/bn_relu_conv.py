@@ -7,7 +7,7 @@ activation is never stored and the backward recomputes it; the other backends wr
 keep it for the backward, as eager PyTorch does. Backward: the convolution backward, then one reduction and
 one elementwise BN pass.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,17 +36,7 @@ def bn_relu_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,
                                                    num_batches_tracked, training, momentum, eps, weight, bias, stride,
                                                    padding, dilation, groups, backend)
-    if chosen.name == "reference":
-        return reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
-    records = needs_grad(x, bn_weight, bn_bias, weight, bias)
-    functions = eager_autograd(chosen)
-    if functions is not None and (training or records):
-        return functions.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                                      training, momentum, eps, weight, bias, params.stride, params.padding,
-                                      params.dilation, params.groups, relu)
-    config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
-    return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                 weight, bias, config)
+    return _checked_call(chosen, bn, training, weight, bias, params, relu)(x)
 
 
 def _checked(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, weight,
@@ -62,21 +52,41 @@ def resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
              eps, stride, padding, dilation, groups, relu, backend):
     """The call of these arguments, checked, as a function of x (memoized_call's `resolve`; the memo of
     pyfast.nn's module pairs uses it too): in inference the BN's cached affine map and the convolution, in
-    training the backend's C++ autograd entry. None where the general path runs it (the reference backend, the
-    Python autograd.Function in training)."""
+    training _checked_call's."""
     x, weight, bias, params, bn, chosen = _checked(x, bn_weight, bn_bias, running_mean, running_var,
                                                    num_batches_tracked, training, momentum, eps, weight, bias, stride,
                                                    padding, dilation, groups, backend)
-    functions = eager_autograd(chosen)
-    if chosen.name == "reference" or (training and functions is None):
-        return None
-    if training:
-        stride, padding, dilation, groups = params
-        return lambda x: functions.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                                                True, momentum, eps, weight, bias, stride, padding, dilation, groups,
-                                                relu)
+    if training or chosen.name == "reference":
+        return _checked_call(chosen, bn, training, weight, bias, params, relu)
     affine = eval_affine(chosen, bn, acc_dtype(x.dtype), reuse=True)
     return lambda x: chosen.bn_act_conv(x, affine.scale, affine.shift, relu, weight, bias, params)[0]
+
+
+def _checked_call(chosen, bn: BatchNormArgs, training: bool, weight: Tensor, bias: Optional[Tensor], params,
+                  relu: bool) -> Callable[[Tensor], Tensor]:
+    """The call of checked arguments as a function of x: the reference composite, the backend's C++ autograd
+    entry (training, or eval recording a graph), or the Python autograd.Function (whether the call records a
+    graph, and so which of them runs in eval, asked per call)."""
+    if chosen.name == "reference":
+        return lambda x: reference.bn_relu_conv(x, bn, training, weight, bias, params, relu)
+    functions = eager_autograd(chosen)
+    bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps = bn
+    stride, padding, dilation, groups = params
+
+    def entry(x):
+        return functions.bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                                      momentum, eps, weight, bias, stride, padding, dilation, groups, relu)
+    if functions is not None and training:
+        return entry
+
+    def run(x):
+        records = needs_grad(x, bn_weight, bn_bias, weight, bias)
+        if functions is not None and records:
+            return entry(x)
+        config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
+        return apply(_BNReLUConv, records, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                     weight, bias, config)
+    return run
 
 
 class _BNReLUConv(torch.autograd.Function):

@@ -8,7 +8,7 @@
   (y is saved, the post-ReLU output is not): one reduction pass (sum dz, sum dz*xhat, which are also the BN
   parameter gradients), one elementwise pass, then the convolution backward.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,16 +45,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
         return chosen.conv_bias_act(x, folded_weight, folded_bias, params, relu)
     check_batch_norm("bn_", out_shape, x.device, bn, training)
-    if chosen.name == "reference":
-        return reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
-    functions = eager_autograd(chosen)
-    if functions is not None:
-        return functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                      num_batches_tracked, training, momentum, eps, params.stride, params.padding,
-                                      params.dilation, params.groups, relu)
-    config = ConvOpConfig(training, momentum, eps, params, relu, chosen.name, not records)
-    return apply(_ConvBNReLU, records, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                 num_batches_tracked, config)
+    return _checked_call(chosen, weight, bias, bn, training, params, relu)(x)
 
 
 def _checked_conv(x, weight, bias, stride, padding, dilation, groups, backend):
@@ -66,24 +57,37 @@ def _checked_conv(x, weight, bias, stride, padding, dilation, groups, backend):
 def resolve(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
              eps, stride, padding, dilation, groups, relu, backend):
     """The call of these arguments, checked, as a function of x (memoized_call's `resolve`; the memo of
-    pyfast.nn's module pairs uses it too): in inference the folded convolution, in training the backend's C++
-    autograd entry. None where the general path runs it (the reference backend, the Python autograd.Function)."""
+    pyfast.nn's module pairs uses it too): in inference the folded convolution, in training _checked_call's."""
     x, weight, bias, params, out_shape, chosen = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
                                                                backend)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-    if chosen.name == "reference":
-        return None
-    if not training:
+    if not training and chosen.name != "reference":
         folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
         return chosen.inference_conv(folded_weight, folded_bias, params, relu)
     check_batch_norm("bn_", out_shape, x.device, bn, training)
+    return _checked_call(chosen, weight, bias, bn, training, params, relu)
+
+
+def _checked_call(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, training: bool, params,
+                  relu: bool) -> Callable[[Tensor], Tensor]:
+    """The call of checked arguments as a function of x, where BN is not folded: the reference composite, the
+    backend's C++ autograd entry, or the Python autograd.Function (which records a graph where x or a
+    parameter needs a gradient, asked per call)."""
+    if chosen.name == "reference":
+        return lambda x: reference.conv_bn_relu(x, weight, bias, bn, training, params, relu)
     functions = eager_autograd(chosen)
-    if functions is None:
-        return None
-    stride, padding, dilation, groups = params
-    return lambda x: functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                            num_batches_tracked, True, momentum, eps, stride, padding, dilation,
-                                            groups, relu)
+    if functions is not None:
+        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps = bn
+        stride, padding, dilation, groups = params
+        return lambda x: functions.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                                num_batches_tracked, training, momentum, eps, stride, padding,
+                                                dilation, groups, relu)
+
+    def run(x):
+        records = needs_grad(x, weight, bias, bn.weight, bn.bias)
+        config = ConvOpConfig(training, bn.momentum, bn.eps, params, relu, chosen.name, not records)
+        return apply(_ConvBNReLU, records, x, weight, bias, *bn[:5], config)
+    return run
 
 
 def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, backend: Optional[str] = None

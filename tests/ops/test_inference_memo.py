@@ -191,3 +191,62 @@ def test_bn_relu_conv_memo_in_both_modes(selections):
         ref_bn.running_mean.add_(1)
         assert_close(call(bn, conv, False, "cpu", x), call(ref_bn, ref_conv, False, "reference", x))
     assert selections.count(("bn_relu_conv", "cpu")) == 3  # training once, eval once, eval after the write
+
+
+
+def _bn_of(bn):
+    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                         bn.eps)
+
+
+def _training_calls(backend):
+    """Each fused op's training call of a ModuleDict's tensors (conv, bn, bn2: the shortcut's BN) on `backend`,
+    or with backend None the reference composite itself (pyfast.ops.reference, memoized by nothing)."""
+    params = ConvParams.of(1, 1, 1, 1)
+
+    def conv_bn_relu(m, x):
+        if backend is None:
+            return reference.conv_bn_relu(x, m.conv.weight, None, _bn_of(m.bn), True, params, True)
+        return ops.conv_bn_relu(x, m.conv.weight, None, *_bn_of(m.bn)[:5], training=True, padding=1, backend=backend)
+
+    def bn_add_relu(m, x):
+        if backend is None:
+            return reference.bn_add_relu(x, _bn_of(m.bn), x.flip(0), _bn_of(m.bn2), True, True)
+        return ops.bn_add_relu(x, *_bn_of(m.bn)[:5], training=True, shortcut=x.flip(0), shortcut_bn=_bn_of(m.bn2),
+                               backend=backend)
+
+    def bn_relu_conv(m, x):
+        if backend is None:
+            return reference.bn_relu_conv(x, _bn_of(m.bn), True, m.conv.weight, None, params, True)
+        return ops.bn_relu_conv(x, *_bn_of(m.bn)[:5], training=True, weight=m.conv.weight, padding=1,
+                                backend=backend)
+    return {"conv_bn_relu": conv_bn_relu, "bn_add_relu": bn_add_relu, "bn_relu_conv": bn_relu_conv}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["conv_bn_relu", "bn_add_relu", "bn_relu_conv"])
+def test_training_calls_are_memoized_on_every_backend(selections, backend, op):
+    """The reference composite and the Python autograd.Function (Triton) are memoized too: a repeated training
+    call reaches no check or lookup, and its outputs, gradients and running statistics stay the reference's."""
+    if ops.BACKENDS[backend].unavailable() is not None:
+        pytest.skip(ops.BACKENDS[backend].unavailable())
+    torch.manual_seed(0)
+    channels = {"conv_bn_relu": 6, "bn_add_relu": 4, "bn_relu_conv": 4}[op]
+    mine = nn.ModuleDict({"conv": nn.Conv2d(4, 6, 3, padding=1, bias=False), "bn": nn.BatchNorm2d(channels),
+                          "bn2": nn.BatchNorm2d(4)})
+    theirs = copy.deepcopy(mine)
+    call, expected_call = _training_calls(backend)[op], _training_calls(None)[op]
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        x_mine, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        mine.zero_grad()
+        theirs.zero_grad()
+        assert_sum_backward_close(call(mine, x_mine), expected_call(theirs, x_theirs),
+                                  [(x_mine, x_theirs), (mine.bn.weight, theirs.bn.weight)])
+        for name, buffer in mine.named_buffers():
+            expected = theirs.get_buffer(name)
+            if buffer.is_floating_point():
+                assert_close(buffer, expected)
+            else:
+                assert torch.equal(buffer, expected)
+    assert selections.count((op, backend)) == 1
