@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 from .. import ops
 from ..ops import BatchNormArgs
 from ..ops import reference as _reference
-from ..ops._common import bn_memo_tensors, memoized_call
+from ..ops._common import bn_memo_tensors, conv_memo_tensors, memoized_call
 from ..ops.bn_add_relu import resolve as resolve_bn_add_relu
 from ..ops.bn_relu_conv import resolve as resolve_bn_relu_conv
 from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
@@ -201,10 +201,9 @@ def _memoized(resolve_op, x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool,
     if training and process_group_of(bn) is not None:
         return None
     conv_params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
-    tensors = (conv_params.get("weight"), conv_params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
-               bn_buffers.get("running_mean"), bn_buffers.get("running_var"))
-    if training:
-        tensors += (bn_buffers.get("num_batches_tracked"),)
+    tensors = conv_memo_tensors(conv_params.get("weight"), conv_params.get("bias"), bn_params.get("weight"),
+                                bn_params.get("bias"), bn_buffers.get("running_mean"), bn_buffers.get("running_var"),
+                                bn_buffers.get("num_batches_tracked"), training)
     settings = (resolve_op, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, bn.eps,
                 bn.momentum, bn.track_running_stats, relu)
     return memoized_call(training, (x,), tensors, settings, backend,

@@ -110,12 +110,21 @@ def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tenso
 def memoized_conv_call(resolve: Callable, x: Tensor, tensors: tuple, training: bool, momentum, eps, stride, padding,
                        dilation, groups, relu: bool, backend: Optional[str]) -> Optional[Callable]:
     """memoized_call for the convolving ops: `tensors` are (weight, bias, bn_weight, bn_bias, running_mean,
-    running_var, num_batches_tracked), the last unused in inference, and `resolve` takes the op's arguments in
+    running_var, num_batches_tracked) (keyed as conv_memo_tensors says), and `resolve` takes the op's arguments in
     that order (x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu, backend)."""
-    return memoized_call(training, (x,), tensors if training else tensors[:6],
+    return memoized_call(training, (x,), conv_memo_tensors(*tensors, training),
                          (momentum, eps, stride, padding, dilation, groups, relu), backend,
                          lambda: resolve(x, *tensors, training, momentum, eps, stride, padding, dilation, groups, relu,
                                          backend))
+
+
+def conv_memo_tensors(weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                      training: bool) -> tuple:
+    """A convolving op's tensors as a memoized call's key, the convolution's weight (the entry's owner) first;
+    num_batches_tracked only in training (an eval call does not read it)."""
+    if training:
+        return weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked
+    return weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
 def bn_memo_tensors(weight, bias, running_mean, running_var, num_batches_tracked, training: bool) -> tuple:
@@ -124,4 +133,3 @@ def bn_memo_tensors(weight, bias, running_mean, running_var, num_batches_tracked
     if training:
         return weight, bias, running_mean, running_var, num_batches_tracked
     return running_mean, running_var, weight, bias
-
