@@ -105,10 +105,11 @@ def _checked_call(chosen, bn: BatchNormArgs, shortcut_bn: Optional[BatchNormArgs
                                                          num_batches_tracked, training, momentum, eps, shortcut, *sbn,
                                                          has_shortcut_bn, relu)
     config = _Config(training, bn.momentum, bn.eps, sbn.momentum, sbn.eps, has_shortcut_bn, relu, chosen.name)
+    bn_tensors, s_tensors = bn[:5], sbn[:5]
 
     def run(y, shortcut):
         records = needs_grad(y, bn.weight, bn.bias, shortcut, sbn.weight, sbn.bias)
-        return apply(_BNAddReLU, records, y, *bn[:5], shortcut, *sbn[:5], config)
+        return apply(_BNAddReLU, records, y, *bn_tensors, shortcut, *s_tensors, config)
     return run
 
 

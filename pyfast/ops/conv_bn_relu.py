@@ -83,10 +83,12 @@ def _checked_call(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormA
                                                 num_batches_tracked, training, momentum, eps, stride, padding,
                                                 dilation, groups, relu)
 
+    bn_tensors = bn[:5]
+
     def run(x):
         records = needs_grad(x, weight, bias, bn.weight, bn.bias)
         config = ConvOpConfig(training, bn.momentum, bn.eps, params, relu, chosen.name, not records)
-        return apply(_ConvBNReLU, records, x, weight, bias, *bn[:5], config)
+        return apply(_ConvBNReLU, records, x, weight, bias, *bn_tensors, config)
     return run
 
 
