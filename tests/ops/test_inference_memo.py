@@ -28,7 +28,8 @@ def _bn(channels=6):
 
 
 def _args(bn):
-    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, None, bn.momentum, bn.eps)
+    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                         bn.eps)
 
 
 @pytest.fixture
@@ -194,11 +195,6 @@ def test_bn_relu_conv_memo_in_both_modes(selections):
 
 
 
-def _bn_of(bn):
-    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                         bn.eps)
-
-
 def _training_calls(backend):
     """Each fused op's training call of a ModuleDict's tensors (conv, bn, bn2: the shortcut's BN) on `backend`,
     or with backend None the reference composite itself (pyfast.ops.reference, memoized by nothing)."""
@@ -206,19 +202,19 @@ def _training_calls(backend):
 
     def conv_bn_relu(m, x):
         if backend is None:
-            return reference.conv_bn_relu(x, m.conv.weight, None, _bn_of(m.bn), True, params, True)
-        return ops.conv_bn_relu(x, m.conv.weight, None, *_bn_of(m.bn)[:5], training=True, padding=1, backend=backend)
+            return reference.conv_bn_relu(x, m.conv.weight, None, _args(m.bn), True, params, True)
+        return ops.conv_bn_relu(x, m.conv.weight, None, *_args(m.bn)[:5], training=True, padding=1, backend=backend)
 
     def bn_add_relu(m, x):
         if backend is None:
-            return reference.bn_add_relu(x, _bn_of(m.bn), x.flip(0), _bn_of(m.bn2), True, True)
-        return ops.bn_add_relu(x, *_bn_of(m.bn)[:5], training=True, shortcut=x.flip(0), shortcut_bn=_bn_of(m.bn2),
+            return reference.bn_add_relu(x, _args(m.bn), x.flip(0), _args(m.bn2), True, True)
+        return ops.bn_add_relu(x, *_args(m.bn)[:5], training=True, shortcut=x.flip(0), shortcut_bn=_args(m.bn2),
                                backend=backend)
 
     def bn_relu_conv(m, x):
         if backend is None:
-            return reference.bn_relu_conv(x, _bn_of(m.bn), True, m.conv.weight, None, params, True)
-        return ops.bn_relu_conv(x, *_bn_of(m.bn)[:5], training=True, weight=m.conv.weight, padding=1,
+            return reference.bn_relu_conv(x, _args(m.bn), True, m.conv.weight, None, params, True)
+        return ops.bn_relu_conv(x, *_args(m.bn)[:5], training=True, weight=m.conv.weight, padding=1,
                                 backend=backend)
     return {"conv_bn_relu": conv_bn_relu, "bn_add_relu": bn_add_relu, "bn_relu_conv": bn_relu_conv}
 
