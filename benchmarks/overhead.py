@@ -206,6 +206,11 @@ def op_cases(backend: str) -> Dict[str, Dict[str, Callable[[], object]]]:
         return ops.bn_add_relu(s, b.weight, b.bias, b.running_mean, b.running_var, b.num_batches_tracked,
                                training=training, shortcut=x, backend=backend)
 
+    def fast_cbar(training):
+        b = bn if training else frozen
+        return ops.conv_bn_add_relu(x, w, None, b.weight, b.bias, b.running_mean, b.running_var,
+                                    b.num_batches_tracked, training=training, padding=1, shortcut=s, backend=backend)
+
     def fast_brc(training):
         return ops.bn_relu_conv(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                                 training=training, weight=w, padding=1, backend=backend)
@@ -227,6 +232,8 @@ def op_cases(backend: str) -> Dict[str, Dict[str, Callable[[], object]]]:
         "bn_add_relu train fwd": {"eager": lambda: F.relu(eager_bn(s, bn2, True) + x), "fast": lambda: fast_bar(True)},
         "bn_add_relu eval no-grad": {"eager": torch.no_grad()(lambda: F.relu(eager_bn(s, bn2, False) + x)),
                                      "fast": torch.no_grad()(lambda: fast_bar(False))},
+        "conv_bn_add_relu train fwd": {"eager": lambda: F.relu(eager_bn(F.conv2d(x, w, padding=1), bn2, True) + s),
+                                       "fast": lambda: fast_cbar(True)},
         "bn_relu_conv train fwd": {"eager": lambda: F.conv2d(F.relu(eager_bn(x, bn2, True)), w, padding=1),
                                    "fast": lambda: fast_brc(True)},
         "add_relu": {"eager": lambda: F.relu(x + s),
@@ -268,6 +275,9 @@ class _ConvOnlyKit:
 
     def bn_add_relu(self, y, bn, shortcut, shortcut_bn=None, relu=True):
         return y.add_(shortcut)
+
+    def conv_bn_add_relu(self, x, conv, bn, shortcut, shortcut_bn=None, relu=True):
+        return conv(x).add_(shortcut)
 
     def bn_relu_conv(self, x, bn, conv):
         return conv(x)

@@ -118,7 +118,7 @@ TRANSFORMS = {"bottleneck": bottleneck_transform, "basic": basic_transform}
 class ResBlock(nn.Module):
     """relu(f(x) + proj(x)): `f` a sequence of ConvNormAct whose last has no ReLU; `proj` a 1x1 stride-s
     conv-BN when the shape changes, else the identity. The last BN, the add and the ReLU are one step
-    of the kit (`bn_add_relu`), the shortcut's BN included."""
+    of the kit with the last conv (`conv_bn_add_relu`), the shortcut's BN included."""
 
     def __init__(self, w_in: int, w_out: int, stride: int, block: str = "bottleneck",
                  group_width: Optional[int] = None, bottleneck_multiplier: float = 1.0, kit=None) -> None:
@@ -133,10 +133,9 @@ class ResBlock(nn.Module):
         for i in range(len(f) - 1):
             h = f[i](h)
         last = f[-1]
-        y = last.conv(h)
         if self.proj is None:
-            return self.kit.bn_add_relu(y, last.bn, x)
-        return self.kit.bn_add_relu(y, last.bn, self.proj.conv(x), self.proj.bn)
+            return self.kit.conv_bn_add_relu(h, last.conv, last.bn, x)
+        return self.kit.conv_bn_add_relu(h, last.conv, last.bn, self.proj.conv(x), self.proj.bn)
 
     def cost(self, shape):
         total, h = Cost(), shape

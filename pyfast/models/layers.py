@@ -2,10 +2,11 @@
 
 Every block holds plain `nn.Conv2d` / `nn.BatchNorm2d` submodules (so fused and unfused models have
 the same module tree, parameter names and state_dict) and a *kit*, a stateless strategy object with
-the four fusable steps of docs/DESIGN.md. A block's forward is written once against the kit:
+the fusable steps of docs/DESIGN.md. A block's forward is written once against the kit:
 
     kit.conv_bn_relu(x, conv, bn, relu=True)          relu(bn(conv(x)))
     kit.bn_add_relu(y, bn, shortcut, shortcut_bn=None) relu(bn(y) + shortcut)  or  + shortcut_bn(shortcut)
+    kit.conv_bn_add_relu(x, conv, bn, shortcut, ...)  bn_add_relu(conv(x), bn, shortcut, ...)
     kit.bn_relu_conv(x, bn, conv)                      conv(relu(bn(x)))
     kit.bn_relu(x, bn)                                 relu(bn(x))
 
@@ -46,6 +47,10 @@ class EagerKit:
         out = bn(y)
         out += shortcut if shortcut_bn is None else shortcut_bn(shortcut)
         return F.relu(out, inplace=True) if relu else out
+
+    def conv_bn_add_relu(self, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut: Tensor,
+                         shortcut_bn: nn.BatchNorm2d = None, relu: bool = True) -> Tensor:
+        return self.bn_add_relu(conv(x), bn, shortcut, shortcut_bn, relu)
 
     def bn_relu_conv(self, x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
         return conv(F.relu(bn(x), inplace=True))
@@ -95,6 +100,9 @@ class FastKit(EagerKit):
 
     def bn_add_relu(self, y, bn, shortcut, shortcut_bn=None, relu=True):
         return _functional().bn_add_relu(y, bn, shortcut, shortcut_bn, relu=relu, backend=self.backend)
+
+    def conv_bn_add_relu(self, x, conv, bn, shortcut, shortcut_bn=None, relu=True):
+        return _functional().conv_bn_add_relu(x, conv, bn, shortcut, shortcut_bn, relu=relu, backend=self.backend)
 
     def bn_relu_conv(self, x, bn, conv):
         return _functional().bn_relu_conv(x, bn, conv, backend=self.backend)

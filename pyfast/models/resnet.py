@@ -64,11 +64,12 @@ def bottleneck_width(planes: int, base_width: int, groups: int) -> int:
     return width
 
 
-def _shortcut_out(kit, y: Tensor, bn: nn.BatchNorm2d, x: Tensor, downsample: Optional[nn.Sequential]) -> Tensor:
-    """relu(bn(y) + shortcut), the shortcut being x or downsample(x) = bn_d(conv_d(x))."""
+def _shortcut_out(kit, h: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
+                  downsample: Optional[nn.Sequential]) -> Tensor:
+    """relu(bn(conv(h)) + shortcut), the shortcut being x or downsample(x) = bn_d(conv_d(x))."""
     if downsample is None:
-        return kit.bn_add_relu(y, bn, x)
-    return kit.bn_add_relu(y, bn, downsample[0](x), downsample[1])
+        return kit.conv_bn_add_relu(h, conv, bn, x)
+    return kit.conv_bn_add_relu(h, conv, bn, downsample[0](x), downsample[1])
 
 
 def stem_cost(conv: nn.Conv2d, bn: nn.BatchNorm2d, shape):
@@ -98,7 +99,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)
-        return _shortcut_out(self.kit, self.conv2(h), self.bn2, x, self.downsample)
+        return _shortcut_out(self.kit, h, self.conv2, self.bn2, x, self.downsample)
 
     def cost(self, shape):
         h, c1 = conv_bn_cost(self.conv1, self.bn1, shape)
@@ -127,7 +128,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.kit.conv_bn_relu(x, self.conv1, self.bn1)
         h = self.kit.conv_bn_relu(h, self.conv2, self.bn2)
-        return _shortcut_out(self.kit, self.conv3(h), self.bn3, x, self.downsample)
+        return _shortcut_out(self.kit, h, self.conv3, self.bn3, x, self.downsample)
 
     def cost(self, shape):
         h, c1 = conv_bn_cost(self.conv1, self.bn1, shape)

@@ -26,13 +26,14 @@ from .. import ops
 from ..ops import BatchNormArgs
 from ..ops import reference as _reference
 from ..ops._common import bn_memo_tensors, conv_memo_tensors, memoized_call
-from ..ops.bn_add_relu import resolve as resolve_bn_add_relu
+from .._shapes import conv_output_size
+from ..ops.bn_add_relu import resolve as resolve_bn_add_relu, resolve_conv as resolve_conv_bn_add_relu
 from ..ops.bn_relu_conv import resolve as resolve_bn_relu_conv
 from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
 from ._sync import process_group_of, sync_batch_norm
 
-__all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_conv", "conv_args", "conv_bn_relu",
-           "resolve_padding"]
+__all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_conv", "conv_args", "conv_bn_add_relu",
+           "conv_bn_relu", "resolve_padding"]
 
 
 # -- module state -> op arguments ---------------------------------------------------------------------
@@ -147,10 +148,26 @@ def _check_bn_module(name: str, bn) -> None:
 def _fusable_pair(a: Tensor, b: Tensor) -> bool:
     """Whether the fused add takes (a, b): 4-D floating tensors of one shape and device, one dtype (or
     two that autocast lets the op promote). Anything else goes to eager PyTorch, which broadcasts."""
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or _on_meta(a, b):
+    return isinstance(a, Tensor) and _fusable_with(a, a.shape, b)
+
+
+def _fusable_with(a: Tensor, shape, b: Tensor) -> bool:
+    """_fusable_pair's rule for b and the tensor of `shape` whose device and dtype are a's (a itself, or the
+    input of the convolution that computes it)."""
+    if not isinstance(b, Tensor) or _on_meta(a, b):
         return False
-    return (a.dim() == 4 and a.shape == b.shape and a.device == b.device and a.is_floating_point()
+    return (a.dim() == 4 and b.shape == shape and a.device == b.device and a.is_floating_point()
             and b.is_floating_point() and (a.dtype == b.dtype or torch.is_autocast_enabled(a.device.type)))
+
+
+def _fusable_conv_add(x: Tensor, conv_state: tuple, shortcut: Tensor) -> bool:
+    """Whether conv_bn_add_relu's fused op takes (x, shortcut): the shortcut _fusable_pair's partner of conv(x)."""
+    weight, _, stride, padding, dilation, _ = conv_state
+    if not (isinstance(x, Tensor) and x.dim() == 4 and weight.dim() == 4) or _on_meta(weight):
+        return False
+    shape = (x.shape[0], weight.shape[0],
+             *conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation))
+    return _fusable_with(x, shape, shortcut)
 
 
 # -- the fused calls ----------------------------------------------------------------------------------
@@ -248,22 +265,48 @@ def bn_add_relu(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optiona
     run = _memoized_add(y, bn, shortcut, shortcut_bn, relu, backend)
     if run is not None:
         return run(y, shortcut)
-    _check_bn_module("shortcut_bn", shortcut_bn)
-    args, training = batch_norm_args(bn)
-    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
-    syncs = process_group_of(bn) is not None or (shortcut_bn is not None and process_group_of(shortcut_bn) is not None)
-    if syncs or s_training != training or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
+    args, s_args, training = _add_state(bn, shortcut_bn)
+    if training is None or not _fusable_pair(y, shortcut) or _on_meta(args.weight):
         s = shortcut if shortcut_bn is None else _eager_batch_norm(shortcut, shortcut_bn)
         z = _eager_batch_norm(y, bn) + s
         return F.relu(z) if relu else z
     return ops.bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
 
 
+def _add_state(bn: nn.Module, shortcut_bn: Optional[nn.Module]):
+    """(bn's args, the shortcut BN's or None, training) for the fused add; training is None where the add is not
+    fused: a BN that synchronizes, or the two BNs in different modes."""
+    _check_bn_module("shortcut_bn", shortcut_bn)
+    args, training = batch_norm_args(bn)
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    syncs = process_group_of(bn) is not None or (shortcut_bn is not None and process_group_of(shortcut_bn) is not None)
+    return args, s_args, None if syncs or s_training != training else training
+
+
+@_one_fx_node
+def conv_bn_add_relu(x: Tensor, conv: nn.Module, bn: nn.Module, shortcut: Tensor,
+                     shortcut_bn: Optional[nn.Module] = None, relu: bool = True,
+                     backend: Optional[str] = None) -> Tensor:
+    """bn_add_relu(conv(x), bn, shortcut, shortcut_bn, relu) as one call: a residual branch's last convolution and
+    the branch's end, so that a backend whose convolution takes y's batch statistics in its epilogue (Triton) does
+    so in training (pyfast.ops.conv_bn_add_relu)."""
+    run = _memoized_add(x, bn, shortcut, shortcut_bn, relu, backend, conv)
+    if run is not None:
+        return run(x, shortcut)
+    c = _conv_state(conv)
+    args, s_args, training = _add_state(bn, shortcut_bn)
+    if training is None or not _fusable_conv_add(x, c, shortcut) or _on_meta(args.weight):
+        return bn_add_relu(F.conv2d(x, *c), bn, shortcut, shortcut_bn, relu, backend)  # with its own fallbacks
+    weight, bias, stride, padding, dilation, groups = c
+    return ops.conv_bn_add_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding,
+                                dilation, groups, shortcut, s_args, relu, backend)
+
+
 def _memoized_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
-                  backend: Optional[str]):
-    """bn_add_relu's call (bn_relu's: no shortcut) memoized on the BN modules themselves, as _memoized does for
-    the convolving ops; None where the general path runs (also: the two BNs in different modes, a shortcut_bn
-    that is no BN module)."""
+                  backend: Optional[str], conv: Optional[nn.Module] = None):
+    """bn_add_relu's call (bn_relu's: no shortcut; conv_bn_add_relu's: with `conv`, y then being its input)
+    memoized on the modules themselves, as _memoized does for the convolving ops; None where the general path
+    runs (also: the two BNs in different modes, a shortcut_bn that is no BN module)."""
     training = bn.training
     if (shortcut is not None and not isinstance(shortcut, Tensor)) or not _plain_state(type(bn), _BN_STATE):
         return None
@@ -278,8 +321,16 @@ def _memoized_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optio
         tensors += _bn_tensors(shortcut_bn, training)
     settings = (bn.eps, bn.momentum, bn.track_running_stats, relu) + (
         () if shortcut_bn is None else (shortcut_bn.eps, shortcut_bn.momentum, shortcut_bn.track_running_stats))
+    if conv is None:
+        return memoized_call(training, (y, shortcut), tensors, settings, backend,
+                             lambda: _resolve_add(y, bn, shortcut, shortcut_bn, relu, backend))
+    if not _plain_state(type(conv), _CONV_ARGS[:2]):
+        return None
+    conv_params = conv._parameters
+    tensors = (conv_params.get("weight"), conv_params.get("bias")) + tensors  # the weight holds the entry
+    settings += (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
     return memoized_call(training, (y, shortcut), tensors, settings, backend,
-                         lambda: _resolve_add(y, bn, shortcut, shortcut_bn, relu, backend))
+                         lambda: _resolve_conv_add(y, conv, bn, shortcut, shortcut_bn, relu, backend))
 
 
 def _bn_tensors(bn: nn.Module, training: bool) -> tuple:
@@ -298,6 +349,20 @@ def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Option
     if training != bn.training or s_training != training or not fusable or _on_meta(y, args.weight):
         return None
     return resolve_bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
+
+
+def _resolve_conv_add(x: Tensor, conv: nn.Module, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module],
+                      relu: bool, backend: Optional[str]):
+    """_resolve_add with the convolution: the modules' state resolved by pyfast.ops (None: the general path)."""
+    c = _conv_state(conv)
+    args, training = batch_norm_args(bn)
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    if (training != bn.training or s_training != training or not _fusable_conv_add(x, c, shortcut)
+            or _on_meta(args.weight)):
+        return None
+    weight, bias, stride, padding, dilation, groups = c
+    return resolve_conv_bn_add_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding,
+                                    dilation, groups, shortcut, s_args, relu, backend)
 
 
 @_one_fx_node

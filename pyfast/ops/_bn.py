@@ -112,6 +112,18 @@ def affine_of(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool)
     return eval_affine(chosen, bn, acc_dtype(t.dtype), reuse)
 
 
+def conv_and_affine(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params, bn: BatchNormArgs,
+                    training: bool, reuse: bool) -> Tuple[Tensor, Affine]:
+    """(y = conv(x), the affine map of y's BN): in training y's batch statistics come with y (one kernel where
+    the backend's convolution takes them in its epilogue) and the running ones are updated; in eval they are
+    the running ones (cached with `reuse`)."""
+    if training:
+        y, mean, var = chosen.conv_bn_stats(x, weight, bias, params)
+        return y, batch_affine(chosen, bn, mean, var, reduction_count(y))
+    y = chosen.conv(x, weight, bias, params)
+    return y, eval_affine(chosen, bn, acc_dtype(y.dtype), reuse)
+
+
 def update_running_stats(bn: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
     """The running-statistics update as ATen ops, for composite paths that have no finalize kernel (sync BN
     over a process group). nn.BatchNorm2d's update after a training step: num_batches_tracked += 1, then an exponential

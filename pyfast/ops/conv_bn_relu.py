@@ -16,8 +16,7 @@ from torch import Tensor
 from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
-from ._bn import (Affine, BatchNormArgs, batch_affine, bn_act_backward, check_batch_norm, eval_affine,
-                  reduction_count)
+from ._bn import Affine, BatchNormArgs, bn_act_backward, check_batch_norm, conv_and_affine, eval_affine
 from ._cache import cached
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
 from .backends import BACKENDS, select
@@ -130,12 +129,7 @@ class _ConvBNReLU(torch.autograd.Function):
         chosen = BACKENDS[config.backend]
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
-        if config.training:
-            y, mean, var = chosen.conv_bn_stats(x, weight, bias, config.params)
-            affine = batch_affine(chosen, bn, mean, var, reduction_count(y))
-        else:
-            y = chosen.conv(x, weight, bias, config.params)
-            affine = eval_affine(chosen, bn, acc_dtype(y.dtype), config.reuse)
+        y, affine = conv_and_affine(chosen, x, weight, bias, config.params, bn, config.training, config.reuse)
         ctx.save_for_backward(x, weight, y, *affine)
         ctx.config = config
         ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))

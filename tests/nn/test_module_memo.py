@@ -82,6 +82,26 @@ def test_bn_add_relu_module_memo_follows_both_bns_and_falls_back_for_broadcasts(
         functional.bn_add_relu(y, bn, s, nn.Identity(), backend="cpu")
 
 
+def _sgd_steps(forwards, optimizers, x):
+    """One SGD step of each forward (the fused one, the plain one) on x, with its optimizer; the outputs."""
+    outs = []
+    for forward, optimizer in zip(forwards, optimizers):
+        optimizer.zero_grad()
+        out = forward(x)
+        out.sum().backward()
+        optimizer.step()
+        outs.append(out)
+    return outs
+
+
+def _assert_trained_alike(params, plain_params, bns, plain_bns, steps: int):
+    for mine, theirs in zip(params, plain_params):
+        assert_close(mine, theirs)
+    for mine, theirs in zip(bns, plain_bns):
+        assert_close(mine.running_var, theirs.running_var)
+        assert mine.num_batches_tracked.item() == theirs.num_batches_tracked.item() == steps
+
+
 def test_training_module_memo_through_sgd_steps_and_mode_switches(lookups):
     """Training calls memoized on the modules: outputs, gradients and running statistics match the plain modules
     over SGD steps (in-place updates keep the memo), and a changed momentum or a switch to eval resolves again."""
@@ -103,20 +123,8 @@ def test_training_module_memo_through_sgd_steps_and_mode_switches(lookups):
     for step in range(5):
         if step == 3:
             bn.momentum = plain[1].momentum = None  # cumulative averages: resolved again
-        x = torch.randn(2, 4, 8, 8)
-        outs = []
-        for forward, optimizer in zip((fused_forward, plain_forward), optimizers):
-            optimizer.zero_grad()
-            out = forward(x)
-            out.sum().backward()
-            optimizer.step()
-            outs.append(out)
-        assert_close(*outs)
-        for mine, theirs in zip(fused_params, plain_params):
-            assert_close(mine, theirs)
-        for mine, theirs in zip((bn, last_bn), plain[1:]):
-            assert_close(mine.running_var, theirs.running_var)
-            assert mine.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
+        assert_close(*_sgd_steps((fused_forward, plain_forward), optimizers, torch.randn(2, 4, 8, 8)))
+        _assert_trained_alike(fused_params, plain_params, (bn, last_bn), plain[1:], step + 1)
     assert lookups.count("conv_bn_relu") == 2 and lookups.count("bn_add_relu") == 1
     for m in (conv, bn, last_bn, *plain):
         m.eval()
@@ -161,3 +169,44 @@ def test_bn_relu_module_memo(lookups):
             assert_close(functional.bn_relu(x, bn, backend="cpu"), F.relu(plain(x)))
         assert_close(bn.running_var, plain.running_var)
     assert lookups.count("bn_add_relu") == 2  # once per mode
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_conv_bn_add_relu_module_memo_trains_like_the_plain_modules(lookups, backend):
+    """conv_bn_add_relu over modules, training with an optimizer and then in eval, against the plain modules: it
+    resolves once per mode (the memo binds the modules' tensors, which the optimizer and the running-statistics
+    updates keep), and a broadcasting shortcut takes eager PyTorch's path."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if ops.BACKENDS["triton"].why_not("bn_add_relu", torch.device("cpu"), torch.float32):
+            pytest.skip("the Triton backend does not run on CPU tensors here (no interpreter)")
+    torch.manual_seed(0)
+    conv, bn, s_conv, s_bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), _bn(6).train(), nn.Conv2d(4, 6, 1), _bn(6)
+    s_bn.train()
+    plain = copy.deepcopy((conv, bn, s_conv, s_bn))
+    fused_params = [p for m in (conv, bn, s_conv, s_bn) for p in m.parameters()]
+    plain_params = [p for m in plain for p in m.parameters()]
+    optimizers = [torch.optim.SGD(params, lr=0.1) for params in (fused_params, plain_params)]
+
+    def fused_forward(x):
+        return functional.conv_bn_add_relu(x, conv, bn, s_conv(x), s_bn, backend=backend)
+
+    def plain_forward(x):
+        p_conv, p_bn, p_s_conv, p_s_bn = plain
+        return F.relu(p_bn(p_conv(x)) + p_s_bn(p_s_conv(x)))
+
+    for step in range(3):
+        assert_close(*_sgd_steps((fused_forward, plain_forward), optimizers, torch.randn(2, 4, 6, 6)))
+        _assert_trained_alike(fused_params, plain_params, (bn, s_bn), plain[1::2], step + 1)
+    assert lookups.count("bn_add_relu") == 1
+    for m in (conv, bn, s_conv, s_bn, *plain):
+        m.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(2, 4, 6, 6)
+            assert_close(fused_forward(x), plain_forward(x))
+        assert lookups.count("bn_add_relu") == 2
+        y = torch.randn(2, 4, 6, 6)
+        bias = torch.randn(1, 6, 1, 1)  # broadcast: eager's result
+        expected = F.relu(plain[1](plain[0](y)) + bias)
+        assert_close(functional.conv_bn_add_relu(y, conv, bn, bias, backend=backend), expected)

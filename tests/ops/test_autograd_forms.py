@@ -37,6 +37,9 @@ CALLS = {
     "bn_add_relu with a BN'd shortcut": lambda t, m, training: ops.bn_add_relu(
         t["y"], *_args(m["bn"]), training=training, shortcut=t["s"],
         shortcut_bn=ops.BatchNormArgs(*_args(m["s_bn"]), 0.1, 1e-5)),
+    "conv_bn_add_relu with a BN'd shortcut": lambda t, m, training: ops.conv_bn_add_relu(
+        t["x"], m["conv"].weight, m["conv"].bias, *_args(m["bn"]), training=training, padding=1, shortcut=t["s"],
+        shortcut_bn=ops.BatchNormArgs(*_args(m["s_bn"]), 0.1, 1e-5)),
     "add_relu": lambda t, m, training: ops.add_relu(t["y"], t["s"]),
 }
 

@@ -1,10 +1,11 @@
-"""bn_add_relu (identity and BN'd shortcut) and add_relu on every backend against the float64
+"""bn_add_relu (identity and BN'd shortcut), conv_bn_add_relu and add_relu on every backend against the float64
 reference, both memory formats, every dtype, training and eval."""
 import pytest
 import torch
 
-from harness import Case, activation, backend_grid, bn_state, compare, skip_unless_runs
+from harness import Case, activation, backend_grid, bn_state, cast, compare, conv_weight, skip_unless_runs
 from pyfast import ops
+from tolerances import assert_close
 
 SHAPES = {"odd": Case(batch=3, channels=5, size=(7, 9)), "square": Case(batch=2, channels=16, size=(4, 4)),
           "batch1": Case(batch=1, channels=8, size=(3, 5)), "batch8": Case(batch=8, channels=4, size=(2, 3))}
@@ -24,14 +25,19 @@ def inputs(case: Case, shortcut: str):
     return tensors
 
 
+def _shortcut_bn(t):
+    """The shortcut's BatchNormArgs when the inputs have one (cumulative average, its own eps), else None."""
+    if "s_weight" not in t:
+        return None
+    return ops.BatchNormArgs(t["s_weight"], t["s_bias"], t["s_running_mean"], t["s_running_var"],
+                             t["s_num_batches_tracked"], momentum=None, eps=1e-3)
+
+
 def bn_add_relu(training: bool, relu: bool, layout: str):
     memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
 
     def fn(t, backend):
-        shortcut_bn = None
-        if "s_weight" in t:
-            shortcut_bn = ops.BatchNormArgs(t["s_weight"], t["s_bias"], t["s_running_mean"], t["s_running_var"],
-                                            t["s_num_batches_tracked"], momentum=None, eps=1e-3)
+        shortcut_bn = _shortcut_bn(t)
         shortcut = None if t["shortcut"] is None else t["shortcut"].contiguous(memory_format=memory_format)
         return ops.bn_add_relu(t["y"].contiguous(memory_format=memory_format), t["bn_weight"], t["bn_bias"],
                                t["bn_running_mean"], t["bn_running_var"], t["bn_num_batches_tracked"],
@@ -76,3 +82,80 @@ def test_variance_of_a_large_mean_is_accurate():
                     shortcut=torch.zeros_like(y).float(), backend="cpu")
     expected = y.var(dim=(0, 2, 3)).float()
     assert torch.allclose(running_var, expected, rtol=1e-3), (running_var, expected)
+
+
+# conv_bn_add_relu: the residual branch's last convolution with its end (on Triton the convolution takes y's batch
+# statistics in its epilogue). The reference is bn_add_relu after F.conv2d, in float64.
+CONV_CASES = {"dense3x3": Case(channels=6, out_channels=8, size=(5, 7)),
+              "pointwise-stride2": Case(batch=3, channels=4, out_channels=8, kernel=1, stride=2, padding=0, size=(11, 10)),
+              "grouped": Case(channels=8, out_channels=8, groups=4, size=(6, 6))}
+CONV_GRID = [(case, dtype) for case in CONV_CASES for dtype in ("f32", "f64", "bf16")]
+CONV_INTERPRETER_GRID = [("dense3x3", "f32"), ("pointwise-stride2", "bf16"), ("grouped", "f32")]
+
+
+def conv_inputs(case: Case, shortcut: str):
+    out = Case(batch=case.batch, channels=case.out_channels,
+               size=tuple((s + 2 * case.padding - case.kernel) // case.stride + 1 for s in case.size))
+    tensors = inputs(out, shortcut)
+    tensors.update(x=activation(case, case.channels, torch.float32, "nchw", "cpu"), weight=conv_weight(case,
+                   torch.float32, "cpu"))
+    del tensors["y"]
+    return tensors
+
+
+def conv_bn_add_relu(case: Case, training: bool, layout: str):
+    memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+    def fn(t, backend):
+        shortcut_bn = _shortcut_bn(t)
+        return ops.conv_bn_add_relu(t["x"].contiguous(memory_format=memory_format), t["weight"], None,
+                                    t["bn_weight"], t["bn_bias"], t["bn_running_mean"], t["bn_running_var"],
+                                    t["bn_num_batches_tracked"], training=training, momentum=0.1, eps=1e-5,
+                                    stride=case.stride, padding=case.padding, groups=case.groups,
+                                    shortcut=t["shortcut"].contiguous(memory_format=memory_format),
+                                    shortcut_bn=shortcut_bn, backend=backend)
+    return fn
+
+
+@pytest.mark.parametrize("backend,device,case_name,dtype_name", backend_grid(CONV_GRID, CONV_INTERPRETER_GRID))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shortcut", ["identity", "bn"])
+def test_conv_bn_add_relu_matches_reference(backend, device, case_name, dtype_name, layout, training, shortcut):
+    dtype, case = DTYPES[dtype_name], CONV_CASES[case_name]
+    skip_unless_runs(backend, "bn_add_relu", torch.empty(1, device=device, dtype=dtype))
+    compare(conv_bn_add_relu(case, training, layout), conv_inputs(case, shortcut), dtype, device, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_conv_bn_add_relu_inference_matches_reference(backend):
+    """Eval without gradients: the convolution, then one pass with the cached affine maps."""
+    skip_unless_runs(backend, "bn_add_relu", torch.empty(1))
+    case = CONV_CASES["dense3x3"]
+    for shortcut in ("identity", "bn"):
+        tensors = conv_inputs(case, shortcut)
+        with torch.no_grad():
+            expected = conv_bn_add_relu(case, False, "nchw")(cast(tensors, torch.float64, "cpu", grad=False),
+                                                             "reference")
+            for _ in range(2):  # the second call is the memoized one
+                actual = conv_bn_add_relu(case, False, "nhwc")(cast(tensors, torch.float32, "cpu", grad=False),
+                                                               backend)
+                assert_close(actual, expected, torch.float32, what=f"{shortcut} shortcut inference output")
+
+
+def test_conv_bn_add_relu_rejects_bad_input():
+    x, weight = torch.randn(2, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    bn = (torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8))
+    with pytest.raises(ValueError, match="shortcut has shape"):
+        ops.conv_bn_add_relu(x, weight, None, *bn, training=True, padding=0, shortcut=torch.randn(2, 8, 5, 5))
+    with pytest.raises(ValueError, match="shortcut has dtype"):
+        ops.conv_bn_add_relu(x, weight, None, *bn, training=True, padding=1,
+                             shortcut=torch.randn(2, 8, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shortcut_bn needs a shortcut"):
+        ops.conv_bn_add_relu(x, weight, None, *bn, training=True, padding=1, shortcut_bn=ops.BatchNormArgs())
+    with pytest.raises(ValueError, match="weight of shape"):
+        ops.conv_bn_add_relu(x, torch.randn(8, 3, 3, 3), None, *bn, training=True, padding=1,
+                             shortcut=torch.randn(2, 8, 5, 5))
+    with pytest.raises(ValueError, match=r"bn_weight must be .* shape \(8,\)"):
+        ops.conv_bn_add_relu(x, weight, None, torch.ones(4), *bn[1:], training=True, padding=1,
+                             shortcut=torch.randn(2, 8, 5, 5))
