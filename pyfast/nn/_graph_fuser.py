@@ -2,7 +2,8 @@
 original modules, and each near miss is recorded with its reason.
 
 Patterns, in priority order (a node belongs to one fusion at most):
-    bn_add_relu   relu(bn(y) + shortcut) or relu(bn(y) + bn_s(s))   (residual branch end, downsample)
+    bn_add_relu   relu(bn(y) + shortcut) or relu(bn(y) + bn_s(s))   (residual branch end, downsample;
+                                                                       conv_bn_add_relu with y = conv(x))
     bn_relu_conv  conv(relu(bn(x))) where x is not a conv's output    (a pre-activation unit, and the chain
                                                                        of units after it)
     conv_bn_relu  relu(bn(conv(x)))
@@ -198,13 +199,39 @@ class GraphFuser:
             if reason:
                 reasons.append((main, reason))
                 continue
-            self._replace("bn_add_relu", nodes, relu, functional.bn_add_relu,
-                          (main.args[0], _Attr(main.target), shortcut),
-                          {"shortcut_bn": _Attr(other.target) if s_bn is not None else None, "relu": True})
+            kwargs = {"shortcut_bn": _Attr(other.target) if s_bn is not None else None, "relu": True}
+            conv_node = self._branch_conv(main)
+            if conv_node is not None and not self._moved_past_a_write([conv_node, *nodes],
+                                                                      {conv_node.args[0], shortcut}):
+                self._replace("conv_bn_add_relu", [conv_node, *nodes], relu, functional.conv_bn_add_relu,
+                              (conv_node.args[0], _Attr(conv_node.target), _Attr(main.target), shortcut), kwargs)
+            else:
+                self._replace("bn_add_relu", nodes, relu, functional.bn_add_relu,
+                              (main.args[0], _Attr(main.target), shortcut), kwargs)
             return
         if reasons:
             main, reason = reasons[0]
             self._miss(main, "bn_add_relu", [main, add, relu], reason)
+
+    def _branch_conv(self, bn_node) -> Optional[fx.Node]:
+        """The convolution whose output only the BN of a branch end reads, when it fuses (conv_bn_add_relu: on
+        Triton its epilogue takes the BN's batch statistics); else None and the branch end is bn_add_relu. A
+        convolution of a pre-activation (a BN-ReLU that is not a conv_bn_relu's) is left to bn_relu_conv, which
+        saves more: the BN-ReLU pass itself."""
+        source = bn_node.args[0]
+        if not self._sole_conv_output(source) or self._preactivates(source.args[0]):
+            return None
+        return None if conv_problem(self._label(source), self.root.get_submodule(source.target)) else source
+
+    def _preactivates(self, node) -> bool:
+        """Whether `node` is relu(bn(v)) (or a BN-act's) with v not a convolution's own output: what _preactivation
+        makes a bn_relu_conv of."""
+        if not isinstance(node, fx.Node):
+            return False
+        bn_node = node if self._module(node, bn_act_relu) is not None else None
+        if bn_node is None and self._is_relu(node) and isinstance(node.args[0], fx.Node):
+            bn_node = node.args[0] if self._module(node.args[0], is_bn) is not None else None
+        return bn_node is not None and bool(bn_node.args) and not self._sole_conv_output(bn_node.args[0])
 
     def _conv_bn(self, bn_node, with_relu: bool = False) -> None:
         bn = self._module(bn_node, is_bn)
@@ -235,10 +262,13 @@ class GraphFuser:
         """bn_relu_conv first where the BN's input is not a conv's own output: a pre-activation unit, whose
         conv output then pre-activates the next unit (nodes are visited in order, so a chain of units
         fuses unit by unit). conv_bn_relu would fuse as many there, but leave the chain's first BN alone."""
-        source = bn_node.args[0] if bn_node.args else None
-        if isinstance(source, fx.Node) and self._module(source, is_conv) is not None and len(source.users) == 1:
+        if bn_node.args and self._sole_conv_output(bn_node.args[0]):
             return
         self._bn_relu_conv(bn_node)
+
+    def _sole_conv_output(self, node) -> bool:
+        """Whether `node` is a convolution's output that one node reads."""
+        return isinstance(node, fx.Node) and self._module(node, is_conv) is not None and len(node.users) == 1
 
     def _bn_relu_conv(self, bn_node) -> None:
         bn = self._module(bn_node, is_bn)

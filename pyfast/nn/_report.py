@@ -3,7 +3,7 @@ not traced (and why)."""
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
-KIND_ORDER = ("bn_add_relu", "conv_bn_relu", "bn_relu_conv", "conv_bn", "add_relu")
+KIND_ORDER = ("conv_bn_add_relu", "bn_add_relu", "conv_bn_relu", "bn_relu_conv", "conv_bn", "add_relu")
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class Fusion:
     modules: Tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"{self.kind:<13} {' -> '.join(self.modules)}"
+        return f"{self.kind:<16} {' -> '.join(self.modules)}"
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class LeftAlone:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.kind:<13} {' -> '.join(self.modules)}: {self.reason}"
+        return f"{self.kind:<16} {' -> '.join(self.modules)}: {self.reason}"
 
 
 def count_kinds(fusions: List[Fusion]) -> Dict[str, int]:

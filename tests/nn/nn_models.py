@@ -106,7 +106,8 @@ def expected_resnet_fusions(model):
         found += [("conv_bn_relu", (f"{name}.conv{i}", f"{name}.bn{i}", f"{name}.relu")) for i in range(1, convs + 1)]
         last = f"{name}.bn{convs + 1}"
         shortcut = (f"{name}.downsample.1",) if block.downsample is not None else ()
-        found.append(("bn_add_relu", (last, *shortcut, "+", f"{name}.relu")))  # fx records `+=` as `+`
+        found.append(("conv_bn_add_relu", (f"{name}.conv{convs + 1}", last, *shortcut, "+",  # fx records `+=` as `+`
+                                           f"{name}.relu")))
     return found
 
 
@@ -169,9 +170,10 @@ def expected_regnet_fusions(model):
             continue
         found += [("conv_bn_relu", (f"{name}.f.{k}.0", f"{name}.f.{k}.1", f"{name}.f.{k}.2")) for k in "ab"]
         if block.proj is not None:  # proj(x) + f(x): the first operand's BN is the main one
-            found.append(("bn_add_relu", (f"{name}.proj.1", f"{name}.f.c.1", "+", f"{name}.activation")))
+            found.append(("conv_bn_add_relu", (f"{name}.proj.0", f"{name}.proj.1", f"{name}.f.c.1", "+",
+                                               f"{name}.activation")))
         else:
-            found.append(("bn_add_relu", (f"{name}.f.c.1", "+", f"{name}.activation")))
+            found.append(("conv_bn_add_relu", (f"{name}.f.c.0", f"{name}.f.c.1", "+", f"{name}.activation")))
     return found
 
 

@@ -91,9 +91,10 @@ class SpelledBlock(nn.Module):
 
     def forward(self, x):
         a = F.relu(self.bn1(self.conv1(x)), inplace=True)     # conv_bn_relu (F.relu, in place)
-        b = torch.relu(torch.add(self.bn2(self.conv2(a)), x))  # bn_add_relu (torch.add, torch.relu)
+        b = torch.relu(torch.add(self.bn2(self.conv2(a)), x))  # conv_bn_add_relu (torch.add, torch.relu)
         c = self.conv3(self.bn3(b).relu_())                    # bn_relu_conv (Tensor.relu_)
-        d = self.bn4(c).add_(b).relu()                         # bn_add_relu (add_, Tensor.relu)
+        d = self.bn4(c).add_(b).relu()                         # bn_add_relu (add_, Tensor.relu; conv3 is
+                                                               # bn_relu_conv's)
         e = self.bn5(self.conv5(d))                            # conv_bn (no ReLU), its output used twice
         return F.relu(e + d) + e                               # add_relu
 
@@ -104,7 +105,7 @@ def test_every_spelling_is_fused_and_exact():
     fused, report = fuse(model)
     assert kinds_and_names(report) == [
         ("conv_bn_relu", ("conv1", "bn1", "F.relu")),
-        ("bn_add_relu", ("bn2", "torch.add", "torch.relu")),
+        ("conv_bn_add_relu", ("conv2", "bn2", "torch.add", "torch.relu")),
         ("bn_relu_conv", ("bn3", ".relu_()", "conv3")),
         ("bn_add_relu", ("bn4", ".add_()", ".relu()")),
         ("conv_bn", ("conv5", "bn5")),
@@ -278,8 +279,8 @@ def test_torchvision_models(name):
     fused, report = fuse(model)
     assert list(fused.state_dict()) == list(model.state_dict())
     assert report.left_alone == [] and report.not_traced == {}
-    expected = {"resnet50": {"bn_add_relu": 16, "conv_bn_relu": 33},
-                "regnet_x_400mf": {"bn_add_relu": 22, "conv_bn_relu": 45}}
+    expected = {"resnet50": {"conv_bn_add_relu": 16, "conv_bn_relu": 33},
+                "regnet_x_400mf": {"conv_bn_add_relu": 22, "conv_bn_relu": 45}}
     assert report.counts() == expected[name], str(report)
     train_and_compare(fused, plain, lambda: torch.randn(4, 3, 64, 64), steps=2, eager=eager, eval_step=False)
 

@@ -73,7 +73,7 @@ def test_timm_batchnorm_act_follows_train_and_eval():
     timm = pytest.importorskip("timm")
     model = timm.create_model("regnetx_002", num_classes=10)
     fused, report = fuse(model)
-    assert report.counts() == {"bn_add_relu": 13, "conv_bn_relu": 27}, str(report)
+    assert report.counts() == {"conv_bn_add_relu": 13, "conv_bn_relu": 27}, str(report)
     x = torch.randn(2, 3, 32, 32)
     model.eval(), fused.eval()
     running = fused.stem.bn.running_mean.clone()
@@ -159,7 +159,7 @@ def test_print_shows_what_was_fused():
     fused, report = fuse(model)
     text = str(fused)
     assert "pyfast.fuse: 2 fusions (1 conv_bn_relu, 1 conv_bn)" in text
-    assert "conv_bn_relu  0.0 -> 0.1 -> 0.2" in text and "conv_bn       1 -> 2" in text
+    assert "conv_bn_relu     0.0 -> 0.1 -> 0.2" in text and "conv_bn          1 -> 2" in text
     assert "def forward" not in text  # the generated code stays in fused.code
     assert repr(fused) == text
 

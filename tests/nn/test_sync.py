@@ -146,7 +146,7 @@ def _converted_fused_model_by_hand(rank):
     resnet = TinyResNet()
     plain = copy.deepcopy(resnet).double()
     fused, report = pyfast.nn.fuse(resnet)
-    assert [f.kind for f in report.fusions] == ["conv_bn_relu", "conv_bn_relu", "bn_add_relu"], str(report)
+    assert [f.kind for f in report.fusions] == ["conv_bn_relu", "conv_bn_relu", "conv_bn_add_relu"], str(report)
     fused = pyfast.nn.convert_sync_batchnorm(fused)
     assert isinstance(fused.bn1, SyncBatchNorm2d) and not isinstance(fused.bn1, nn.SyncBatchNorm)
     _compare(rank, fused, plain, lambda: torch.randn(2 * WORLD, 3, 8, 8))
