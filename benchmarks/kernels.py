@@ -37,7 +37,7 @@ from pyfast._shapes import conv_output_size
 from . import results, timing
 from .workloads import DTYPES, MODES, Config, compiled, make_step
 
-OPS = ("conv_bn_relu", "bn_add_relu", "add_relu", "bn_relu_conv")
+OPS = ("conv_bn_relu", "bn_add_relu", "conv_bn_add_relu", "add_relu", "bn_relu_conv")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class OpCase:
 
     @property
     def convolves(self) -> bool:
-        return self.op in ("conv_bn_relu", "bn_relu_conv")
+        return self.op in ("conv_bn_relu", "conv_bn_add_relu", "bn_relu_conv")
 
     @property
     def padding(self) -> int:
@@ -77,6 +77,8 @@ class OpCase:
 
     def input_shapes(self) -> List[tuple]:
         x = (self.n, self.c_in, self.h, self.w)
+        if self.op == "conv_bn_add_relu":
+            return [x, self.output_shape()]  # the shortcut is added to the convolution's output
         return [x] if self.convolves else [x, x]
 
     def output_shape(self) -> tuple:
@@ -113,6 +115,7 @@ def regnetx_32_cases(batch: int = 128, image: int = 224) -> List[OpCase]:
                   OpCase("regnetx_32", where, "conv_bn_relu", batch, width, size, size, width, 3, 1, width // 16),
                   OpCase("regnetx_32", where, "bn_add_relu", batch, width, size, size),
                   OpCase("regnetx_32", where, "bn_add_relu", batch, width, size, size, shortcut_bn=True),
+                  OpCase("regnetx_32", where, "conv_bn_add_relu", batch, width, size, size, width, 1),
                   OpCase("regnetx_32", where, "add_relu", batch, width, size, size)]
     return cases
 
@@ -127,6 +130,7 @@ def resnet50_cases(batch: int = 128, image: int = 224) -> List[OpCase]:
         cases += [OpCase("resnet50", where, "conv_bn_relu", batch, out, size, size, mid, 1),
                   OpCase("resnet50", where, "conv_bn_relu", batch, mid, size, size, mid, 3),
                   OpCase("resnet50", where, "bn_add_relu", batch, out, size, size),
+                  OpCase("resnet50", where, "conv_bn_add_relu", batch, mid, size, size, out, 1),
                   OpCase("resnet50", where, "bn_relu_conv", batch, out, size, size, mid, 1),
                   OpCase("resnet50", where, "bn_relu_conv", batch, mid, size, size, mid, 3)]
         size = (size + 1) // 2
@@ -145,7 +149,7 @@ class OpModule(nn.Module):
         self.case, self.backend = case, backend
         channels = case.c_in if case.op == "bn_relu_conv" else case.c_out or case.c_in
         self.bn = nn.BatchNorm2d(channels) if case.op != "add_relu" else None
-        self.shortcut_bn = nn.BatchNorm2d(case.c_in) if case.shortcut_bn else None
+        self.shortcut_bn = nn.BatchNorm2d(case.c_out or case.c_in) if case.shortcut_bn else None
         if case.convolves:
             self.weight = nn.Parameter(torch.randn(case.c_out, case.c_in // case.groups, case.kernel, case.kernel)
                                        / (case.c_in // case.groups * case.kernel ** 2) ** 0.5)
@@ -172,6 +176,10 @@ class OpModule(nn.Module):
         if self.shortcut_bn is not None:
             s = self.shortcut_bn
             shortcut_bn = ops.BatchNormArgs(s.weight, s.bias, s.running_mean, s.running_var, s.num_batches_tracked)
+        if c.op == "conv_bn_add_relu":
+            return ops.conv_bn_add_relu(x, self.weight, None, *self._bn_args(self.bn), stride=c.stride,
+                                        padding=c.padding, groups=c.groups, shortcut=other, shortcut_bn=shortcut_bn,
+                                        backend=backend)
         return ops.bn_add_relu(x, *self._bn_args(self.bn), shortcut=other, shortcut_bn=shortcut_bn, backend=backend)
 
 
@@ -252,9 +260,9 @@ def static_launches(net: str, batch: int = 128, image: int = 224, dtype: torch.d
     """[(layer name, conv.Problem)] of each Triton convolution of `net`'s training forward, in order.
 
     The model runs on the meta device with a kit that records, for each fused step, the convolution the
-    Triton backend launches for it in training: conv_bn_relu convolves with the statistics epilogue,
-    bn_relu_conv with the scale/shift/ReLU prologue; plain convolutions (a block's last one, projections)
-    and the backward go through ATen.
+    Triton backend launches for it in training: conv_bn_relu and conv_bn_add_relu (a block's last convolution)
+    convolve with the statistics epilogue, bn_relu_conv with the scale/shift/ReLU prologue; plain convolutions
+    (projections) and the backward go through ATen.
     """
     from pyfast import models
     from pyfast.kernels import conv
@@ -271,6 +279,10 @@ def static_launches(net: str, batch: int = 128, image: int = 224, dtype: torch.d
         def conv_bn_relu(self, x, layer, bn, relu=True):
             self._record(x, layer, stats=True)
             return super().conv_bn_relu(x, layer, bn, relu)
+
+        def conv_bn_add_relu(self, x, layer, bn, shortcut, shortcut_bn=None, relu=True):
+            self._record(x, layer, stats=True)
+            return super().conv_bn_add_relu(x, layer, bn, shortcut, shortcut_bn, relu)
 
         def bn_relu_conv(self, x, bn, layer):
             self._record(x, layer, has_scale=True, has_shift=True, in_relu=True)
