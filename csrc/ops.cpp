@@ -9,7 +9,9 @@ TORCH_LIBRARY(pyfast, m) {
       "bn_act_forward(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale, "
       "Tensor? res_shift, bool relu) -> Tensor");
   // In place, for an activation nothing else reads (inference: the fresh output of a convolution).
-  m.def("bn_act_forward_(Tensor(a!) x, Tensor? scale, Tensor? shift, bool relu) -> Tensor(a!)");
+  m.def(
+      "bn_act_forward_(Tensor(a!) x, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale, "
+      "Tensor? res_shift, bool relu) -> Tensor(a!)");
   m.def(
       "bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor? scale, Tensor? shift, Tensor mean, "
       "Tensor invstd, Tensor? residual, Tensor? res_scale, Tensor? res_shift, Tensor? res_mean, "

@@ -25,10 +25,11 @@ Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& 
   return handle.call(x, scale, shift, residual, res_scale, res_shift, relu);
 }
 
-Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
-  static const auto handle =
-      op<Tensor&(Tensor&, const OptTensor&, const OptTensor&, bool)>("pyfast::bn_act_forward_");
-  return handle.call(x, scale, shift, relu);
+Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                        const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
+  static const auto handle = op<Tensor&(Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                        const OptTensor&, const OptTensor&, bool)>("pyfast::bn_act_forward_");
+  return handle.call(x, scale, shift, residual, res_scale, res_shift, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(

@@ -19,7 +19,8 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x);
 Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
                       const OptTensor& res_scale, const OptTensor& res_shift, bool relu);
 
-Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu);
+Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                        const OptTensor& res_scale, const OptTensor& res_shift, bool relu);
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward_reduce(
     const Tensor& grad_out, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const Tensor& mean,

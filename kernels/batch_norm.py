@@ -139,7 +139,8 @@ def _elementwise_tile(C, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, AL
     return c, cmask, mask, _offsets(pid // tiles_l, c, l, C, L, CHANNELS_LAST, INT64)
 
 
-@triton.autotune(configs=_ELEMENTWISE_CONFIGS, **_TUNING)
+# restore_value: the tuner runs the kernel once per config, and bn_act_forward_ writes into its own input
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, restore_value=["out_ptr"], **_TUNING)
 @triton.jit
 def _bn_act_forward_kernel(
     x_ptr, res_ptr,  # inputs, [G, C, L] views in the same layout; res_ptr read when HAS_RES
@@ -170,10 +171,21 @@ def _bn_act_forward_kernel(
 def bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu):
     """relu?(x*scale[c] + shift[c] + residual*res_scale[c] + res_shift[c]); None drops a term."""
     x, view = _prepare_input(x)
+    return _act_forward_into(torch.empty_like(x), x, view, scale, shift, residual, res_scale, res_shift, relu)
+
+
+def bn_act_forward_(x, scale, shift, residual, res_scale, res_shift, relu):
+    """bn_act_forward written into x itself (an activation nothing else reads: a convolution's fresh output). Each
+    element is read and written by the same program, once."""
+    prepared, view = _prepare_input(x)
+    _require(prepared is x, "bn_act_forward_: x must be NCHW-contiguous or channels_last to be updated in place")
+    return _act_forward_into(x, x, view, scale, shift, residual, res_scale, res_shift, relu)
+
+
+def _act_forward_into(out, x, view, scale, shift, residual, res_scale, res_shift, relu):
     args = _Args(x, view)
     flags = args.pre_activation_flags(scale, shift, residual, res_scale, res_shift)
     residual = args.like("residual", residual)
-    out = torch.empty_like(x)
     if x.numel():
         sizes, layout = view.args()
         _bn_act_forward_kernel[_elementwise_grid(view)](

@@ -67,7 +67,8 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& weight, const OptTensor& bia
     // mkldnn::_convolution_pointwise, was no faster than this at batch 8, and ~100 us slower per call on tiny
     // inputs: measured, not used.)
     auto y = conv.forward(x, weight, std::nullopt);
-    return primitives::bn_act_forward_(y, std::nullopt, bias->to(acc_type(y)), relu);
+    return primitives::bn_act_forward_(y, std::nullopt, bias->to(acc_type(y)), std::nullopt, std::nullopt,
+                                       std::nullopt, relu);
   }
   auto y = conv.forward(x, weight, bias);
   return relu ? y.relu_() : y;

@@ -532,11 +532,12 @@ Tensor bn_act_forward(const Tensor& x, const OptTensor& scale, const OptTensor& 
   return out;
 }
 
-Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
+Tensor& bn_act_forward_(Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                        const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
   constexpr const char* op = "pyfast.bn_act_forward_";
   check_input(op, x);
   const Layout lay = layout_of(x);
-  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, {}, {}, {}));
+  const PreActInputs in(pre_act_tensors(op, x, !lay.planes(), scale, shift, residual, res_scale, res_shift));
   TORCH_CHECK(in.x.is_same(x), op, ": x must be NCHW-contiguous or channels_last to be updated in place");
   act_forward_into(in, lay, relu, x);
   bump_version(x);

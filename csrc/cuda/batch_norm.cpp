@@ -154,10 +154,12 @@ Tensor bn_act_forward_cuda(const Tensor& x_in, const OptTensor& scale_in, const 
   return out;
 }
 
-Tensor& bn_act_forward_cuda_(Tensor& x, const OptTensor& scale, const OptTensor& shift, bool relu) {
+Tensor& bn_act_forward_cuda_(Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                             const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
   constexpr const char* op = "pyfast.bn_act_forward_";
   const Geometry g = geometry_of(op, x);
-  const PreActTensors in = pre_act_tensors(op, x, g.channels_last(), scale, shift, {}, {}, {});
+  const PreActTensors in =
+      pre_act_tensors(op, x, g.channels_last(), scale, shift, residual, res_scale, res_shift);
   TORCH_CHECK(in.x.is_same(x), op, ": x must be NCHW-contiguous or channels_last to be updated in place");
   act_forward_into(g, in, relu, x);
   bump_version(x);

@@ -179,7 +179,7 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
                inference: bool, relu: bool) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
     """conv_bn_add_relu's call as a function of (x, shortcut), its other arguments checked (x's and the
     convolution's already): in `inference` (eval, no autograd graph, eager) the convolution and bn_add_relu's
-    cached pass; with the backend's C++ autograd (or the reference composite) the convolution and bn_add_relu's call;
+    pass with the cached affine maps, in place on the convolution's output; with the backend's C++ autograd (or the reference composite) the convolution and bn_add_relu's call;
     else (the Python Functions) _ConvBNAddReLU, which takes y's statistics from the convolution."""
     if shortcut is not None:
         check_activation("shortcut", shortcut)
@@ -187,17 +187,13 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
     check_batch_norm("bn_", out_shape, x.device, bn, training)
     if shortcut_bn is not None:
         check_batch_norm("shortcut_bn.", shortcut.shape, x.device, shortcut_bn, training)
-    conv = chosen.conv
     if inference and chosen.name != "reference":
         acc = acc_dtype(x.dtype)
         affine = eval_affine(chosen, bn, acc, reuse=True)
         s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc, reuse=True)
-        after = chosen.inference_bn_act(affine.scale, affine.shift, s_affine[0], s_affine[1], relu)
-
-        def run_inference(x, shortcut):
-            y = conv(x, weight, bias, params)
-            return after(y, shortcut if shortcut is None else like_layout(shortcut, y))
-        return run_inference
+        return chosen.inference_conv_bn_act(weight, bias, params, affine.scale, affine.shift, s_affine[0],
+                                            s_affine[1], relu)
+    conv = chosen.conv
     if chosen.name == "reference" or eager_autograd(chosen) is not None:
         after = _checked_call(chosen, bn, shortcut_bn, training, relu)
         return lambda x, shortcut: after(conv(x, weight, bias, params), shortcut)

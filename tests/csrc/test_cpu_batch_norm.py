@@ -124,6 +124,18 @@ def test_act_forward(shape, dtype, fmt, residual, relu):
     check(out, lambda ct: torch.relu(case.z(ct)) if relu else case.z(ct), dtype)
 
 
+@pytest.mark.parametrize("dtype,fmt,residual", list(itertools.product(DTYPES, FORMATS, RESIDUALS)))
+def test_act_forward_in_place(dtype, fmt, residual):
+    """bn_act_forward_ writes bn_act_forward's result into x itself (and bumps its version)."""
+    case = Case((3, 5, 7, 9), dtype, fmt, residual)
+    expected = ops.bn_act_forward(case.x, *case.act(), True)
+    x, version = case.x.clone(), case.x._version
+    assert ops.bn_act_forward_(x, *case.act(), True) is x
+    assert torch.equal(x, expected) and x._version > version and x.stride() == case.x.stride()
+    with pytest.raises(RuntimeError, match="in place"):
+        ops.bn_act_forward_(case.x[:, :, ::2], *case.act()[:2], None, None, None, True)
+
+
 @pytest.mark.parametrize("dtype,fmt", list(itertools.product(DTYPES, FORMATS)))
 def test_act_forward_without_scale_and_shift(dtype, fmt):
     case = Case((2, 6, 5, 3), dtype, fmt, "identity", affine=False)

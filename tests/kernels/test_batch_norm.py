@@ -206,6 +206,18 @@ def test_bn_act_forward(shape, dtype, fmt, residual, relu):
     assert_close(out, expected, dtype, eager=eager)
 
 
+@pytest.mark.parametrize("fmt,residual", [("nchw", "bn"), ("nhwc", "identity"), ("nhwc", "none")])
+def test_bn_act_forward_in_place(fmt, residual):
+    """bn_act_forward_ writes bn_act_forward's result into x itself; a strided x it cannot update raises."""
+    p = _problem((2, 6, 5, 3), f32, fmt, residual)
+    expected = bn.bn_act_forward(p.x, p.scale, p.shift, p.residual, p.res_scale, p.res_shift, True)
+    x = p.x.clone()
+    assert bn.bn_act_forward_(x, p.scale, p.shift, p.residual, p.res_scale, p.res_shift, True) is x
+    assert torch.equal(x, expected)
+    with pytest.raises(ValueError, match="in place"):
+        bn.bn_act_forward_(p.x[:, :, ::2], p.scale, p.shift, None, None, None, True)
+
+
 def test_bn_act_forward_without_affine_float64():
     p = _problem((2, 3, 5, 7), f64, "nchw", residual="identity", affine=False)
     out = bn.bn_act_forward(p.x, None, None, p.residual, None, None, True)

@@ -157,6 +157,7 @@ def test_opcheck_schemas_and_fakes():
     cases = [
         (pyfast_ops.bn_stats.default, (x,)),
         (pyfast_ops.bn_act_forward.default, (x, scale, shift, residual, None, None, True)),
+        (pyfast_ops.bn_act_forward_.default, (x.clone(), scale, shift, residual, scale, shift, True)),
         (pyfast_ops.bn_act_backward_reduce.default,
          (grad, x, scale, shift, mean, invstd, residual, scale, shift, mean, invstd, True)),
         (pyfast_ops.bn_act_backward_elemt.default,

@@ -54,6 +54,11 @@ class Backend:
     def bn_act_forward(self, x, scale, shift, residual, res_scale, res_shift, relu: bool) -> Tensor:
         raise NotImplementedError
 
+    def bn_act_forward_(self, x, scale, shift, residual, res_scale, res_shift, relu: bool) -> Tensor:
+        """bn_act_forward written into x itself, for an activation nothing else reads (a convolution's fresh
+        output in inference); x is NCHW-contiguous or channels_last."""
+        raise NotImplementedError
+
     def bn_act_backward_reduce(self, grad_out, x, scale, shift, mean, invstd, residual, res_scale, res_shift,
                                res_mean, res_invstd, relu: bool):
         raise NotImplementedError
@@ -112,6 +117,15 @@ class Backend:
     def inference_bn_act(self, scale, shift, res_scale, res_shift, relu: bool) -> Callable[[Tensor, Tensor], Tensor]:
         """(x, residual) -> bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)."""
         return lambda x, residual: self.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
+
+    def inference_conv_bn_act(self, weight, bias, params: ConvParams, scale, shift, res_scale, res_shift,
+                              relu: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """(x, residual) -> bn_act_forward(conv(x), scale, shift, residual, res_scale, res_shift, relu), the pass
+        in place on the convolution's output, which nothing else reads (inference conv_bn_add_relu)."""
+        def run(x, residual):
+            y = self.conv(x, weight, bias, params)
+            return self.bn_act_forward_(y, scale, shift, residual, res_scale, res_shift, relu)
+        return run
 
     def bn_act_conv(self, x, scale, shift, relu: bool, weight, bias, params: ConvParams):
         """bn_relu_conv's forward: (conv(a), a) with a = act(x*scale + shift) in the convolution's dtype; a is

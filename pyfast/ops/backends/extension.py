@@ -35,7 +35,7 @@ def _register_fakes() -> None:
         return _like_input(x)
 
     @torch.library.register_fake("pyfast::bn_act_forward_")
-    def _(x, scale, shift, relu):
+    def _(x, scale, shift, residual, res_scale, res_shift, relu):
         return x
 
     @torch.library.register_fake("pyfast::bn_act_backward_reduce")
@@ -121,3 +121,12 @@ class ExtensionBackend(Backend):
     def inference_bn_act(self, scale, shift, res_scale, res_shift, relu):
         bn_act_forward = _extension.extension.bn_act_forward
         return lambda x, residual: bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
+
+    def inference_conv_bn_act(self, weight, bias, params, scale, shift, res_scale, res_shift, relu):
+        bn_act_forward_ = _extension.extension.bn_act_forward_
+        stride, padding, dilation, groups = params.as_lists()
+
+        def run(x, residual):
+            y = torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+            return bn_act_forward_(y, scale, shift, residual, res_scale, res_shift, relu)
+        return run

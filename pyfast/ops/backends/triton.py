@@ -63,6 +63,9 @@ class TritonBackend(Backend):
     def bn_act_forward(self, *args):
         return self._bn.bn_act_forward(*args)
 
+    def bn_act_forward_(self, *args):
+        return self._bn.bn_act_forward_(*args)
+
     def bn_act_backward_reduce(self, *args):
         return self._bn.bn_act_backward_reduce(*args)
 
