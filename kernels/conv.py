@@ -136,6 +136,9 @@ class Problem:
     in_relu: bool = False
     relu: bool = False
     stats: bool = False
+    has_residual: bool = False
+    has_res_scale: bool = False
+    has_res_shift: bool = False
     tf32: bool = True
 
     @property
@@ -173,7 +176,8 @@ class Problem:
     def tuning_key(self):
         """What the best config depends on; M only as its power-of-two bucket."""
         return (self.c_in_g, self.c_out_g, self.groups, self.kh, self.kw, self.stride, self.dilation, self.dtype,
-                self.has_scale or self.has_shift or self.in_relu, self.stats, self.tf32, _next_pow2(self.m))
+                self.has_scale or self.has_shift or self.in_relu, self.stats, self.has_residual, self.tf32,
+                _next_pow2(self.m))
 
 
 def _group_tiles(problem, config):
@@ -318,6 +322,8 @@ def _conv2d_kernel(
     bias_ptr,  # (C_out,) fp32, read if HAS_BIAS
     scale_ptr, shift_ptr,  # (C_in,) fp32 prologue scale and shift, read if HAS_SCALE / HAS_SHIFT
     out_ptr,  # output (N, OH, OW, C_out), dense NHWC, dtype of x
+    res_ptr,  # residual (N, OH, OW, C_out), dense NHWC, dtype of x, read if HAS_RES
+    res_scale_ptr, res_shift_ptr,  # (C_out,) fp32 residual scale and shift, read if HAS_RES_SCALE / HAS_RES_SHIFT
     tile_stats_ptr,  # (cdiv(M, BLOCK_M), 3, C_out) fp32 per tile: channel mean as hi, lo and M2, written if STATS
     group_stats_ptr,  # (groups of stats_rows tiles, 3, C_out) fp32: the groups' merged rows, if STATS_TWO_LEVEL
     mean_ptr, var_ptr,  # (C_out,) fp32 out: mean and biased variance of the output, written if STATS
@@ -332,6 +338,7 @@ def _conv2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,  # prologue relu?(x*scale + shift)
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr,  # epilogue: + bias, then ReLU
+    HAS_RES: tl.constexpr, HAS_RES_SCALE: tl.constexpr, HAS_RES_SHIFT: tl.constexpr,  # + res*res_scale + res_shift
     STATS: tl.constexpr,  # epilogue: channel statistics of the stored output
     STATS_TWO_LEVEL: tl.constexpr,  # combine them in groups of stats_rows tiles first
     DIRECT: tl.constexpr,  # CUDA-core multiply-add over channel tiles spanning groups instead of tl.dot
@@ -418,14 +425,22 @@ def _conv2d_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_mask, other=0.0)[None, :]
+    out_offs = offs_m[:, None] * C_out + co[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:  # before the ReLU: relu(conv + bias + bn_s(residual)), a residual block's end in inference
+        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        if HAS_RES_SCALE:
+            r = r * tl.load(res_scale_ptr + co, mask=n_mask, other=0.0)[None, :]
+        if HAS_RES_SHIFT:
+            r = r + tl.load(res_shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+        acc += r
     out_dtype = out_ptr.dtype.element_ty
     if STATS:  # of the values stored (rounded to the output dtype), before the (excluded) ReLU
         _store_tile_stats(_cast(acc, out_dtype).to(tl.float32), m_mask, co, n_mask, pid_m, M, C_out,
                           tile_stats_ptr, BLOCK_M)
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)
-    tl.store(out_ptr + offs_m[:, None] * C_out + co[None, :], _cast(acc, out_dtype),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + out_offs, _cast(acc, out_dtype), mask=out_mask)
     if STATS:
         _combine_tile_stats(tile_stats_ptr, group_stats_ptr, mean_ptr, var_ptr, counter_ptr, co, n_mask, pid_m, M,
                             C_out, stats_rows, STATS_TWO_LEVEL, BLOCK_M)
@@ -574,12 +589,14 @@ def _conv_static_args(problem, config):
                 stride_h=p.stride[0], stride_w=p.stride[1], pad_h=p.padding[0], pad_w=p.padding[1],
                 dil_h=p.dilation[0], dil_w=p.dilation[1],
                 KH=p.kh, KW=p.kw, HAS_SCALE=p.has_scale, HAS_SHIFT=p.has_shift, IN_RELU=p.in_relu,
-                HAS_BIAS=p.has_bias, RELU=p.relu, STATS=p.stats, DIRECT=p.direct, DENSE=p.direct and p.groups == 1,
+                HAS_BIAS=p.has_bias, RELU=p.relu, HAS_RES=p.has_residual, HAS_RES_SCALE=p.has_res_scale,
+                HAS_RES_SHIFT=p.has_res_shift, STATS=p.stats, DIRECT=p.direct, DENSE=p.direct and p.groups == 1,
                 GROUP_TILE=config.group_tile, INT64=p.int64, DOT_PRECISION="tf32" if p.tf32 else "ieee",
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     plan = _stats_plan(p, config)
     args.update(STATS_TWO_LEVEL=p.stats and plan.two_level, stats_rows=plan.group_rows if p.stats else 0)
-    elements = p.n * p.c_in * p.h * p.w + p.c_out * p.c_in_g * p.kh * p.kw + p.m * p.c_out
+    outputs = p.m * p.c_out * (2 if p.has_residual else 1)  # the output, and the residual read beside it
+    elements = p.n * p.c_in * p.h * p.w + p.c_out * p.c_in_g * p.kh * p.kw + outputs
     if p.stats:  # tile rows written and read back (the groups' rows are fewer)
         elements += 2 * plan.tiles * 3 * p.c_out
     return _grid(p, config), args, elements
@@ -605,8 +622,11 @@ def launch_plan(problem, config=None):
     weight_strides = _weight_strides(torch.empty(shape, device="meta").permute(*_inverse(order)))
     tensors = dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=f32 if problem.has_bias else None,
                    scale_ptr=f32 if problem.has_scale else None, shift_ptr=f32 if problem.has_shift else None,
-                   out_ptr=dtype, **_stats_tensors(problem, config, f32, f32, lambda shape: f32,
-                                                   lambda count: torch.int32), **weight_strides)
+                   out_ptr=dtype, res_ptr=dtype if problem.has_residual else None,
+                   res_scale_ptr=f32 if problem.has_res_scale else None,
+                   res_shift_ptr=f32 if problem.has_res_shift else None,
+                   **_stats_tensors(problem, config, f32, f32, lambda shape: f32, lambda count: torch.int32),
+                   **weight_strides)
     return [_conv_launch(problem, config, tensors)]
 
 
@@ -660,7 +680,7 @@ def _check_vector(t, name, length, device):
     return t.to(torch.float32).contiguous()
 
 
-def _check_conv_inputs(x, weight, groups, relu, compute_stats):
+def _check_conv_inputs(x, weight, groups, relu, compute_stats, residual):
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
     if weight.dim() != 4:
@@ -680,31 +700,53 @@ def _check_conv_inputs(x, weight, groups, relu, compute_stats):
         raise ValueError(f"weight: shape {tuple(weight.shape)} needs C_in/groups = {C_in // groups} in dim 1")
     if compute_stats and relu:
         raise ValueError("compute_stats: statistics are of the pre-ReLU output, relu=True cannot be fused with them")
+    if compute_stats and residual is not None:
+        raise ValueError("compute_stats: statistics are of the convolution's output, a residual cannot be added")
+
+
+def _checked_residual(residual, shape, x):
+    """The residual as the epilogue reads it: the output's shape, x's dtype and device, dense NHWC (copied to
+    channels_last if it is not)."""
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"residual: expected shape {shape}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual: {residual.dtype} on {residual.device}, x is {x.dtype} on {x.device}")
+    return residual.contiguous(memory_format=torch.channels_last)
 
 
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *,
-           in_scale=None, in_shift=None, in_relu=False, relu=False, compute_stats=False):
+           in_scale=None, in_shift=None, in_relu=False, relu=False, compute_stats=False, residual=None,
+           res_scale=None, res_shift=None):
     """Grouped 2-D convolution of x (N, C_in, H, W) by weight (C_out, C_in/groups, KH, KW).
 
     Prologue: x is replaced by relu?(x*in_scale[c] + in_shift[c]) as it is loaded (in_scale/in_shift
-    of length C_in, either may be None), padding being zeros of that result. Epilogue: + bias, then
+    of length C_in, either may be None), padding being zeros of that result. Epilogue: + bias, + residual
+    *res_scale[c] + res_shift[c] (a tensor of the output's shape and x's dtype; either vector may be None), then
     ReLU if `relu`. With compute_stats also returns the per-channel mean and biased variance (fp32) of
-    the output (post-bias; incompatible with relu).
+    the output (post-bias; incompatible with relu and a residual).
     Returns a channels_last tensor of x's dtype. NCHW input is copied to channels_last first (one
     extra read and write of x). fp32 convolves in TF32 when torch.backends.cudnn.allow_tf32 is set.
     """
     stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
-    _check_conv_inputs(x, weight, groups, relu, compute_stats)
+    _check_conv_inputs(x, weight, groups, relu, compute_stats, residual)
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     bias = _check_vector(bias, "bias", C_out, x.device)
     in_scale = _check_vector(in_scale, "in_scale", C_in, x.device)
     in_shift = _check_vector(in_shift, "in_shift", C_in, x.device)
+    res_scale = _check_vector(res_scale, "res_scale", C_out, x.device)
+    res_shift = _check_vector(res_shift, "res_shift", C_out, x.device)
+    if residual is None and (res_scale is not None or res_shift is not None):
+        raise ValueError("res_scale/res_shift: given without a residual")
     problem = Problem(N, C_in, H, W, C_out, KH, KW, stride, padding, dilation, groups, x.dtype,
                       has_bias=bias is not None, has_scale=in_scale is not None, has_shift=in_shift is not None,
-                      in_relu=in_relu, relu=relu, stats=compute_stats, tf32=torch.backends.cudnn.allow_tf32)
+                      in_relu=in_relu, relu=relu, stats=compute_stats, has_residual=residual is not None,
+                      has_res_scale=res_scale is not None, has_res_shift=res_shift is not None,
+                      tf32=torch.backends.cudnn.allow_tf32)
     if problem.oh < 1 or problem.ow < 1:
         raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the dilated kernel")
+    if residual is not None:
+        residual = _checked_residual(residual, (N, C_out, problem.oh, problem.ow), x)
 
     x = x.contiguous(memory_format=torch.channels_last)
     w = _weight_for(weight, problem.direct)
@@ -723,7 +765,9 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                                lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32),
                                lambda count: arrival_counters(x.device, count))
         return _conv_launch(problem, config, dict(x_ptr=x, w_ptr=w, bias_ptr=bias, scale_ptr=in_scale,
-                                                  shift_ptr=in_shift, out_ptr=out, **stats, **_weight_strides(w)))
+                                                  shift_ptr=in_shift, out_ptr=out, res_ptr=residual,
+                                                  res_scale_ptr=res_scale, res_shift_ptr=res_shift, **stats,
+                                                  **_weight_strides(w)))
 
     launch(_choose_config(problem, lambda c: launch(c).run)).run()
     return (out, mean, var) if compute_stats else out

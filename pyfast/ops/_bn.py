@@ -104,6 +104,28 @@ def eval_affine(chosen, bn: BatchNormArgs, acc: torch.dtype, reuse: bool) -> Aff
     return cached(bn.running_var, "affine", inputs, (bn.eps, chosen.name, acc), compute)
 
 
+def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, out_shape) -> Tuple[Tensor, Tensor]:
+    """fold_batch_norm, computed once per change of the weights or statistics (pyfast.ops._cache), with the
+    check of the BN's arguments against the convolution's output (of shape `out_shape`): a cached fold is of the
+    same tensors at the same versions, already checked against the same weight."""
+    def checked_fold():
+        check_batch_norm("bn_", out_shape, weight.device, bn, False)
+        return fold(chosen, weight, bias, bn)
+
+    if torch.compiler.is_compiling():
+        return checked_fold()
+    inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return cached(weight, "fold", inputs, (bn.eps, chosen.name), checked_fold)
+
+
+def fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BN folded into the convolution before it (pyfast.ops.fold_batch_norm's rule)."""
+    affine = eval_affine(chosen, bn, acc_dtype(weight.dtype), reuse=False)  # the fold is what is cached
+    folded_bias = affine.shift if bias is None else affine.shift + bias.to(affine.scale.dtype) * affine.scale
+    folded_weight = weight * affine.scale.to(weight.dtype).view(-1, 1, 1, 1)
+    return folded_weight, folded_bias.to(weight.dtype)
+
+
 def affine_of(chosen, t: Tensor, bn: BatchNormArgs, training: bool, reuse: bool) -> Affine:
     """The affine map of the BN of t, in t's accumulation dtype: from t's batch statistics in training (the
     running ones updated), from the running ones in eval."""

@@ -8,7 +8,8 @@ writes both input gradients. add_relu's backward is one pass over the saved outp
 
 conv_bn_add_relu is bn_add_relu with the convolution that produces y (a residual branch's last): in training on
 a backend whose convolution takes y's batch statistics in its epilogue (Triton) there is no statistics pass over
-y; elsewhere it is that convolution followed by bn_add_relu.
+y; elsewhere it is that convolution followed by bn_add_relu. In inference the BN is folded into the convolution
+and the shortcut added in its epilogue (Triton: one kernel) or in one pass in place on its output.
 """
 from typing import Callable, NamedTuple, Optional
 
@@ -19,7 +20,7 @@ from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
-                  conv_and_affine, eval_affine, reduction_count)
+                  conv_and_affine, eval_affine, folded_conv, reduction_count)
 from ._common import (bn_memo_tensors, conv_inputs, conv_memo_tensors, dtype_of as _dtype, like_layout, memoized_call,
                       needs_grad, param_grad)
 from ._conv import ConvParams, memory_format_of
@@ -178,8 +179,9 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
                bn: BatchNormArgs, shortcut: Optional[Tensor], shortcut_bn: Optional[BatchNormArgs], training: bool,
                inference: bool, relu: bool) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
     """conv_bn_add_relu's call as a function of (x, shortcut), its other arguments checked (x's and the
-    convolution's already): in `inference` (eval, no autograd graph, eager) the convolution and bn_add_relu's
-    pass with the cached affine maps, in place on the convolution's output; with the backend's C++ autograd (or the reference composite) the convolution and bn_add_relu's call;
+    convolution's already): in `inference` (eval, no autograd graph, eager) the convolution with the BN folded
+    into it (cached) and the shortcut added by the backend's inference_conv_add (Triton: in the convolution's
+    epilogue; else one pass in place on its output); with the backend's C++ autograd (or the reference composite) the convolution and bn_add_relu's call;
     else (the Python Functions) _ConvBNAddReLU, which takes y's statistics from the convolution."""
     if shortcut is not None:
         check_activation("shortcut", shortcut)
@@ -188,11 +190,10 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
     if shortcut_bn is not None:
         check_batch_norm("shortcut_bn.", shortcut.shape, x.device, shortcut_bn, training)
     if inference and chosen.name != "reference":
-        acc = acc_dtype(x.dtype)
-        affine = eval_affine(chosen, bn, acc, reuse=True)
-        s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc, reuse=True)
-        return chosen.inference_conv_bn_act(weight, bias, params, affine.scale, affine.shift, s_affine[0],
-                                            s_affine[1], relu)
+        folded_weight, folded_bias = folded_conv(chosen, weight, bias, bn, out_shape)
+        s_affine = _NO_AFFINE if shortcut_bn is None else eval_affine(chosen, shortcut_bn, acc_dtype(x.dtype),
+                                                                      reuse=True)
+        return chosen.inference_conv_add(folded_weight, folded_bias, params, s_affine[0], s_affine[1], relu)
     conv = chosen.conv
     if chosen.name == "reference" or eager_autograd(chosen) is not None:
         after = _checked_call(chosen, bn, shortcut_bn, training, relu)

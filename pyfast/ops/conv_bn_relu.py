@@ -13,11 +13,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._numerics import acc_dtype
 from . import reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
-from ._bn import Affine, BatchNormArgs, bn_act_backward, check_batch_norm, conv_and_affine, eval_affine
-from ._cache import cached
+from ._bn import Affine, BatchNormArgs, bn_act_backward, check_batch_norm, conv_and_affine, fold, folded_conv
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
 from .backends import BACKENDS, select
 
@@ -95,28 +93,7 @@ def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, b
                     ) -> Tuple[Tensor, Tensor]:
     """Eval-mode BN folded into the convolution: (w*scale, (b - running_mean)*scale + beta) in the
     convolution's dtype, computed in float32 (the stored parameters are not touched)."""
-    return _fold(select("conv_bn_relu", weight, backend), weight, bias, bn)
-
-
-def folded_conv(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, out_shape) -> Tuple[Tensor, Tensor]:
-    """fold_batch_norm, computed once per change of the weights or statistics (pyfast.ops._cache), with the
-    check of the BN's arguments against the convolution's output (of shape `out_shape`): a cached fold is of the
-    same tensors at the same versions, already checked against the same weight."""
-    def checked_fold():
-        check_batch_norm("bn_", out_shape, weight.device, bn, False)
-        return _fold(chosen, weight, bias, bn)
-
-    if torch.compiler.is_compiling():
-        return checked_fold()
-    inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return cached(weight, "fold", inputs, (bn.eps, chosen.name), checked_fold)
-
-
-def _fold(chosen, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs) -> Tuple[Tensor, Tensor]:
-    affine = eval_affine(chosen, bn, acc_dtype(weight.dtype), reuse=False)  # the fold is what is cached
-    folded_bias = affine.shift if bias is None else affine.shift + bias.to(affine.scale.dtype) * affine.scale
-    folded_weight = weight * affine.scale.to(weight.dtype).view(-1, 1, 1, 1)
-    return folded_weight, folded_bias.to(weight.dtype)
+    return fold(select("conv_bn_relu", weight, backend), weight, bias, bn)
 
 
 class _ConvBNReLU(torch.autograd.Function):

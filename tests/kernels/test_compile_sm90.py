@@ -43,13 +43,14 @@ INT32_POINTERS = {"counter_ptr"}  # the reductions' arrival counters (kernels/_a
 
 
 def _conv(dtype, shape, config, mma, prologue=False, in_relu=False, bias=True, relu=False, stats=False,
-          precision="tf32"):
+          precision="tf32", residual=False):
     """The conv2d launches for x (n, c_in, *hw), a k x k kernel, stride, padding and groups, with the largest or
     the smallest of the candidate configs; the worker compiles them from `conv.launch_plan`."""
     n, c_in, (h, w), c_out, k, stride, pad, groups = shape
     problem = dict(n=n, c_in=c_in, h=h, w=w, c_out=c_out, kh=k, kw=k, stride=(stride, stride), padding=(pad, pad),
                    dilation=(1, 1), groups=groups, dtype=dtype, has_bias=bias, has_scale=prologue, has_shift=prologue,
-                   in_relu=in_relu, relu=relu, stats=stats, tf32=precision == "tf32")
+                   in_relu=in_relu, relu=relu, stats=stats, has_residual=residual, has_res_scale=residual,
+                   has_res_shift=residual, tf32=precision == "tf32")
     return dict(module="conv", problem=problem, config=config, mma=mma)
 
 
@@ -61,6 +62,8 @@ CONV_CASES = {
     "conv-dot-bf16-largest-width16-stats": _conv(  # several groups per tile: block-diagonal weights
         "bf16", (8, 128, (28, 28), 128, 3, 1, 1, 8), "largest", True, stats=True),
     "conv-dot-fp32-tf32-largest-1x1": _conv("fp32", (8, 64, (56, 56), 256, 1, 1, 0, 1), "largest", True, bias=False),
+    "conv-dot-bf16-largest-1x1-residual-relu": _conv(  # inference conv_bn_add_relu: the BN'd shortcut added
+        "bf16", (8, 64, (56, 56), 256, 1, 1, 0, 1), "largest", True, relu=True, residual=True),
     "conv-dot-fp16-smallest-7x7-prologue-int64": _conv(
         "fp16", (40, 16, (2048, 2048), 16, 7, 2, 3, 1), "smallest", True, prologue=True),
     "conv-dot-fp32-ieee-smallest-stats": _conv(  # exact fp32: FMA, no tensor cores
@@ -70,6 +73,8 @@ CONV_CASES = {
         "fp16", (8, 32, (3000, 3000), 32, 3, 1, 1, 32), "largest", False, prologue=True, in_relu=True, stats=True),
     "conv-direct-bf16-smallest-width8": _conv("bf16", (8, 64, (28, 28), 64, 3, 2, 1, 8), "smallest", False,
                                               bias=False),
+    "conv-direct-fp16-largest-width8-residual-relu": _conv(
+        "fp16", (8, 64, (28, 28), 64, 3, 1, 1, 8), "largest", False, relu=True, residual=True),
     "conv-direct-fp32-largest-stem7x7-prologue-relu": _conv(
         "fp32", (8, 3, (224, 224), 32, 7, 2, 3, 1), "largest", False, prologue=True, relu=True),
 }

@@ -176,6 +176,26 @@ def test_bias_relu_epilogue(c_in, groups, dtype):
     _check(out, *_expected(x, w, bias, padding=1, groups=groups, relu=True), dtype)
 
 
+@pytest.mark.parametrize("c_in, groups, dtype, bn", [(16, 1, f32, True), (8, 4, bf16, False), (32, 2, f16, True)],
+                         ids=["dot-bn", "direct-bf16-identity", "grouped-dot-f16-bn"])
+def test_residual_epilogue(c_in, groups, dtype, bn):
+    """relu(conv + bias + residual*res_scale + res_shift): a residual block's end in inference, one launch; the
+    residual in NCHW is read in the output's layout."""
+    x, w = _make(2, c_in, 16, (5, 7), 3, groups, dtype)
+    bias = torch.randn(16, device=DEVICE)
+    residual = torch.randn(2, 16, 5, 7, device=DEVICE).to(dtype)
+    res_scale, res_shift = (torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)) if bn else (None, None)
+    out = conv.conv2d(x, w, bias, padding=1, groups=groups, relu=True, residual=residual, res_scale=res_scale,
+                      res_shift=res_shift)
+
+    def run(x, w, bias, residual):
+        r = residual if res_scale is None else residual * res_scale.to(residual).view(1, -1, 1, 1) + \
+            res_shift.to(residual).view(1, -1, 1, 1)
+        return F.relu(F.conv2d(x, w, bias.to(x), padding=1, groups=groups) + r)
+    ref = run(*(t.double().cpu() for t in (x, w, bias, residual)))
+    _check(out, ref, None if dtype == f32 else run(x, w, bias, residual), dtype)
+
+
 @pytest.mark.parametrize("c_in, groups", [(16, 1), (4, 4)], ids=["dot", "direct"])
 def test_nan_propagates_through_both_relus(c_in, groups):
     x, w = _make(1, c_in, 16, (5, 5), 3, groups, f32)
@@ -266,6 +286,10 @@ BAD = {
     "shift-device": (lambda x, w, v: dict(in_shift=v.to("meta")), "in_shift: on meta"),
     "shift-dtype": (lambda x, w, v: dict(in_shift=v.long()), "in_shift: expected a floating-point"),
     "stats-relu": (lambda x, w, v: dict(compute_stats=True, relu=True), "compute_stats"),
+    "stats-residual": (lambda x, w, v: dict(compute_stats=True, padding=1, residual=x), "compute_stats"),
+    "residual-shape": (lambda x, w, v: dict(residual=x), r"residual: expected shape \(1, 8, 3, 3\)"),
+    "residual-dtype": (lambda x, w, v: dict(padding=1, residual=x.double()), "residual: torch.float64"),
+    "res-scale-alone": (lambda x, w, v: dict(res_scale=v), "res_scale/res_shift: given without a residual"),
     "stride": (lambda x, w, v: dict(stride=0), "stride"),
     "padding": (lambda x, w, v: dict(padding=(1, -1)), "padding"),
     "kernel-too-large": (lambda x, w, v: dict(x=x[:, :, :2]), "x: spatial size"),

@@ -118,13 +118,16 @@ class Backend:
         """(x, residual) -> bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)."""
         return lambda x, residual: self.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
 
-    def inference_conv_bn_act(self, weight, bias, params: ConvParams, scale, shift, res_scale, res_shift,
-                              relu: bool) -> Callable[[Tensor, Tensor], Tensor]:
-        """(x, residual) -> bn_act_forward(conv(x), scale, shift, residual, res_scale, res_shift, relu), the pass
-        in place on the convolution's output, which nothing else reads (inference conv_bn_add_relu)."""
+    def inference_conv_add(self, weight, bias, params: ConvParams, res_scale, res_shift,
+                           relu: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """(x, residual) -> act(conv(x) + bias + residual*res_scale + res_shift): inference conv_bn_add_relu, its BN
+        folded into weight and bias. Here the convolution without bias, then one pass that adds the bias too, in
+        place on the convolution's output (which nothing else reads)."""
+        shift = None if bias is None else bias.to(acc_dtype(bias.dtype))
+
         def run(x, residual):
-            y = self.conv(x, weight, bias, params)
-            return self.bn_act_forward_(y, scale, shift, residual, res_scale, res_shift, relu)
+            y = self.conv(x, weight, None, params)
+            return self.bn_act_forward_(y, None, shift, residual, res_scale, res_shift, relu)
         return run
 
     def bn_act_conv(self, x, scale, shift, relu: bool, weight, bias, params: ConvParams):

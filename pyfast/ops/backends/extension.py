@@ -122,11 +122,12 @@ class ExtensionBackend(Backend):
         bn_act_forward = _extension.extension.bn_act_forward
         return lambda x, residual: bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
 
-    def inference_conv_bn_act(self, weight, bias, params, scale, shift, res_scale, res_shift, relu):
+    def inference_conv_add(self, weight, bias, params, res_scale, res_shift, relu):
         bn_act_forward_ = _extension.extension.bn_act_forward_
         stride, padding, dilation, groups = params.as_lists()
+        shift = None if bias is None else bias.to(acc_dtype(bias.dtype))
 
         def run(x, residual):
-            y = torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-            return bn_act_forward_(y, scale, shift, residual, res_scale, res_shift, relu)
+            y = torch.convolution(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
+            return bn_act_forward_(y, None, shift, residual, res_scale, res_shift, relu)
         return run

@@ -84,6 +84,12 @@ class TritonBackend(Backend):
     def conv_bias_act(self, x, weight, bias, params, relu):
         return self._conv.conv2d(x, weight, bias, *params.as_lists(), relu=relu)
 
+    def inference_conv_add(self, weight, bias, params, res_scale, res_shift, relu):
+        # one launch: the shortcut (and its BN) added in the convolution's epilogue
+        conv2d, lists = self._conv.conv2d, params.as_lists()
+        return lambda x, residual: conv2d(x, weight, bias, *lists, relu=relu, residual=residual, res_scale=res_scale,
+                                          res_shift=res_shift)
+
     def bn_act_conv(self, x, scale, shift, relu, weight, bias, params):
         if x.dtype != weight.dtype:  # autocast: the prologue reads and multiplies in one dtype
             return super().bn_act_conv(x, scale, shift, relu, weight, bias, params)
