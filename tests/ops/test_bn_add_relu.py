@@ -159,3 +159,23 @@ def test_conv_bn_add_relu_rejects_bad_input():
     with pytest.raises(ValueError, match=r"bn_weight must be .* shape \(8,\)"):
         ops.conv_bn_add_relu(x, weight, None, torch.ones(4), *bn[1:], training=True, padding=1,
                              shortcut=torch.randn(2, 8, 5, 5))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_inference_conv_add_default_and_override_agree(backend):
+    """Backend.inference_conv_add's composite (the semantics: the convolution, then one in-place pass) and the
+    backend's own (pyfast._C's bindings; Triton's residual epilogue) against float64."""
+    from pyfast.ops.backends.base import Backend
+    from pyfast.ops._conv import ConvParams
+
+    skip_unless_runs(backend, "bn_add_relu", torch.empty(1))
+    chosen = ops.BACKENDS[backend]
+    x, weight, bias = torch.randn(2, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(6)
+    residual, res_scale, res_shift = torch.randn(2, 6, 5, 5), torch.rand(6) + 0.5, torch.randn(6)
+    params = ConvParams.of(1, 1, 1, 2)
+    expected = torch.relu(torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), 1, 1, 1, 2)
+                          + residual.double() * res_scale.double().view(1, -1, 1, 1)
+                          + res_shift.double().view(1, -1, 1, 1))
+    for run in (Backend.inference_conv_add(chosen, weight, bias, params, res_scale, res_shift, True),
+                chosen.inference_conv_add(weight, bias, params, res_scale, res_shift, True)):
+        assert_close(run(x, residual), expected, torch.float32, what=f"{backend} inference_conv_add")
