@@ -45,7 +45,7 @@ def _defaults(gpu: bool) -> dict:
                     time_limit=None)
     # The CPU run must end within 10 minutes on a busy 2-core machine: later configurations give way.
     return dict(models=CPU_MODELS, modes=list(MODES), dtype=["fp32"], layout=["channels_last"], batch_size=4,
-                image_size=64, repeats=10, warmup=2, compile=True, compile_models=CPU_COMPILE_MODELS, budget_s=3.0,
+                image_size=64, repeats=30, warmup=2, compile=True, compile_models=CPU_COMPILE_MODELS, budget_s=3.0,
                 time_limit=480.0)
 
 
@@ -153,7 +153,7 @@ def relative_error(eager, fast, x: torch.Tensor, config: Config) -> Optional[flo
 # On the CPU the providers are timed in interleaved rounds, their samples pooled: the machines are shared and
 # their speed drifts, which one provider timed after another would read as a ratio. (GPUs time one provider at a
 # time, alone on the device, so that each peak memory is its own.)
-CPU_ROUNDS = 3
+CPU_ROUNDS = 6
 
 
 def provider_step(module: torch.nn.Module, name: str, config: Config, sets) -> Callable:
