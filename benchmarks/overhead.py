@@ -398,7 +398,7 @@ def report_fuse(out) -> None:
             x = torch.randn(8, 3, 224, 224)
             labels = torch.randint(0, 1000, (8,))
             make = (lambda m: training_step(m, x, labels)) if training else (lambda m: inference_step(m, x))
-            t = interleaved_wall({"unfused": make(plain), "fused": make(fused)}, rounds=2)
+            t = interleaved_wall({"unfused": make(plain), "fused": make(fused)}, rounds=4)
             mode = "training" if training else "inference"
             print(f"  {name:16s} {mode:9s} unfused {t['unfused']:8.1f}  fused {t['fused']:8.1f}  "
                   f"speed {t['unfused'] / t['fused']:4.2f}x (target >= 1.0)", file=out)
