@@ -79,6 +79,10 @@ def _check_shortcut(shortcut: Optional[Tensor], shortcut_bn: Optional[BatchNormA
             raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but y has {tuple(y_shape)}")
     elif shortcut_bn is not None:
         raise ValueError("shortcut_bn needs a shortcut")
+    _check_shortcut_bn_type(shortcut_bn)
+
+
+def _check_shortcut_bn_type(shortcut_bn) -> None:
     if shortcut_bn is not None and not isinstance(shortcut_bn, BatchNormArgs):
         raise TypeError(f"shortcut_bn must be a pyfast.ops.BatchNormArgs, got {type(shortcut_bn).__name__}")
 
@@ -149,15 +153,18 @@ def conv_bn_add_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weigh
                                                  dilation, groups, shortcut, shortcut_bn, relu, backend))
         if run is not None:
             return run(x, shortcut)
+    _check_shortcut_bn_type(shortcut_bn)
     x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
-    chosen = select("bn_add_relu", x, backend, weight=weight, params=params)
+    chosen = select("conv_bn_add_relu", x, backend, weight=weight, params=params)
     two_precisions = (isinstance(shortcut, Tensor) and shortcut.dtype != x.dtype
                       and torch.is_autocast_enabled(x.device.type))
     if two_precisions or not (training or needs_grad(x, weight, bias, bn_weight, bn_bias, shortcut,
                                                      *(shortcut_bn or BatchNormArgs())[:2])):
         # inference (its cached affine maps; a traced graph computes them), or branches in two precisions under
-        # autocast (added in the wider, as eager PyTorch does): the convolution, then bn_add_relu
-        return bn_add_relu(chosen.conv(x, weight, bias, params), bn_weight, bn_bias, running_mean, running_var,
+        # autocast (added in the wider, as eager PyTorch does): the convolution, then bn_add_relu. A convolution
+        # that gradients flow through is ATen's (the Triton kernel has no autograd of its own).
+        conv = BACKENDS["reference"].conv if needs_grad(x, weight, bias) else chosen.conv
+        return bn_add_relu(conv(x, weight, bias, params), bn_weight, bn_bias, running_mean, running_var,
                            num_batches_tracked, training, momentum, eps, shortcut, shortcut_bn, relu, chosen.name)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     return _conv_call(chosen, x, weight, bias, params, out_shape, bn, shortcut, shortcut_bn, training, False,
@@ -169,7 +176,7 @@ def resolve_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     """conv_bn_add_relu's call of these arguments, checked, as a function of (x, shortcut) (memoized_call's
     `resolve`; pyfast.nn's memo uses it too)."""
     x, weight, bias, params, out_shape = conv_inputs(x, weight, bias, stride, padding, dilation, groups)
-    chosen = select("bn_add_relu", x, backend, weight=weight, params=params)
+    chosen = select("conv_bn_add_relu", x, backend, weight=weight, params=params)
     bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     return _conv_call(chosen, x, weight, bias, params, out_shape, bn, shortcut, shortcut_bn, training, not training,
                       relu)
@@ -181,8 +188,9 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
     """conv_bn_add_relu's call as a function of (x, shortcut), its other arguments checked (x's and the
     convolution's already): in `inference` (eval, no autograd graph, eager) the convolution with the BN folded
     into it (cached) and the shortcut added by the backend's inference_conv_add (Triton: in the convolution's
-    epilogue; else one pass in place on its output); with the backend's C++ autograd (or the reference composite) the convolution and bn_add_relu's call;
-    else (the Python Functions) _ConvBNAddReLU, which takes y's statistics from the convolution."""
+    epilogue; else one pass in place on its output); with the backend's C++ autograd (or the reference
+    composite) the convolution and bn_add_relu's call; else (the Python Functions) _ConvBNAddReLU, which takes y's
+    statistics from the convolution."""
     if shortcut is not None:
         check_activation("shortcut", shortcut)
     _check_shortcut(shortcut, shortcut_bn, x, out_shape)
@@ -290,8 +298,18 @@ def _save(ctx, config: _Config, inputs: tuple, y: Tensor, shortcut, affine: Affi
     ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))
 
 
+class _Wanted(NamedTuple):
+    """Which gradients besides y's autograd asks for (y's is always computed: it is the elementwise pass)."""
+
+    bn_weight: bool
+    bn_bias: bool
+    shortcut: bool
+    s_weight: bool
+    s_bias: bool
+
+
 class _AddGrads(NamedTuple):
-    y: Optional[Tensor]
+    y: Tensor
     bn_weight: Optional[Tensor]
     bn_bias: Optional[Tensor]
     shortcut: Optional[Tensor]
@@ -299,10 +317,10 @@ class _AddGrads(NamedTuple):
     s_bias: Optional[Tensor]
 
 
-def _add_backward(ctx, grad_out: Tensor, saved, wanted: _AddGrads) -> _AddGrads:
+def _add_backward(ctx, grad_out: Tensor, saved, wanted: _Wanted) -> _AddGrads:
     """The backward of relu(bn(y) + s) from what _save kept (`saved`: from y on): one reduction pass (when the
     batch statistics or a BN parameter gradient need it), one elementwise pass writing y's and the shortcut's
-    gradients. `wanted` says by field which gradients autograd asks for (True/False)."""
+    gradients."""
     y, shortcut, *saved = saved
     affine, (s_scale, s_shift, s_mean, s_invstd) = Affine(*saved[:4]), saved[4:]
     config = ctx.config
@@ -347,7 +365,7 @@ class _BNAddReLU(torch.autograd.Function):
     @double_backward_unsupported("bn_add_relu")
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad
-        grads = _add_backward(ctx, grad_out, ctx.saved_tensors, _AddGrads(*(needs[i] for i in (0, 1, 2, 6, 7, 8))))
+        grads = _add_backward(ctx, grad_out, ctx.saved_tensors, _Wanted(*(needs[i] for i in (1, 2, 6, 7, 8))))
         return (grads.y, grads.bn_weight, grads.bn_bias, None, None, None, grads.shortcut, grads.s_weight,
                 grads.s_bias, None, None, None, None)
 
@@ -377,8 +395,7 @@ class _ConvBNAddReLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wanted = _AddGrads(any(needs[:3]), *(needs[i] for i in (3, 4, 8, 9, 10)))
-        grads = _add_backward(ctx, grad_out, saved, wanted)
+        grads = _add_backward(ctx, grad_out, saved, _Wanted(*(needs[i] for i in (3, 4, 8, 9, 10))))
         grad_x, grad_weight, grad_bias = BACKENDS[ctx.config.backend].conv_backward(grads.y, x, weight, ctx.params,
                                                                                     needs[:3])
         return (grad_x, grad_weight, grad_bias, grads.bn_weight, grads.bn_bias, None, None, None, grads.shortcut,

@@ -198,14 +198,14 @@ def test_conv_bn_add_relu_module_memo_trains_like_the_plain_modules(lookups, bac
     for step in range(3):
         assert_close(*_sgd_steps((fused_forward, plain_forward), optimizers, torch.randn(2, 4, 6, 6)))
         _assert_trained_alike(fused_params, plain_params, (bn, s_bn), plain[1::2], step + 1)
-    assert lookups.count("bn_add_relu") == 1
+    assert lookups.count("conv_bn_add_relu") == 1
     for m in (conv, bn, s_conv, s_bn, *plain):
         m.eval()
     with torch.no_grad():
         for _ in range(2):
             x = torch.randn(2, 4, 6, 6)
             assert_close(fused_forward(x), plain_forward(x))
-        assert lookups.count("bn_add_relu") == 2
+        assert lookups.count("conv_bn_add_relu") == 2
         y = torch.randn(2, 4, 6, 6)
         bias = torch.randn(1, 6, 1, 1)  # broadcast: eager's result
         expected = F.relu(plain[1](plain[0](y)) + bias)

@@ -70,7 +70,8 @@ def test_writing_into_the_shortcut_after_the_fused_call_is_legal():
     model = ShortcutWrittenAfter()
     fused, report = fuse(copy.deepcopy(model))
     kinds = [f.kind for f in report.fusions]
-    assert not {"bn_add_relu", "conv_bn_add_relu"} & set(kinds) and "add_relu" in kinds, str(report)  # add_relu saves only its output
+    # add_relu saves only its output
+    assert not {"bn_add_relu", "conv_bn_add_relu"} & set(kinds) and "add_relu" in kinds, str(report)
     x = torch.randn(2, 3, 4, 4)
     grads = []
     for m in (fused, model):

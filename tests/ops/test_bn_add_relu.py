@@ -87,7 +87,8 @@ def test_variance_of_a_large_mean_is_accurate():
 # conv_bn_add_relu: the residual branch's last convolution with its end (on Triton the convolution takes y's batch
 # statistics in its epilogue). The reference is bn_add_relu after F.conv2d, in float64.
 CONV_CASES = {"dense3x3": Case(channels=6, out_channels=8, size=(5, 7)),
-              "pointwise-stride2": Case(batch=3, channels=4, out_channels=8, kernel=1, stride=2, padding=0, size=(11, 10)),
+              "pointwise-stride2": Case(batch=3, channels=4, out_channels=8, kernel=1, stride=2, padding=0,
+                                        size=(11, 10)),
               "grouped": Case(channels=8, out_channels=8, groups=4, size=(6, 6))}
 CONV_GRID = [(case, dtype) for case in CONV_CASES for dtype in ("f32", "f64", "bf16")]
 CONV_INTERPRETER_GRID = [("dense3x3", "f32"), ("pointwise-stride2", "bf16"), ("grouped", "f32")]
@@ -153,6 +154,9 @@ def test_conv_bn_add_relu_rejects_bad_input():
                              shortcut=torch.randn(2, 8, 5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="shortcut_bn needs a shortcut"):
         ops.conv_bn_add_relu(x, weight, None, *bn, training=True, padding=1, shortcut_bn=ops.BatchNormArgs())
+    with pytest.raises(TypeError, match="shortcut_bn must be a pyfast.ops.BatchNormArgs"):
+        ops.conv_bn_add_relu(x, weight, None, *bn, training=False, padding=1, shortcut=torch.randn(2, 8, 5, 5),
+                             shortcut_bn=torch.nn.BatchNorm2d(8))
     with pytest.raises(ValueError, match="weight of shape"):
         ops.conv_bn_add_relu(x, torch.randn(8, 3, 3, 3), None, *bn, training=True, padding=1,
                              shortcut=torch.randn(2, 8, 5, 5))
@@ -179,3 +183,44 @@ def test_inference_conv_add_default_and_override_agree(backend):
     for run in (Backend.inference_conv_add(chosen, weight, bias, params, res_scale, res_shift, True),
                 chosen.inference_conv_add(weight, bias, params, res_scale, res_shift, True)):
         assert_close(run(x, residual), expected, torch.float32, what=f"{backend} inference_conv_add")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_add_relu_with_bias_mixed_layouts_and_no_relu(backend, training):
+    """x in NCHW, the shortcut channels_last, relu=False, and in eval a convolution bias (before a training BN its
+    gradient is zero, which no relative error can measure): against the float64 reference."""
+    skip_unless_runs(backend, "bn_add_relu", torch.empty(1))
+    case = CONV_CASES["grouped"]
+    tensors = conv_inputs(case, "bn")
+    tensors["bias"] = None if training else torch.randn(case.out_channels) * 0.1
+
+    def fn(t, backend):
+        return ops.conv_bn_add_relu(t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], t["bn_running_mean"],
+                                    t["bn_running_var"], t["bn_num_batches_tracked"], training=training, padding=1,
+                                    groups=case.groups, shortcut=t["shortcut"].contiguous(
+                                        memory_format=torch.channels_last), shortcut_bn=_shortcut_bn(t), relu=False,
+                                    backend=backend)
+    compare(fn, tensors, torch.float32, "cpu", backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_conv_bn_add_relu_under_autocast_with_a_wider_shortcut(backend):
+    """Under autocast the convolution runs in bf16 and the shortcut stays float32: the branches add in float32,
+    and gradients reach x and the convolution's weight (the Triton kernel has no autograd of its own)."""
+    skip_unless_runs(backend, "bn_add_relu", torch.empty(1))
+    case = CONV_CASES["dense3x3"]
+    tensors, results = conv_inputs(case, "identity"), {}
+    for name in ("reference", backend):
+        t = cast(tensors, torch.float32, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.conv_bn_add_relu(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"], t["bn_running_mean"],
+                                       t["bn_running_var"], t["bn_num_batches_tracked"], training=True, padding=1,
+                                       shortcut=t["shortcut"], backend=name)
+        out.float().sum().backward()
+        results[name] = (out, t["x"].grad, t["weight"].grad, t["shortcut"].grad)
+    assert results[backend][0].dtype == torch.float32
+    for what, mine, theirs in zip(("out", "x grad", "weight grad", "shortcut grad"), results[backend],
+                                  results["reference"]):
+        assert mine is not None, what
+        assert_close(mine.float(), theirs.float().double(), torch.bfloat16, what=what)

@@ -164,6 +164,28 @@ def test_inference_cache_follows_training_updates(backend):
             torch.testing.assert_close(out, F.relu(_eager_bn(conv(x), copy_of(bn), training)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [CPU, "triton"])
+def test_conv_bn_add_relu_inference_follows_training_updates(backend):
+    """conv_bn_add_relu with a BN'd shortcut, eval -> train -> eval: the eval calls fold the BN and take the shortcut
+    BN's affine map from the running statistics the training calls' finalize kernels just updated."""
+    skip_unless_runs(backend, "conv_bn_add_relu", torch.randn(1, 4, 2, 2))
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    conv, bn, s_bn = _blocks()
+    with torch.no_grad():
+        for training in (False, True, False, True, False):
+            expected_bn, expected_s_bn = copy_of(bn), copy_of(s_bn)
+            expected = F.relu(_eager_bn(conv(x), expected_bn, training) + _eager_bn(s, expected_s_bn, training))
+            out = ops.conv_bn_add_relu(x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                       bn.num_batches_tracked, training=training, padding=1, shortcut=s,
+                                       shortcut_bn=ops.BatchNormArgs(s_bn.weight, s_bn.bias, s_bn.running_mean,
+                                                                     s_bn.running_var, s_bn.num_batches_tracked),
+                                       backend=backend)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            for mine, theirs in ((bn, expected_bn), (s_bn, expected_s_bn)):
+                torch.testing.assert_close(mine.running_var, theirs.running_var)
+
+
 def copy_of(bn):
     """bn's state before the reference call (which would update it again)."""
     import copy

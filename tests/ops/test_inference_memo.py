@@ -100,6 +100,37 @@ def test_bn_add_relu_memo_follows_the_shortcut_and_its_bn(selections):
                                                                                    False, True))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_conv_bn_add_relu_memo_follows_the_weights_the_shortcut_bn_and_layouts(selections, backend):
+    """Inference conv_bn_add_relu binds the folded convolution and the shortcut BN's affine map: a repeated call
+    skips the lookup, and an in-place weight update, a new shortcut-BN eps or running mean, or a shortcut in another
+    layout computes what the reference does."""
+    if ops.BACKENDS[backend].why_not("conv_bn_add_relu", torch.device("cpu"), torch.float32):
+        pytest.skip(f"{backend} does not run on CPU tensors here")
+    conv, bn, shortcut_bn = nn.Conv2d(4, 6, 3, padding=1), _bn(), _bn()
+    x, s = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+
+    def check(shortcut=s):
+        expected = reference.bn_add_relu(nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), _args(bn), s,
+                                         _args(shortcut_bn), False, True)
+        actual = ops.conv_bn_add_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                      padding=1, shortcut=shortcut, shortcut_bn=_args(shortcut_bn), backend=backend)
+        assert_close(actual, expected, what=f"{backend} inference")
+
+    check()
+    resolved = len(selections)
+    check()
+    assert len(selections) == resolved, "a repeated eval call went through the checks again"
+    changes = [lambda: conv.weight.mul_(1.5), lambda: setattr(shortcut_bn, "eps", 0.1),
+               lambda: shortcut_bn.running_mean.add_(1), lambda: bn.running_var.mul_(2)]
+    for change in changes:
+        change()
+        check()
+    check(s.contiguous(memory_format=torch.channels_last))
+    assert len(selections) == resolved + len(changes) + 1
+
+
 def test_calls_that_are_not_memoized_take_the_general_path(selections):
     conv, bn = nn.Conv2d(4, 6, 3, padding=1), _bn()
     x = torch.randn(2, 4, 5, 5, requires_grad=True)

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import torch
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-CONV_OPS = ("conv_bn_relu", "bn_relu_conv")
+CONV_OPS = ("conv_bn_relu", "bn_relu_conv", "conv_bn_add_relu")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 # RegNet's group widths (8 for RegNetX-200MF up to 168 for RegNetX-32GF, after rounding up: 256).
 TRITON_GROUP_WIDTHS = (8, 256)
