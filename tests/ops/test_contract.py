@@ -170,22 +170,26 @@ def test_opcheck_schemas_and_fakes():
 
 
 class TinyNet(nn.Module):
-    """Uses all three fused ops: stem conv-BN-ReLU, a pre-activation conv, a BN+add+ReLU."""
+    """Uses every fused op: stem conv-BN-ReLU, a pre-activation conv, a BN+add+ReLU, a conv+BN+add+ReLU with an
+    identity shortcut."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
         self.bn3 = nn.BatchNorm2d(8)
+        self.conv4, self.bn4 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
 
     def forward(self, x):
-        bn1, bn2, bn3 = self.bn1, self.bn2, self.bn3
+        bn1, bn2, bn3, bn4 = self.bn1, self.bn2, self.bn3, self.bn4
         y = ops.conv_bn_relu(x, self.conv1.weight, None, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
                              bn1.num_batches_tracked, training=self.training, padding=1)
         z = ops.bn_relu_conv(y, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, bn2.num_batches_tracked,
                              training=self.training, weight=self.conv2.weight, padding=1, groups=2)
-        return ops.bn_add_relu(z, bn3.weight, bn3.bias, bn3.running_mean, bn3.running_var, bn3.num_batches_tracked,
-                               training=self.training, shortcut=y)
+        h = ops.bn_add_relu(z, bn3.weight, bn3.bias, bn3.running_mean, bn3.running_var, bn3.num_batches_tracked,
+                            training=self.training, shortcut=y)
+        return ops.conv_bn_add_relu(h, self.conv4.weight, None, bn4.weight, bn4.bias, bn4.running_mean,
+                                    bn4.running_var, bn4.num_batches_tracked, training=self.training, shortcut=y)
 
 
 @NEEDS_CPU
