@@ -343,22 +343,27 @@ def _bn_tensors(bn: nn.Module, training: bool) -> tuple:
 def _resolve_add(y: Tensor, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module], relu: bool,
                  backend: Optional[str]):
     """The modules' state as the general path reads it, resolved by pyfast.ops (None: the general path)."""
-    args, training = batch_norm_args(bn)
-    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    args, s_args, training = _memo_state(bn, shortcut_bn)
     fusable = _fusable_pair(y, shortcut) if shortcut is not None else isinstance(y, Tensor) and y.dim() == 4
-    if training != bn.training or s_training != training or not fusable or _on_meta(y, args.weight):
+    if training is None or not fusable or _on_meta(y, args.weight):
         return None
     return resolve_bn_add_relu(y, *args[:5], training, args.momentum, args.eps, shortcut, s_args, relu, backend)
+
+
+def _memo_state(bn: nn.Module, shortcut_bn: Optional[nn.Module]):
+    """(bn's args, the shortcut BN's or None, training) for a memoized add; training is None where the general path
+    runs: an eval BN without running statistics (batch statistics), or the two BNs in different modes."""
+    args, training = batch_norm_args(bn)
+    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
+    return args, s_args, None if training != bn.training or s_training != training else training
 
 
 def _resolve_conv_add(x: Tensor, conv: nn.Module, bn: nn.Module, shortcut: Tensor, shortcut_bn: Optional[nn.Module],
                       relu: bool, backend: Optional[str]):
     """_resolve_add with the convolution: the modules' state resolved by pyfast.ops (None: the general path)."""
     c = _conv_state(conv)
-    args, training = batch_norm_args(bn)
-    s_args, s_training = batch_norm_args(shortcut_bn) if shortcut_bn is not None else (None, training)
-    if (training != bn.training or s_training != training or not _fusable_conv_add(x, c, shortcut)
-            or _on_meta(args.weight)):
+    args, s_args, training = _memo_state(bn, shortcut_bn)
+    if training is None or not _fusable_conv_add(x, c, shortcut) or _on_meta(args.weight):
         return None
     weight, bias, stride, padding, dilation, groups = c
     return resolve_conv_bn_add_relu(x, weight, bias, *args[:5], training, args.momentum, args.eps, stride, padding,

@@ -116,13 +116,13 @@ def _checked_call(chosen, bn: BatchNormArgs, shortcut_bn: Optional[BatchNormArgs
     if chosen.name == "reference":
         return lambda y, shortcut: reference.bn_add_relu(y, bn, shortcut, shortcut_bn, training, relu)
     functions = eager_autograd(chosen)
-    sbn, has_shortcut_bn = shortcut_bn or BatchNormArgs(), shortcut_bn is not None
+    sbn = shortcut_bn or BatchNormArgs()
     if functions is not None:
         weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps = bn
         return lambda y, shortcut: functions.bn_add_relu(y, weight, bias, running_mean, running_var,
                                                          num_batches_tracked, training, momentum, eps, shortcut, *sbn,
-                                                         has_shortcut_bn, relu)
-    config = _Config(training, bn.momentum, bn.eps, sbn.momentum, sbn.eps, has_shortcut_bn, relu, chosen.name)
+                                                         shortcut_bn is not None, relu)
+    config = _Config.of(bn, shortcut_bn, training, relu, chosen.name)
     bn_tensors, s_tensors = bn[:5], sbn[:5]
 
     def run(y, shortcut):
@@ -207,7 +207,7 @@ def _conv_call(chosen, x: Tensor, weight: Tensor, bias: Optional[Tensor], params
         after = _checked_call(chosen, bn, shortcut_bn, training, relu)
         return lambda x, shortcut: after(conv(x, weight, bias, params), shortcut)
     sbn = shortcut_bn or BatchNormArgs()
-    config = _Config(training, bn.momentum, bn.eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, chosen.name)
+    config = _Config.of(bn, shortcut_bn, training, relu, chosen.name)
     bn_tensors, s_tensors = bn[:5], sbn[:5]
 
     def run(x, shortcut):
@@ -264,6 +264,12 @@ class _Config(NamedTuple):
     shortcut_bn: bool
     relu: bool
     backend: str
+
+    @classmethod
+    def of(cls, bn: BatchNormArgs, shortcut_bn: Optional[BatchNormArgs], training: bool, relu: bool,
+           backend: str) -> "_Config":
+        sbn = shortcut_bn or BatchNormArgs()
+        return cls(training, bn.momentum, bn.eps, sbn.momentum, sbn.eps, shortcut_bn is not None, relu, backend)
 
 
 _NO_AFFINE = (None, None, None, None)
