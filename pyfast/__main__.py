@@ -28,10 +28,13 @@ def _status(row: dict) -> str:
 def _extension_line(extension) -> str:
     if not extension.available():
         return f"missing: {extension.load_error}"
+    build = extension.build
+    if build is None:
+        return "loaded, C++ kernels (no build record)"
+    cpu = f"C++ kernels ({getattr(build, 'cpu_vectors', None) or 'portable'} vectors)"
     if extension.built_with_cuda():
-        archs = extension.build.cuda_archs or "the build machine's GPUs"
-        return f"loaded, C++ and CUDA kernels (CUDA {extension.build.cuda}, archs {archs})"
-    return "loaded, C++ kernels" + ("" if extension.build else " (no build record)")
+        return f"loaded, {cpu} and CUDA kernels (CUDA {build.cuda}, archs {build.cuda_archs or 'of the build machine'})"
+    return f"loaded, {cpu}"
 
 
 def _auto_lines(backends) -> list:

@@ -59,8 +59,8 @@ Layout layout_of(const Tensor& x) {
 // instruction, without the run-time count test (and memcpy) of a partial one.
 struct Whole {};
 
-// One vector of scalar_t lanes, computed on in the accumulation type: 8 floats or 4 doubles, or 16
-// bf16/fp16 values widened into two float vectors (widths for AVX2).
+// One vector of scalar_t lanes, computed on in the accumulation type: 16 floats or 8 doubles, or 32
+// bf16/fp16 values widened into two float vectors (AVX-512; half these widths for AVX2).
 template <typename scalar_t>
 struct Lanes {
   using acc_t = at::opmath_type<scalar_t>;
@@ -143,44 +143,63 @@ struct Coefs {
 };
 
 // Calls whole(i) for the vectors i = 0, S, 2S, ... of a line [0, len), then takes the tail of
-// len % S elements: as the whole vector that ends at len (overlapping the one before: a pure map
-// writes the same values again, a reduction keeps only its new lanes) where overlap is allowed and
-// len >= S, else as part(i, n) of its n first lanes.
+// len % S elements: as the whole vector that ends at len (overlapping the one before: a reduction keeps
+// only its new lanes) where len >= S, else as part(i, n) of its n first lanes.
 template <int64_t S, typename WholeFn, typename PartFn>
-C10_ALWAYS_INLINE void walk_line(int64_t len, bool overlap, const WholeFn& whole, const PartFn& part) {
+C10_ALWAYS_INLINE void walk_line(int64_t len, const WholeFn& whole, const PartFn& part) {
   const int64_t full = len / S * S;
   for (int64_t i = 0; i < full; i += S) whole(i);
   if (full == len) return;
-  if (overlap && len >= S) {
+  if (len >= S) {
     whole(len - S);
   } else {
     part(full, len - full);
   }
 }
 
-// Runs fn(offset, n, coefs) on every vector of the layout, in parallel: n is Whole or a lane count,
-// coefs the vector's per-channel coefficients (broadcast once per plane, loaded per vector of a row).
-// overlap: fn is a map whose output is not one of its inputs (see walk_line).
+// A map's walk of a line [0, len): vec(i, n) computes the outputs of the vector at i (n: Whole, or its
+// lane count) from its inputs and returns the stores that write them. The tail of len % S elements, where
+// len >= S, is the whole vector that ends at len, computed before the line's first store and stored after
+// its last: its first lanes, which the vector before also covers, get the same values twice, so the map
+// may write its input in place. (Stored as a partial vector, the tail's masked store would stall the next
+// line's first load, which cannot take its data from that store: in place on 7x7 planes, half the pass.)
+template <int64_t S, typename VecFn>
+C10_ALWAYS_INLINE void map_line(int64_t len, const VecFn& vec) {
+  const int64_t full = len / S * S;
+  if (full == len || len < S) {
+    for (int64_t i = 0; i < full; i += S) vec(i, Whole{})();
+    if (full != len) vec(full, len - full)();
+    return;
+  }
+  const auto store_tail = vec(len - S, Whole{});
+  for (int64_t i = 0; i < full; i += S) vec(i, Whole{})();
+  store_tail();
+}
+
+// Runs fn(offset, n, coefs) on every vector of the layout, in parallel, and then the stores it returns (see
+// map_line): n is Whole or a lane count, coefs the vector's per-channel coefficients (broadcast once per
+// plane, loaded per vector of a row).
 template <typename scalar_t, int K, typename Fn>
-void map_vectors(const Layout& lay, const Coefs<scalar_t, K>& coefs, bool overlap, const Fn& fn) {
+void map_vectors(const Layout& lay, const Coefs<scalar_t, K>& coefs, const Fn& fn) {
   constexpr int64_t S = Lanes<scalar_t>::kSize;
   const int64_t units = lay.planes() ? lay.outer * lay.channels : lay.outer;
   const int64_t unit_size = lay.planes() ? lay.inner : lay.channels;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / std::max<int64_t>(unit_size, 1)), [&](int64_t b, int64_t e) {
     const Fn f = fn;  // its pointers in registers (see Coefs::View)
     const auto k = coefs.view();
+    if (lay.planes()) {
+      // the plane's channel counted along rather than divided out of u: a 64-bit division per plane was a
+      // fifth of a pass over 4x4 planes
+      for (int64_t u = b, c = b % lay.channels; u < e; ++u, c = c + 1 == lay.channels ? 0 : c + 1) {
+        const int64_t base = u * unit_size;
+        const auto p = k.broadcast(c);
+        map_line<S>(lay.inner, [&](int64_t i, auto n) { return f(base + i, n, p); });
+      }
+      return;
+    }
     for (int64_t u = b; u < e; ++u) {
       const int64_t base = u * unit_size;
-      if (lay.planes()) {
-        const auto p = k.broadcast(u % lay.channels);
-        walk_line<S>(
-            lay.inner, overlap, [&](int64_t i) { f(base + i, Whole{}, p); },
-            [&](int64_t i, int64_t n) { f(base + i, n, p); });
-      } else {
-        walk_line<S>(
-            lay.channels, overlap, [&](int64_t c) { f(base + c, Whole{}, k.load(c)); },
-            [&](int64_t c, int64_t n) { f(base + c, n, k.load(c)); });
-      }
+      map_line<S>(lay.channels, [&](int64_t c, auto n) { return f(base + c, n, k.load(c)); });
     }
   });
 }
@@ -296,7 +315,7 @@ void reduce_rows(const Layout& lay, int64_t r0, int64_t r1, const Coefs<scalar_t
     const acc_t inv_n = acc_t(1) / acc_t(r - r0 + 1);
     auto* s = states.data();
     walk_line<S>(
-        C, true,
+        C,
         [&](int64_t c) {
           *s = step(*s, inv_n, r * C + c, Whole{}, k.load(c));
           ++s;
@@ -502,19 +521,15 @@ void act_forward_into(const PreActInputs& in, const Layout& lay, bool relu, cons
     const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
     const scalar_t* rp = ptr_or_null<scalar_t>(in.residual);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const bool in_place = o == xp;
     with_bool(relu, [&](auto relu_t) {
       with_bool(rp != nullptr, [&](auto residual_t) {
         constexpr bool kRelu = decltype(relu_t)::value, kResidual = decltype(residual_t)::value;
-        map_vectors<scalar_t>(lay, coefs, !in_place, [=](int64_t offset, auto n, const auto& p) {
+        map_vectors<scalar_t>(lay, coefs, [=](int64_t offset, auto n, const auto& p) {
           const auto xv = L::load(xp + offset, n);
           const auto z = pre_act<kResidual>(xv, kResidual ? L::load(rp + offset, n) : xv, p);
           // maximum() propagates NaN, as torch.relu does
-          if constexpr (kRelu) {
-            L::store(o + offset, at::vec::maximum(z, typename L::Vec(0)), n);
-          } else {
-            L::store(o + offset, z, n);
-          }
+          const auto a = kRelu ? at::vec::maximum(z, typename L::Vec(0)) : z;
+          return [=] { L::store(o + offset, a, n); };
         });
       });
     });
@@ -659,21 +674,19 @@ std::tuple<Tensor, Tensor> bn_act_backward_elemt(
           constexpr bool kRelu = decltype(relu_t)::value, kBatchStats = decltype(batch_stats_t)::value;
           constexpr Residual kRes = decltype(res_t)::value;
           constexpr bool kResidual = kRes != Residual::kNone;
-          map_vectors<scalar_t>(lay, coefs, true, [=](int64_t offset, auto n, const auto& p) {
+          map_vectors<scalar_t>(lay, coefs, [=](int64_t offset, auto n, const auto& p) {
             const auto xv = L::load(xp + offset, n);
             const auto rv = kResidual ? L::load(rp + offset, n) : xv;
             const auto dz = act_grad<kRelu>(L::load(gp + offset, n), pre_act<kResidual>(xv, rv, p));
-            if constexpr (kBatchStats) {
-              L::store(gx + offset, at::vec::fmadd(dz, p[kScale], at::vec::fmadd(xv - p[kMean], p[kK1], p[kK0])), n);
-            } else {
-              L::store(gx + offset, dz * p[kScale], n);
-            }
-            if constexpr (kRes == Residual::kNormalized) {
-              const auto centred = at::vec::fmadd(rv - p[kResMean], p[kResK1], p[kResK0]);
-              L::store(gr + offset, at::vec::fmadd(dz, p[kResScale], centred), n);
-            } else if constexpr (kResidual) {
-              L::store(gr + offset, dz * p[kResScale], n);
-            }
+            const auto dx = kBatchStats ? at::vec::fmadd(dz, p[kScale], at::vec::fmadd(xv - p[kMean], p[kK1], p[kK0]))
+                                        : dz * p[kScale];
+            const auto dr = kRes == Residual::kNormalized
+                                ? at::vec::fmadd(dz, p[kResScale], at::vec::fmadd(rv - p[kResMean], p[kResK1], p[kResK0]))
+                                : dz * p[kResScale];
+            return [=] {
+              L::store(gx + offset, dx, n);
+              if constexpr (kResidual) L::store(gr + offset, dr, n);
+            };
           });
         });
       });

@@ -18,8 +18,9 @@ ops = torch.ops.pyfast
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPES = [f32, f64, bf16, f16]
-# (4, 12, 2, 2): planes and rows shorter than one vector, C between the float and bf16 vector widths
-SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11), (4, 12, 2, 2)]
+# (4, 12, 2, 2): planes and rows shorter than one vector, C between the float and bf16 vector widths of AVX2;
+# (2, 20, 4, 4): the same for AVX-512, and planes of whole float vectors; the others: lines with a tail
+SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11), (4, 12, 2, 2), (2, 20, 4, 4)]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 RESIDUALS = ["none", "identity", "bn"]
 
@@ -124,10 +125,12 @@ def test_act_forward(shape, dtype, fmt, residual, relu):
     check(out, lambda ct: torch.relu(case.z(ct)) if relu else case.z(ct), dtype)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 20, 4, 4), (2, 40, 3, 3)])
 @pytest.mark.parametrize("dtype,fmt,residual", list(itertools.product(DTYPES, FORMATS, RESIDUALS)))
-def test_act_forward_in_place(dtype, fmt, residual):
-    """bn_act_forward_ writes bn_act_forward's result into x itself (and bumps its version)."""
-    case = Case((3, 5, 7, 9), dtype, fmt, residual)
+def test_act_forward_in_place(shape, dtype, fmt, residual):
+    """bn_act_forward_ writes bn_act_forward's result into x itself (and bumps its version): also where a
+    line's tail is a whole vector overlapping the one before (planes of 63, rows of 20 or 40)."""
+    case = Case(shape, dtype, fmt, residual)
     expected = ops.bn_act_forward(case.x, *case.act(), True)
     x, version = case.x.clone(), case.x._version
     assert ops.bn_act_forward_(x, *case.act(), True) is x
