@@ -59,8 +59,8 @@ Layout layout_of(const Tensor& x) {
 // instruction, without the run-time count test (and memcpy) of a partial one.
 struct Whole {};
 
-// One vector of scalar_t lanes, computed on in the accumulation type: 16 floats or 8 doubles, or 32
-// bf16/fp16 values widened into two float vectors (AVX-512; half these widths for AVX2).
+// One vector of scalar_t lanes, computed on in the accumulation type: 8 floats or 4 doubles, or 16
+// bf16/fp16 values widened into two float vectors (widths for AVX2).
 template <typename scalar_t>
 struct Lanes {
   using acc_t = at::opmath_type<scalar_t>;

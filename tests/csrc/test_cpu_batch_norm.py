@@ -19,7 +19,7 @@ ops = torch.ops.pyfast
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPES = [f32, f64, bf16, f16]
 # (4, 12, 2, 2): planes and rows shorter than one vector, C between the float and bf16 vector widths of AVX2;
-# (2, 20, 4, 4): the same for AVX-512, and planes of whole float vectors; the others: lines with a tail
+# (2, 20, 4, 4): the same for AVX-512's widths, and planes of whole vectors; the others: lines with a tail
 SHAPES = [(3, 5, 7, 9), (1, 16, 1, 1), (8, 32, 13, 11), (4, 12, 2, 2), (2, 20, 4, 4)]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 RESIDUALS = ["none", "identity", "bn"]

@@ -11,7 +11,6 @@ from tolerances import assert_close
 from torch import nn
 
 import pyfast
-from pyfast import _extension
 from pyfast.nn import FusedGraphModule, FusedSequential, fuse
 
 MODELS = {
@@ -264,12 +263,11 @@ CPU_PARAM_GRADS = pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
     "8e-4). Forward error per ReLU layer, near 0 included, is eager's within 5%"))
 
 
-CPU_VECTORS = getattr(_extension.build, "cpu_vectors", None)
-CPU_PARAM_GRADS_REGNET = pytest.mark.xfail(ON_CPU_KERNELS and CPU_VECTORS != "AVX512", strict=True, reason=(
+CPU_PARAM_GRADS_REGNET = pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
     "chance, as for resnet50: at seed 0 one BN weight gradient of block4 (2x2 planes) is 1.8e-3 off float64 "
     "against the 1e-3 floor; seeds 1-5 fail the same way with the previous CPU kernels too (the input gradient "
     "of seed 2 identically, 1.1e-2), while every CPU primitive matches float64 within 2e-7 relative on this "
-    "model's shapes, residual BN included. The AVX-512 build's reductions sum in other lanes and pass"))
+    "model's shapes, residual BN included"))
 
 
 @pytest.mark.parametrize("name", [pytest.param("resnet50", marks=CPU_PARAM_GRADS),
