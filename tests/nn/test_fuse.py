@@ -255,36 +255,6 @@ def test_compiled_fused_model_fullgraph():
         assert_close(torch.compile(fused, fullgraph=True)(x), plain(x.double()), torch.float32)
 
 
-ON_CPU_KERNELS = pyfast.ops.select("conv_bn_relu", torch.empty(0)).name == "cpu"
-CPU_PARAM_GRADS = pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
-    "chance, not a precision defect: ReLU masks at pre-activations within float32's noise of 0 flip against "
-    "the float64 copy in eager (9) and the cpu kernels (13) alike, at different elements; the cpu kernels "
-    "flip one more at layer4.0's output, which puts 7.8e-3 into layer4.0.conv1.weight's gradient (eager: "
-    "8e-4). Forward error per ReLU layer, near 0 included, is eager's within 5%"))
-
-
-CPU_PARAM_GRADS_REGNET = pytest.mark.xfail(ON_CPU_KERNELS, strict=True, reason=(
-    "chance, as for resnet50: at seed 0 one BN weight gradient of block4 (2x2 planes) is 1.8e-3 off float64 "
-    "against the 1e-3 floor; seeds 1-5 fail the same way with the previous CPU kernels too (the input gradient "
-    "of seed 2 identically, 1.1e-2), while every CPU primitive matches float64 within 2e-7 relative on this "
-    "model's shapes, residual BN included"))
-
-
-@pytest.mark.parametrize("name", [pytest.param("resnet50", marks=CPU_PARAM_GRADS),
-                                  pytest.param("regnet_x_400mf", marks=CPU_PARAM_GRADS_REGNET)])
-def test_torchvision_models(name):
-    models = pytest.importorskip("torchvision.models")
-    model = settled(getattr(models, name)(num_classes=10))
-    plain, eager = double_copy(model), copy.deepcopy(model)
-    fused, report = fuse(model)
-    assert list(fused.state_dict()) == list(model.state_dict())
-    assert report.left_alone == [] and report.not_traced == {}
-    expected = {"resnet50": {"conv_bn_add_relu": 16, "conv_bn_relu": 33},
-                "regnet_x_400mf": {"conv_bn_add_relu": 22, "conv_bn_relu": 45}}
-    assert report.counts() == expected[name], str(report)
-    train_and_compare(fused, plain, lambda: torch.randn(4, 3, 64, 64), steps=2, eager=eager, eval_step=False)
-
-
 def test_hooked_blocks_keep_their_hooks_and_fusing_twice_changes_nothing():
     model = resnet18_style(layers=(1, 1, 1, 1))
     seen = []

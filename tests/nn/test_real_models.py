@@ -77,7 +77,10 @@ def test_fused_real_model_matches_float64(library, name, size, expected):
     assert report.fusions, str(report)
     if expected is not None:
         assert report.counts() == expected, str(report)
-    assert all(why for why in report.not_traced.values()) and all(e.reason for e in report.left_alone)
+    # every BN fused; googlenet's top level is left to run eagerly (its forward reads self.training), its
+    # blocks traced and fused one by one
+    assert report.left_alone == [], str(report)
+    assert list(report.not_traced) == ([""] if name == "googlenet" else []), report.not_traced
     before, after = model.state_dict(), fused.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
