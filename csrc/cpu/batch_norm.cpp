@@ -162,7 +162,7 @@ C10_ALWAYS_INLINE void walk_line(int64_t len, const WholeFn& whole, const PartFn
 // len >= S, is the whole vector that ends at len, computed before the line's first store and stored after
 // its last: its first lanes, which the vector before also covers, get the same values twice, so the map
 // may write its input in place. (Stored as a partial vector, the tail's masked store would stall the next
-// line's first load, which cannot take its data from that store: in place on 7x7 planes, half the pass.)
+// line's first load, which cannot take its data from that store: on 7x7 planes, over a third of the pass.)
 template <int64_t S, typename VecFn>
 C10_ALWAYS_INLINE void map_line(int64_t len, const VecFn& vec) {
   const int64_t full = len / S * S;
@@ -189,7 +189,7 @@ void map_vectors(const Layout& lay, const Coefs<scalar_t, K>& coefs, const Fn& f
     const auto k = coefs.view();
     if (lay.planes()) {
       // the plane's channel counted along rather than divided out of u: a 64-bit division per plane was a
-      // fifth of a pass over 4x4 planes
+      // sixth of a pass over 4x4 planes
       for (int64_t u = b, c = b % lay.channels; u < e; ++u, c = c + 1 == lay.channels ? 0 : c + 1) {
         const int64_t base = u * unit_size;
         const auto p = k.broadcast(c);
