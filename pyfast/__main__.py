@@ -31,9 +31,12 @@ def _extension_line(extension) -> str:
     build = extension.build
     if build is None:
         return "loaded, C++ kernels (no build record)"
-    cpu = f"C++ kernels ({getattr(build, 'cpu_vectors', None) or 'portable'} vectors)"
+    # a record written before setup.py recorded the vector ISA has no cpu_vectors
+    vectors = getattr(build, "cpu_vectors", "unrecorded")
+    cpu = f"C++ kernels ({vectors or 'portable'} vectors)"
     if extension.built_with_cuda():
-        return f"loaded, {cpu} and CUDA kernels (CUDA {build.cuda}, archs {build.cuda_archs or 'of the build machine'})"
+        archs = build.cuda_archs or "the build machine's GPUs"
+        return f"loaded, {cpu} and CUDA kernels (CUDA {build.cuda}, archs {archs})"
     return f"loaded, {cpu}"
 
 

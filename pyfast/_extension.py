@@ -23,8 +23,8 @@ def _load():
 
 def _build_record():
     """setup.py's record (`extension`, `cuda`: the CUDA version the kernels were built with or None,
-    `cuda_archs`, `cpu_vectors`: the vector ISA of the C++ kernels, AVX512, AVX2 or None), or None in a source
-    tree that was never built."""
+    `cuda_archs`, `cpu_vectors`: the vector ISA of the C++ kernels, AVX2 or None for portable code), or None
+    in a source tree that was never built."""
     try:
         return importlib.import_module("pyfast._build_info")
     except ImportError:

@@ -1,8 +1,8 @@
 """pyfast.fuse on real torchvision and timm models (random weights, small inputs): the fused float32 model
 against a float64 copy, within the rule of nn_checks (2x forward / 3x backward the unfused float32 model's
 own error, floor 1e-3), over 3 SGD training steps (each from the same state), then in eval, then in training
-again; the state_dict is
-the model's own, tensor for tensor, and the running statistics follow the float64 copy's.
+again; the state_dict is the model's own, tensor for tensor, and the running statistics follow the float64
+copy's.
 
 Deep train-mode nets are ill-conditioned: eager float32 is itself ~1e-2 off in a ResNet-50's input
 gradient at these sizes, hence the relative rule. Parameter gradients are covered by tests/nn/test_fuse.py
