@@ -244,9 +244,12 @@ def test_other_ranks(shape):
     assert_close(out, torch.relu(x.double() * scale.double().view(1, -1, *[1] * (x.dim() - 2))))
 
 
+# planes of many vectors; planes of two vectors, split into tasks of several channels; and into tasks that
+# cross from one block of planes into the next (4096 planes of 16 elements to a block)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_results_do_not_depend_on_thread_count(fmt):
-    case = Case((8, 32, 13, 11), f32, fmt, "bn")
+@pytest.mark.parametrize("shape", [(8, 32, 13, 11), (64, 64, 4, 4), (8193, 3, 4, 4)])
+def test_results_do_not_depend_on_thread_count(fmt, shape):
+    case = Case(shape, f32, fmt, "bn")
     args = (case.grad_out, case.x, case.scale, case.shift, case.mean, case.invstd, case.residual,
             case.res_scale, case.res_shift, case.res_mean, case.res_invstd, True)
     threads = torch.get_num_threads()
