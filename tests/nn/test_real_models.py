@@ -99,7 +99,7 @@ def test_fused_real_model_matches_float64(library, name, size, expected):
         states = {key: m.state_dict() for key, m in models.items()}
         check_running_statistics(states, f"after step {step}")
         # The next step from the fused model's state for all three: each step compares one step's computation,
-        # not three trajectories. The parameter gradients' conditioning noise (above) sets those apart: in
+        # not three trajectories. The parameter gradients' conditioning noise (the module docstring) sets those apart: in
         # regnet_y_400mf, eager float32's own parameter gradients are 1e-2 off float64 for one input in three,
         # and a step from them moves the next output by as much.
         for key in ("plain", "eager"):
