@@ -418,11 +418,14 @@ def _bn_finalize_kernel(
     update: num_batches_tracked += 1, running += f*(batch - running) with f = momentum or 1/num_batches_tracked.
 
     One program walks every channel: num_batches_tracked is read and written by that program alone, so the
-    weight every channel uses comes from the one increment (several programs would race on it).
+    weight every channel uses comes from the one increment (several programs would race on it). Inside the
+    program every thread loads the scalar and thread 0 alone stores it: the barrier keeps a late warp from
+    loading the incremented value (tests/kernels/test_finalize_sm90.py checks it in the sm_90 PTX).
     """
     tracked = 0
     if TRACK:
         tracked = tl.load(num_batches_tracked_ptr) + 1
+        tl.debug_barrier()  # every thread has loaded the old value before the store below
         tl.store(num_batches_tracked_ptr, tracked)
     f = _scalar_in(momentum, ACC)
     if CUMULATIVE:
