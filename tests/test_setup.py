@@ -63,3 +63,19 @@ def test_a_wrapper_to_nothing_is_not_a_toolkit(bin_dir, monkeypatch):
 def test_cuda_home_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert find_cuda_home() == str(tmp_path)
+
+
+def test_cuda_kernels_build_without_fast_math(monkeypatch):
+    """The CUDA extension's nvcc flags, as _extensions() passes them with CUDA kernels on: no --use_fast_math
+    (it flushes denormals and approximates division and square roots, for no time in bandwidth-bound kernels)."""
+    from torch.utils import cpp_extension
+
+    built = {}
+    setup_globals = SETUP["_extensions"].__globals__
+    monkeypatch.setitem(setup_globals, "_configure_cuda", lambda torch: True)
+    monkeypatch.setitem(setup_globals, "_write_build_info", lambda *args: None)  # leave this build's record alone
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kwargs: built.update(kwargs))
+    monkeypatch.chdir(ROOT)
+    SETUP["_extensions"]()
+    nvcc = built["extra_compile_args"]["nvcc"]
+    assert "-O3" in nvcc and not any("fast_math" in flag or "fast-math" in flag for flag in nvcc), nvcc
