@@ -9,28 +9,57 @@ same whichever program arrives last, so the results do not depend on scheduling:
 floating-point atomics (integer counters only). The merging program reads the partials with
 cache_modifier=".cg" (from L2, the point of coherence: its SM's L1 may hold lines of them from before).
 
-That program also resets its counter to 0, so the counters are zero before and after every launch and a buffer
-of them is cached instead of zero-filled per launch (`arrival_counters`). The cache is per device and per
-stream: launches on one stream run one after the other, while launches on two streams may overlap and must not
-share counters. A CUDA graph keeps the buffer of the stream it was captured on: replaying it while kernels of
-these modules run on that stream outside the graph would share counters.
+That program also resets its counter to 0, so the counters are zero before and after every launch. Counters that
+two launches running at the same time share would mix their counts and could be left non-zero, and a non-zero
+counter makes the wrong program combine on every later launch: `arrival_counters` gives no two such launches the
+same counters.
+
+* Eager launches share a cached buffer per device and stream (launches on one stream run one after the other;
+  on two streams they may overlap), zero-filled once instead of per launch. No buffer is ever freed, an outgrown
+  one included (they are a few KB): no address a launch or a graph may still use is handed to other memory.
+* A launch captured into a CUDA graph gets its own buffer, zero-filled inside the graph: a graph never shares
+  counters with eager launches or with another graph (two graphs may be replayed at the same time), every replay
+  starts from zeros, and the buffer lives in the graph's memory pool as long as the graph does.
+
+`stuck_counters` lists the cached buffers that are not all zero (it synchronizes): the GPU check runs it after
+its launches.
 """
 import torch
 import triton
 import triton.language as tl
 
-_COUNTERS = {}  # (device, stream or None) -> int32 zeros
+_COUNTERS = {}  # (device, stream or None) -> the newest int32 zeros of eager launches on that stream
+_OUTGROWN = []  # buffers that _COUNTERS replaced with larger ones, kept alive (see the module docstring)
 _MIN_COUNTERS = 1024
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a launch on `device`'s current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream_key(device: torch.device):
+    return (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+
+
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least `count` int32 counters, zero, for a launch on `device`'s current stream."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    """At least `count` int32 counters, zero, for a launch on `device`'s current stream: a buffer of its own
+    under CUDA-graph capture, else the stream's cached one."""
+    if _capturing(device):
+        return torch.zeros(count, dtype=torch.int32, device=device)  # a fill node in the graph: zeros per replay
+    key = _stream_key(device)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < count:
-        # Only a larger launch than any before allocates (once); the old buffer is freed in stream order.
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = _COUNTERS[key] = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
     return counters
+
+
+def stuck_counters() -> list:
+    """(device, stream) of every cached buffer with a counter left non-zero, which would make the wrong program
+    combine in later launches; synchronizes with the devices."""
+    return [key for key, counters in _COUNTERS.items() if bool(counters.any())]
 
 
 @triton.jit
