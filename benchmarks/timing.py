@@ -174,18 +174,37 @@ def reset_peak_memory(device) -> None:
 
 def max_memory(device) -> Optional[int]:
     """Peak bytes allocated since the last reset (CUDA caching allocator); None on the CPU, whose
-    allocator keeps no statistics (no estimate is made up)."""
+    allocator keeps no statistics (cpu_peak_bytes measures a call there)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
 
 
 def peak_memory(fn: Callable, args: Args, device) -> Optional[int]:
-    """Peak memory of one call of `fn(*args)` (absolute: parameters and inputs included)."""
+    """Peak memory of one call of `fn(*args)`: on CUDA absolute (parameters and inputs included), on a CPU
+    above what was allocated when the call began (cpu_peak_bytes)."""
+    if torch.device(device).type != "cuda":
+        return cpu_peak_bytes(lambda: fn(*args))
     reset_peak_memory(device)
     fn(*args)
     synchronize(device)
     return max_memory(device)
+
+
+def cpu_peak_bytes(call: Callable[[], object]) -> int:
+    """The most bytes `call()` has allocated at once on a CPU above what was allocated when it began (a call that
+    first frees tensors, as zero_grad(set_to_none=True) does, can peak below them), from the profiler's memory
+    events: each op's own allocations and frees (its children's are theirs), in the order the ops began. `call`
+    runs twice: the profiler knows the size of a block it frees only if it saw it allocated."""
+    for _ in range(2):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for event in events:
+        level += event.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak
 
 
 # -- inputs ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from . import _extension  # noqa: F401  (loads pyfast._C first: it registers the
 from . import models, nn, ops
 from .nn import fuse
 from .ops import get_backend, set_backend, use_backend
+from .ops.lean import set_lean
 
 __version__ = "0.1.0"
-__all__ = ["fuse", "get_backend", "models", "nn", "ops", "set_backend", "use_backend", "__version__"]
+__all__ = ["fuse", "get_backend", "models", "nn", "ops", "set_backend", "set_lean", "use_backend", "__version__"]

@@ -11,6 +11,7 @@ of `flag`, because it runs before pyfast can be imported.
     PYFAST_TRITON_AUTOTUNE  on by default; off keeps one config per Triton kernel (GPU test runs)
     PYFAST_BENCH_COMPILE    the CPU benchmark suites time torch.compile too
     PYFAST_BACKEND          the default op backend ("auto" unless set), checked by pyfast.ops
+    PYFAST_LEAN             on by default; off keeps every activation for the backward (pyfast.ops.lean)
     PYFAST_NO_CUDA          (setup.py only) build the extension without its CUDA kernels
 """
 import os
@@ -37,3 +38,4 @@ NO_EXTENSION = flag("PYFAST_NO_EXTENSION")
 TRITON_AUTOTUNE = flag("PYFAST_TRITON_AUTOTUNE", default=True)
 BENCH_COMPILE = flag("PYFAST_BENCH_COMPILE")
 BACKEND = os.environ.get("PYFAST_BACKEND", "auto")
+LEAN = flag("PYFAST_LEAN", default=True)

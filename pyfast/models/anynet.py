@@ -195,8 +195,9 @@ class AnyNet(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        x = self.trunk_output(self.stem(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        with self.kit.scope():
+            x = self.trunk_output(self.stem(x))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def units(self):
         yield "stem", "ConvNormAct", self.stem.cost

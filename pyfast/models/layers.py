@@ -9,16 +9,20 @@ the fusable steps of docs/DESIGN.md. A block's forward is written once against t
     kit.conv_bn_add_relu(x, conv, bn, shortcut, ...)  bn_add_relu(conv(x), bn, shortcut, ...)
     kit.bn_relu_conv(x, bn, conv)                      conv(relu(bn(x)))
     kit.bn_relu(x, bn)                                 relu(bn(x))
+    kit.max_pool(x, pool)                              pool(x), an nn.MaxPool2d
+    with kit.scope(): ...                              around a whole model's forward
 
 `EagerKit` (fused=False) runs them as separate PyTorch ops (torchvision's forwards: the benchmark
 baseline); `FastKit` (fused=True) hands the same modules to `pyfast.nn.functional`, on one op backend
 ("reference", "cpu", "cuda", "triton", "auto") or, with backend=None, on the one pyfast's dispatcher
-picks (`pyfast.set_backend`). `set_fused(model, True, backend=...)` swaps the kit of an existing
+picks (`pyfast.set_backend`), and keeps one tensor per convolution for the backward (its scope: lean
+training, `pyfast.ops.lean`). `set_fused(model, True, backend=...)` swaps the kit of an existing
 model in place; its weights are untouched.
 
 The kits used to be chosen by name, `backend="eager"` / `backend="fast"`; those spellings still
 work, with a DeprecationWarning, since `backend=` now names the op backend as everywhere in pyfast.
 """
+import contextlib
 import functools
 import sys
 import warnings
@@ -57,6 +61,13 @@ class EagerKit:
 
     def bn_relu(self, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
         return F.relu(bn(x), inplace=True)
+
+    def max_pool(self, x: Tensor, pool: nn.MaxPool2d) -> Tensor:
+        return pool(x)
+
+    def scope(self):
+        """The context of a whole model's forward (FastKit: lean training, pyfast.ops.lean)."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r})" if self.fused else f"{type(self).__name__}()"
@@ -109,6 +120,12 @@ class FastKit(EagerKit):
 
     def bn_relu(self, x, bn):
         return _functional().bn_relu(x, bn, backend=self.backend)
+
+    def max_pool(self, x, pool):
+        return _functional().max_pool2d(x, pool)
+
+    def scope(self):
+        return _functional().lean_scope()
 
 
 _EAGER = EagerKit()

@@ -196,10 +196,11 @@ class ResNetBase(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        x = self.maxpool(self.kit.conv_bn_relu(x, self.conv1, self.bn1))
-        for stage in self.stages():
-            x = stage(x)
-        return self._head(x)
+        with self.kit.scope():
+            x = self.kit.max_pool(self.kit.conv_bn_relu(x, self.conv1, self.bn1), self.maxpool)
+            for stage in self.stages():
+                x = stage(x)
+            return self._head(x)
 
     def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from torch import fx, nn
 
+from ..ops import lean
 from ._report import Fusion, summary
 
 
@@ -26,6 +27,12 @@ class FusedGraphModule(fx.GraphModule):
         _adopt(self, root)
         self.pyfast_class_name = class_name
         self.pyfast_fusions = fusions
+
+    def __call__(self, *args, **kwargs):
+        # A whole model's forward: lean training (pyfast.ops.lean) keeps one tensor per convolution. (fx gives each
+        # instance a class whose __call__ calls this one.)
+        with lean.scope():
+            return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         copied = FusedGraphModule.__new__(FusedGraphModule)

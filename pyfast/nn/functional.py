@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .. import ops
-from ..ops import BatchNormArgs
+from ..ops import BatchNormArgs, lean
 from ..ops import reference as _reference
 from ..ops._common import bn_memo_tensors, conv_memo_tensors, memoized_call
 from .._shapes import conv_output_size
@@ -33,7 +33,9 @@ from ..ops.conv_bn_relu import resolve as resolve_conv_bn_relu
 from ._sync import process_group_of, sync_batch_norm
 
 __all__ = ["add_relu", "batch_norm_args", "bn_add_relu", "bn_relu", "bn_relu_conv", "conv_args", "conv_bn_add_relu",
-           "conv_bn_relu", "resolve_padding"]
+           "conv_bn_relu", "lean_scope", "max_pool2d", "resolve_padding"]
+
+lean_scope = lean.scope
 
 
 # -- module state -> op arguments ---------------------------------------------------------------------
@@ -391,3 +393,13 @@ def add_relu(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tensor:
     if not _fusable_pair(a, b):
         return torch.relu(a + b)
     return ops.add_relu(a, b, backend=backend)
+
+
+@_one_fx_node
+def max_pool2d(x: Tensor, pool: nn.Module) -> Tensor:
+    """pool(x) for an nn.MaxPool2d; in a lean training forward (pyfast.ops.lean) a pool that keeps no indices
+    and, after a fused op (a stem's conv-BN-ReLU), not its input either."""
+    if not (lean.active() and type(pool) is nn.MaxPool2d and not pool.return_indices and isinstance(x, Tensor)
+            and x.dim() == 4):
+        return pool(x)
+    return lean.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)

@@ -3,6 +3,8 @@ import functools
 
 import torch
 
+from . import lean
+
 
 def double_backward_unsupported(op: str):
     """Wraps a Function's backward like torch.autograd.function.once_differentiable: the backward runs
@@ -51,9 +53,10 @@ class _Unrecorded:
 
 def eager_autograd(chosen):
     """The chosen backend's own C++ autograd for the fused ops (see Backend.eager_autograd), or None where
-    the Python Functions run: backends without one (Triton) and torch.compile, which traces them."""
+    the Python Functions run: backends without one (Triton), torch.compile, which traces them, and a lean
+    training forward (pyfast.ops.lean), whose Functions register the activations they write."""
     functions = chosen.eager_autograd
-    return None if functions is None or torch.compiler.is_compiling() else functions
+    return None if functions is None or lean.active() or torch.compiler.is_compiling() else functions
 
 
 def apply(function, records: bool, *args):

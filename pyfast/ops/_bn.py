@@ -190,6 +190,14 @@ def bn_act_backward(chosen, grad_out: Tensor, x: Tensor, affine: Affine, relu: b
     return grad_x, sum_dz, sum_dz_xhat
 
 
+def bn_act(chosen, relu: bool):
+    """act(x*scale + shift [+ residual*res_scale + res_shift]) as a function of its tensors: the forward pass
+    of the fused ops, and what pyfast.ops.lean rebuilds their outputs with (the same kernel: bit-identical)."""
+    def compute(x, scale, shift, residual=None, res_scale=None, res_shift=None):
+        return chosen.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
+    return compute
+
+
 def reduction_count(x: Tensor) -> int:
     """How many values each channel's statistics are taken over."""
     return x.numel() // x.shape[1] if x.shape[1] else 0

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from .._numerics import acc_dtype
-from . import reference
+from . import lean, reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
-from ._bn import (Affine, BatchNormArgs, affine_of, backward_sums, check_activation, check_batch_norm, check_like,
+from ._bn import (Affine, BatchNormArgs, affine_of, bn_act, backward_sums, check_activation, check_batch_norm, check_like,
                   conv_and_affine, eval_affine, folded_conv, reduction_count)
 from ._common import (bn_memo_tensors, conv_inputs, conv_memo_tensors, dtype_of as _dtype, like_layout, memoized_call,
                       needs_grad, param_grad)
@@ -285,6 +285,8 @@ def _forward(chosen, y: Tensor, affine: Affine, shortcut: Optional[Tensor], s_bn
     if s_bn is not None:
         s_affine = affine_of(chosen, shortcut, s_bn, training, reuse)
     out = chosen.bn_act_forward(y, affine.scale, affine.shift, shortcut, s_affine[0], s_affine[1], relu)
+    # (a training forward keeps y, the shortcut and both maps: a lean one rebuilds out from them)
+    lean.register(out, bn_act(chosen, relu), y, affine.scale, affine.shift, shortcut, s_affine[0], s_affine[1])
     return out, shortcut, affine, s_affine
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import acc_dtype
-from . import reference
+from . import lean, reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
 from ._bn import Affine, BatchNormArgs, affine_of, bn_act_backward, check_batch_norm, eval_affine
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
@@ -98,6 +98,8 @@ class _BNReLUConv(torch.autograd.Function):
                            config.eps)
         affine = affine_of(chosen, x, bn, config.training, config.reuse)
         out, activation = chosen.bn_act_conv(x, affine.scale, affine.shift, config.relu, weight, bias, config.params)
+        if lean.active():  # rebuilt in the backward, as where the prologue fused it (conv_operand: the same pass)
+            activation = None
         ctx.save_for_backward(x, weight, activation, *affine)
         ctx.config = config
         ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))

@@ -13,9 +13,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import lean, reference
 from ._autograd import apply, double_backward_unsupported, eager_autograd
-from ._bn import Affine, BatchNormArgs, bn_act_backward, check_batch_norm, conv_and_affine, fold, folded_conv
+from ._bn import Affine, BatchNormArgs, bn_act, bn_act_backward, check_batch_norm, conv_and_affine, fold, folded_conv
 from ._common import ConvOpConfig, conv_inputs, dtype_of, like_layout, memoized_conv_call, needs_grad, param_grad
 from .backends import BACKENDS, select
 
@@ -110,7 +110,9 @@ class _ConvBNReLU(torch.autograd.Function):
         ctx.save_for_backward(x, weight, y, *affine)
         ctx.config = config
         ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))
-        return chosen.bn_act_forward(y, affine.scale, affine.shift, None, None, None, config.relu)
+        out = chosen.bn_act_forward(y, affine.scale, affine.shift, None, None, None, config.relu)
+        lean.register(out, bn_act(chosen, config.relu), y, affine.scale, affine.shift)  # all saved above
+        return out
 
     @staticmethod
     @double_backward_unsupported("conv_bn_relu")

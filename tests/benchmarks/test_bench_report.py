@@ -86,6 +86,7 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, fixed_ceilings,
         assert row["providers"]["eager"]["repeats"] >= 3
         assert "median_ms" in row["providers"]["pyfast"], row["providers"]["pyfast"]
         assert row["speedup_vs_eager"] > 0 and row["flops"] > 0
+        assert row["memory_ratio"] > 0  # the CPU's peaks too: profiled (timing.cpu_peak_bytes)
     assert doc["rows"][0]["rel_err_vs_eager"] < 1e-4
     assert (tmp_path / "run.png").exists()
     printed = capsys.readouterr().out

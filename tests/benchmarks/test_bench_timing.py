@@ -42,7 +42,7 @@ def test_measure_on_a_fake_clock():
     assert m.p20_ms == pytest.approx(1.8)  # sorted 1,2,3,4,5: linear interpolation at 0.8
     assert m.p80_ms == pytest.approx(4.2)
     assert calls == [0, 1, 2, 0, 1, 2, 0]  # input sets rotate through warm-up and timed calls alike
-    assert m.peak_memory_bytes is None  # the CPU keeps no allocator statistics; none are made up
+    assert m.peak_memory_bytes is None  # the CPU keeps no allocator statistics (see cpu_peak_bytes)
     assert m.first_call_s is not None and m.first_call_s >= 0
 
 
@@ -105,3 +105,14 @@ def test_choose_cpu_threads_honours_a_request():
 def test_dtype_names():
     assert timing.dtype_name(torch.bfloat16) == "bf16"
     assert timing.dtype_name(torch.float32) == "fp32"
+
+
+def test_cpu_peak_bytes_is_the_most_a_call_holds_at_once():
+    def call():
+        a = torch.empty(1000, dtype=torch.float32)  # 4,000 bytes
+        b = torch.empty(500, dtype=torch.float64)  # 4,000 more: 8,000 at once
+        del a, b
+        c = torch.empty(1500, dtype=torch.float32)  # 6,000 after both are freed
+        return c
+
+    assert timing.cpu_peak_bytes(call) == 8000
