@@ -4,7 +4,7 @@
 For each device and shape class (pyfast/ops/backends/auto.py) the table names the backend with the least
 total median time over the class's cases and modes, among the backends that ran every one of them; the
 totals are kept beside the choice as its evidence. Classes no timing covers are left out: the default
-rule decides them. The GPU script (benchmarks/gpu_check.sh, call 1) writes it; commit it to
+rule decides them. The GPU check (benchmarks/gpu_check.sh) writes it; commit it to
 pyfast/ops/backends/auto_table.json.
 """
 import argparse
@@ -18,7 +18,7 @@ from . import results
 
 ABOUT = ("auto's measured choices per device and shape class (pyfast/ops/backends/auto.py); classes not listed "
          "follow the default rule. Written by `python -m pyfast.benchmarks.backend_table KERNELS.json` from the GPU "
-         "script's kernel timings (benchmarks/gpu_check.sh, call 1).")
+         "check's kernel timings (benchmarks/gpu_check.sh).")
 
 
 def row_class(row: dict) -> str:

@@ -463,6 +463,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=50 if gpu else 5)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, or 1 when the CPU is busy)")
+    parser.add_argument("--backends", nargs="*", default=None,
+                        help="the fused backends to time beside the reference (default: the device's; the GPU "
+                             "check leaves out those that failed its correctness smoke)")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
     parser.add_argument("--static", action="store_true",
                         help="no timing: the Triton conv launches of a training step compiled for sm_90 "
@@ -480,7 +483,7 @@ def main(args: argparse.Namespace) -> dict:
     gpu = device == "cuda"
     batch, image = args.batch_size or (128 if gpu else 2), args.image_size or (224 if gpu else 32)
     cases = [c for net in args.nets for c in NETS[net](batch, image) if c.op in args.ops]
-    backends = ["reference"] + fused_backends(device)
+    backends = ["reference"] + [b for b in fused_backends(device) if args.backends is None or b in args.backends]
     doc = {"schema": results.KERNELS_SCHEMA, "environment": env, "ceilings": ceil.as_dict(), "rows": [],
            "skipped": []}
     # dtype outermost: under a time limit, the later dtypes (fp32 by default) are what gives way.
