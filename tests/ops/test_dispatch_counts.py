@@ -192,7 +192,8 @@ def copy_of(bn):
     return copy.deepcopy(bn)
 
 
-# (backend, model, training) -> the exact kernels (cpu) or launches and kernels (triton) of the fast model's step
+# (backend, model, training) -> the exact kernels (cpu) or launches and kernels (triton) of the fast model's step,
+# lean training off (pyfast.ops.lean; LEAN_REBUILDS adds its passes)
 MODEL_BUDGETS = {("cpu", "resnet50", True): 392, ("cpu", "resnet50", False): 105, ("cpu", "regnetx_32", True): 786,
                  ("cpu", "regnetx_32", False): 212, ("triton", "resnet50", True): 363,
                  ("triton", "resnet50", False): 58, ("triton", "regnetx_32", True): 720,
@@ -202,19 +203,36 @@ MODEL_BUDGETS = {("cpu", "resnet50", True): 392, ("cpu", "resnet50", False): 105
 MODEL_RATIOS = {("cpu", True): 1.0, ("cpu", False): 0.7, ("triton", True): 1.0, ("triton", False): 0.5}
 
 
+# model -> the passes a lean training step adds (pyfast.ops.lean): one per activation its backward rebuilds (the
+# post-ReLU tensor of each conv-BN-ReLU, each block output a later op saves, resnet50's stem max-pool) plus
+# resnet50's backward max-pool pass, which finds the indices eager keeps; the same on every backend
+LEAN_REBUILDS = {"resnet50": 50, "regnetx_32": 102}
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("model", ["resnet50", "regnetx_32"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-def test_model_step_kernels_against_eager(backend, model, training):
+@pytest.mark.parametrize("lean", [False, True], ids=["full", "lean"])
+def test_model_step_kernels_against_eager(backend, model, training, lean):
     """A fast model's step (batch 2, 32x32) against the eager model's, held to exact budgets. On Triton (under the
     interpreter, launches counted without running them) every reduction is one launch, its partials combined by
-    its last program."""
+    its last program. Lean training rebuilds activations in the backward: on a CPU, whose convolution cannot
+    normalize its operand, each is a pass of its own, beyond eager's kernels."""
+    if lean and not training:
+        pytest.skip("inference keeps nothing for a backward: lean changes nothing")
     if backend == "cpu" and ops.BACKENDS["cpu"].unavailable():
         pytest.skip("pyfast._C is not built")
     if backend == "triton":
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the model runs on CPU tensors: Triton's interpreter only")
-    counts = kernel_counts(model, backend, training)
+    pyfast.set_lean(lean)
+    try:
+        counts = kernel_counts(model, backend, training)
+    finally:
+        pyfast.set_lean(True)
+    if lean:
+        assert counts["fast"] == MODEL_BUDGETS[backend, model, training] + LEAN_REBUILDS[model], counts
+        return
     assert counts["fast"] == MODEL_BUDGETS[backend, model, training], counts
     assert counts["fast"] <= MODEL_RATIOS[backend, training] * counts["eager"], counts
