@@ -144,12 +144,14 @@ if (( ! DRY )); then
     export TRITON_CACHE_DIR=$CACHE
 else
     SETUP_NOTE="dry run: the installed pyfast"
-    export TRITON_CACHE_DIR=$OUT/.triton-cache-dry
+    export TRITON_CACHE_DIR=$(mktemp -d)  # nothing compiles on the CPU: an empty cache to pack
 fi
-CACHED_BEFORE=$($PY -m pyfast.benchmarks.triton_cache count "$TRITON_CACHE_DIR" 2>/dev/null || echo 0)
+cached_kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*' 2>/dev/null | wc -l; }  # one group file per kernel
+CACHED_BEFORE=$(cached_kernels)
 echo "=== setup: $SETUP_NOTE; Triton cache $TRITON_CACHE_DIR with $CACHED_BEFORE kernels" | tee -a "$LOG"
 if (( ! DRY )); then
-    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit,driver_version --format=csv >>"$LOG" 2>&1
+    QUERY=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit,driver_version
+    nvidia-smi --query-gpu=$QUERY --format=csv >>"$LOG" 2>&1
 fi
 step setup "$(limit_of setup)" $PY -m pyfast info
 
@@ -157,7 +159,7 @@ step setup "$(limit_of setup)" $PY -m pyfast info
 SMOKE=(--out "$OUT/smoke.json" --time-limit $(( $(limit_of smoke) - 15 )))
 (( DRY )) && SMOKE+=(--tiny)
 step smoke "$(limit_of smoke)" $PY -m pyfast.benchmarks.gpu_smoke "${SMOKE[@]}"
-PASSED=$($PY -c "import json, sys; d = json.load(open(sys.argv[1])); print(' '.join(b for b, e in d['backends'].items() if e['ok']))" "$OUT/smoke.json" 2>/dev/null)
+PASSED=$($PY -m pyfast.benchmarks.gpu_smoke --passed "$OUT/smoke.json")
 echo "=== backends that passed the smoke: ${PASSED:-none}" | tee -a "$LOG"
 # the model report runs on what passed: auto between cuda and triton when both did
 case " $PASSED " in
@@ -196,17 +198,19 @@ step bench "$BLIMIT" $PY -m pyfast bench "${BENCH[@]}" --no-compile --cuda-graph
     --modes inference train_step --time-limit $((BLIMIT * 3 / 5)) --out "$OUT/bench.json"
 
 # -- pack: the Triton cache for the next call, then the summary (most important last) -------------------------
-CACHED_AFTER=$($PY -m pyfast.benchmarks.triton_cache count "$TRITON_CACHE_DIR" 2>/dev/null || echo 0)
-step pack "$(limit_of pack)" $PY -m pyfast.benchmarks.triton_cache pack "$TRITON_CACHE_DIR" "$OUT/triton-cache.tar.gz"
+CACHED_AFTER=$(cached_kernels)
+step pack "$(limit_of pack)" $PY -m pyfast.benchmarks.triton_cache pack "$TRITON_CACHE_DIR" \
+    "$OUT/triton-cache.tar.gz"
 (( DRY )) && rm -rf "$TRITON_CACHE_DIR"
 {
     echo "=== pyfast GPU check: plan (s) ${PLAN[*]} of ${GPU_BUDGET}"
-    $PY -c "from pyfast.benchmarks import timing; e = timing.environment('cuda' if __import__('torch').cuda.is_available() else 'cpu'); print('device:', e['device'], '| torch', e['torch'], '| triton', e['triton'], '| CUDA', e['cuda'], '|', e['date'])" 2>&1
-    echo "setup: $SETUP_NOTE; Triton cache: $CACHED_BEFORE kernels carried, $((CACHED_AFTER - CACHED_BEFORE)) compiled in this call"
+    $PY -m pyfast.benchmarks.gpu_smoke --stamp
+    echo "setup: $SETUP_NOTE; Triton cache: $CACHED_BEFORE kernels carried," \
+        "$((CACHED_AFTER - CACHED_BEFORE)) compiled in this call"
     grep -hE "^smoke: " "$LOG" | tail -n 1
     echo "backends that passed the smoke: ${PASSED:-none}; the model report's PYFAST_BACKEND=$PYFAST_BACKEND"
     [ -f "$OUT/kernels.json" ] && timeout 30 $PY -m pyfast.benchmarks.results --short "$OUT/kernels.json"
-    [ -f "$OUT/auto_table.json" ] && echo "auto's table: $OUT/auto_table.json (commit it as pyfast/ops/backends/auto_table.json)"
+    [ -f "$OUT/auto_table.json" ] && echo "auto's table: commit $OUT/auto_table.json as pyfast/ops/backends/"
     [ -f "$OUT/bench.json" ] && timeout 60 $PY -m pyfast.benchmarks.results "$OUT/bench.json"
     grep -h "^error:" "$LOG" 2>/dev/null | head -n 10
     echo "=== pyfast GPU check: $(date -u +%FT%TZ), ${SECONDS} s of ${BUDGET} s"

@@ -14,11 +14,14 @@ Then each backend's verdict: "ok" when no check failed (a check the time limit s
 document says which were skipped).
 
     python -m pyfast.benchmarks.gpu_smoke --out smoke.json [--tiny] [--time-limit S]
+    python -m pyfast.benchmarks.gpu_smoke --passed smoke.json   the backends that passed, for the script
+    python -m pyfast.benchmarks.gpu_smoke --stamp               device, versions and date, for the summary
 
 `--tiny` (the dry run on a CPU) shrinks every shape to batch 2 at 8x8 and skips the graphs.
 """
 import argparse
 import copy
+import json
 import time
 
 import torch
@@ -155,19 +158,43 @@ def run(tiny: bool, time_limit: float) -> dict:
     return doc
 
 
-def main(argv=None) -> dict:
+def passed(path: str) -> list:
+    """The backends a smoke document passes; none when there is no document (the smoke did not finish)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return []
+    return [backend for backend, entry in doc["backends"].items() if entry["ok"]]
+
+
+def stamp_line() -> str:
+    env = timing.environment("cuda" if torch.cuda.is_available() else "cpu")
+    return " | ".join([f"device: {env['device']}", f"torch {env['torch']}", f"triton {env['triton']}",
+                       f"CUDA {env['cuda']}", env["date"]])
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.gpu_smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="run the smoke, writing this JSON file")
+    what.add_argument("--passed", metavar="SMOKE_JSON", help="print the backends that passed")
+    what.add_argument("--stamp", action="store_true", help="print device, versions and date")
     parser.add_argument("--tiny", action="store_true", help="batch 2 at 8x8, no graphs (the dry run on a CPU)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds; later checks are skipped")
     args = parser.parse_args(argv)
+    if args.passed:
+        print(" ".join(passed(args.passed)))
+        return
+    if args.stamp:
+        print(stamp_line())
+        return
     doc = run(args.tiny, args.time_limit)
     results.write_json(doc, args.out)
-    passed = [b for b, entry in doc["backends"].items() if entry["ok"]]
-    print(f"smoke: {', '.join(passed) or 'no backend'} passed; {doc['wall_s']} s; stuck counters: "
+    ok = [b for b, entry in doc["backends"].items() if entry["ok"]]
+    print(f"smoke: {', '.join(ok) or 'no backend'} passed; {doc['wall_s']} s; stuck counters: "
           f"{doc['stuck_counters'] or 'none'}")
-    return doc
 
 
 if __name__ == "__main__":

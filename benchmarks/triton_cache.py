@@ -55,11 +55,6 @@ def unpack(archive: str, cache_dir: str) -> int:
     return sum(Path(m.name).name.startswith("__grp__") for m in members)
 
 
-def count(cache_dir: str) -> int:
-    """The kernels (group files) in a cache directory; 0 when there is none."""
-    return sum(1 for _ in Path(cache_dir).rglob("__grp__*")) if os.path.isdir(cache_dir) else 0
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pyfast.benchmarks.triton_cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,15 +65,11 @@ def main(argv=None) -> None:
     u = verbs.add_parser("unpack")
     u.add_argument("archive")
     u.add_argument("cache_dir")
-    c = verbs.add_parser("count")
-    c.add_argument("cache_dir")
     args = parser.parse_args(argv)
     if args.verb == "pack":
         print(f"packed {pack(args.cache_dir, args.out)} kernels into {args.out}")
-    elif args.verb == "unpack":
-        print(f"unpacked {unpack(args.archive, args.cache_dir)} kernels into {args.cache_dir}")
     else:
-        print(count(args.cache_dir))
+        print(f"unpacked {unpack(args.archive, args.cache_dir)} kernels into {args.cache_dir}")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,10 @@ def test_a_packed_cache_is_found_where_it_was_written(tmp_path, monkeypatch):
     assert triton_cache.pack(str(cache), str(archive)) == 1
     for path in sorted(cache.rglob("*"), reverse=True):  # the next machine starts without it
         path.rmdir() if path.is_dir() else path.unlink()
-    assert triton_cache.unpack(str(archive), str(cache)) == 1 and triton_cache.count(str(cache)) == 1
+    assert triton_cache.unpack(str(archive), str(cache)) == 1
     assert sorted(p.name for p in (cache / "KERNELHASH").iterdir()) == [
         "__grp___conv_kernel.json", "_conv_kernel.cubin", "_conv_kernel.json"]
     assert (cache / "LAUNCHERHASH" / "__triton_launcher.so").read_bytes() == b"\x7fELF"
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     group = FileCacheManager("KERNELHASH").get_group("_conv_kernel.json")  # how Triton looks a kernel up
     assert group is not None and set(group) == {"_conv_kernel.json", "_conv_kernel.cubin"}
-
-
-def test_an_absent_cache_counts_no_kernels(tmp_path):
-    assert triton_cache.count(str(tmp_path / "none")) == 0
