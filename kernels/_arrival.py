@@ -34,7 +34,8 @@ _MIN_COUNTERS = 1024
 
 
 def _capturing(device: torch.device) -> bool:
-    """Whether a launch on `device`'s current stream is being captured into a CUDA graph."""
+    """Whether a launch on `device` is being captured into a CUDA graph: the current stream, which Triton launches
+    on, is capturing (a CPU device, under Triton's interpreter, never is)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
