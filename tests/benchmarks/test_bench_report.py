@@ -177,4 +177,6 @@ def test_cpu_providers_are_timed_in_interleaved_rounds():
     assert out["broken"]["error"] == "RuntimeError: no kernel"
     assert out["eager"]["repeats"] == out["pyfast"]["repeats"] == 6
     runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
-    assert runs == ["eager", "pyfast"] * report.CPU_ROUNDS
+    # then each provider's peak memory, from its own profiled calls (timing.cpu_peak_bytes)
+    assert runs == ["eager", "pyfast"] * report.CPU_ROUNDS + ["eager", "pyfast"]
+    assert out["eager"]["peak_memory_bytes"] == out["pyfast"]["peak_memory_bytes"] == 0  # the steps allocate nothing
