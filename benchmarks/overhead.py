@@ -270,6 +270,12 @@ class _ConvOnlyKit:
     fused = False
     backend = None
 
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def max_pool(self, x, pool):
+        return pool(x)
+
     def conv_bn_relu(self, x, conv, bn, relu=True):
         return conv(x)
 
