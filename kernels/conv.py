@@ -11,8 +11,9 @@ where a = x, or a = relu?(x*in_scale[c] + in_shift[c]) with the prologue (bn_rel
 outside the image: padding zeros are zeros of the *normalized* activation. Per group this is a GEMM
 with M = N*OH*OW rows (pixels), C_out_g columns and K = KH*KW*C_in_g: the A tile is gathered from x
 while loading ("implicit" GEMM, nothing is unfolded in memory). The weight is read through its strides;
-each path wants one dim contiguous (in channels for tl.dot, out channels for the direct path) and a
-weight laid out otherwise is copied once and the copy cached until the weight changes (`_weight_for`).
+each path wants the weight dense with one dim innermost (in channels for tl.dot, out channels for the direct
+path) and a weight laid out otherwise is copied once and the copy cached until the weight changes
+(`_weight_for`; inside a CUDA graph capture the graph makes the copy itself, at every replay).
 
 Two inner loops in one kernel, chosen by the constexpr DIRECT; each is one loop over (tap, channel
 block) pairs, so that the tl.dot loop is software-pipelined across taps, not drained at each tap:
@@ -28,8 +29,10 @@ block) pairs, so that the tl.dot loop is software-pipelined across taps, not dra
     reads the same input: one [BLOCK_M] load broadcast over the columns.
 
 Configs are chosen per problem (`_choose_config`): by timing the candidates once per tuning key on a GPU
-(M bucketed to a power of two, so a new batch size does not retune), else by `_default_config`'s
-heuristic (PYFAST_TRITON_AUTOTUNE=0, the interpreter, `launch_plan` for the static table).
+(M bucketed to a power of two, so a new batch size does not retune; candidates that fail to compile or run
+out of resources skipped; trials on scratch outputs and counters), else by `_default_config`'s heuristic
+(PYFAST_TRITON_AUTOTUNE=0, the interpreter, `launch_plan` for the static table, a call inside a CUDA graph
+capture before its key is tuned).
 
 Precision: accumulation is fp32 for fp16/bf16/fp32 inputs; the output is cast to x's dtype once.
 fp32 operands go through tl.dot as TF32 when `torch.backends.cudnn.allow_tf32` is set (PyTorch's
@@ -43,10 +46,12 @@ nothing zero-filled. The same launch merges them with Chan's formula into the me
 (`_combine_tile_stats`): the tile that completes its channel block's rows merges them, in a fixed order
 (kernels/_arrival.py: integer arrival counters, no floating-point atomics); with many tiles in two
 levels, groups of tiles first, then the groups' rows. The output is never read back for statistics.
-Nothing in a launch reads back to the host (CUDA graphs can capture it after the first call of a tuning
-key).
+Nothing in a launch reads back to the host, and nothing in a call synchronizes under a CUDA graph capture.
+Launches run with x's device current (`_device_guard`).
 """
+import contextlib
 import functools
+import math
 import weakref
 from dataclasses import dataclass, replace
 from typing import Tuple
@@ -55,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from .. import _flags
 from .._shapes import conv_output_size, pair
@@ -88,7 +95,7 @@ def _next_pow2(n):
 @dataclass(frozen=True)
 class Config:
     """One launch configuration; GROUP_TILE > 1 only for tl.dot tiles spanning groups (then
-    block_n == group_tile * C_out_g and block_k == group_tile * C_in_g)."""
+    block_n == group_tile * C_out_g and block_k is group_tile * C_in_g rounded up to a power of two)."""
     block_m: int
     block_n: int
     block_k: int
@@ -113,6 +120,9 @@ _DIRECT_CONFIGS = [Config(*b) for b in [
 # The statistics epilogue holds the tile's values twice (y and its deviations): tiles above this many
 # accumulator elements per warp would spill (128x128 on 8 warps needs 252 registers without it).
 _STATS_MAX_TILE_PER_WARP = 128 * 64 // 4
+# The prologue holds the activation tile in fp32 registers while it normalizes it: a 128x128 tile on 4 warps (a
+# tile of 4 groups of 24 input channels, K padded to 128) spilled 88 bytes (sm_90, bf16).
+_PROLOGUE_MAX_A_TILE_PER_WARP = 128 * 64 // 4
 
 
 @dataclass(frozen=True)
@@ -170,14 +180,23 @@ class Problem:
         return self.c_in_g < _MMA_K
 
     @property
+    def channel_align(self):
+        """The largest power of two, up to 16, dividing every channel count, and so every channel offset and
+        stride of the dense NHWC tensors and weight: the JIT marks only ints divisible by 16, and without more a
+        channel vector of RegNet's widths (multiples of 8: 72, 120, 232) loads element by element."""
+        counts = math.gcd(self.c_in, self.c_out, self.c_in_g, self.c_out_g)
+        return min(16, counts & -counts)
+
+    @property
     def int64(self):
         return max(self.n * self.c_in * self.h * self.w, self.m * self.c_out) > _MAX_INT32_NUMEL
 
     def tuning_key(self):
-        """What the best config depends on; M only as its power-of-two bucket."""
+        """What the best config depends on; M only as its power-of-two bucket. int64 offsets are part of it: they
+        change the kernel (and its registers), and one bucket can hold problems on both sides of 2**31."""
         return (self.c_in_g, self.c_out_g, self.groups, self.kh, self.kw, self.stride, self.dilation, self.dtype,
                 self.has_scale or self.has_shift or self.in_relu, self.stats, self.has_residual, self.tf32,
-                _next_pow2(self.m))
+                self.int64, _next_pow2(self.m))
 
 
 def _group_tiles(problem, config):
@@ -187,7 +206,13 @@ def _group_tiles(problem, config):
     if not narrow:
         return 1
     tile = config.block_n // p.c_out_g
-    return tile if tile <= p.groups and tile * p.c_in_g <= _MAX_GROUP_K else 0
+    return tile if tile <= p.groups and _group_block_k(p, tile) <= _MAX_GROUP_K else 0
+
+
+def _group_block_k(problem, tile):
+    """BLOCK_K of a tile of `tile` groups: their input channels (one channel block per tap), rounded up to the
+    power of two tl.arange needs; the channels past them are masked (C_in_g = 24: 2 groups in a K of 64)."""
+    return _next_pow2(tile * problem.c_in_g)
 
 
 def candidates(problem):
@@ -205,12 +230,14 @@ def candidates(problem):
         for c in _DOT_CONFIGS:
             tile = _group_tiles(p, c)
             if tile > 1:
-                c = replace(c, block_k=tile * p.c_in_g, group_tile=tile)
+                c = replace(c, block_k=_group_block_k(p, tile), group_tile=tile)
             elif tile == 0 or c.block_n > max_n or c.block_k > max_k:
                 continue
             operands = (c.block_m + c.block_n) * c.block_k * c.num_stages * p.dtype.itemsize
             if c not in kept and operands <= _SMEM_BUDGET:
                 kept.append(c)
+    if p.has_scale or p.has_shift or p.in_relu:
+        kept = [c for c in kept if c.block_m * c.block_k <= _PROLOGUE_MAX_A_TILE_PER_WARP * c.num_warps]
     if p.stats:  # int64 offsets hold more registers: 1024 accumulator elements per warp spilled (sm_90, fp16)
         per_warp = _STATS_MAX_TILE_PER_WARP // (4 if p.int64 else 1)
         kept = [c for c in kept if c.block_m * c.block_n <= per_warp * c.num_warps]
@@ -248,11 +275,22 @@ def _default_config(problem):
 
 _TUNED = {}  # tuning key -> Config, filled once per key by timing the candidates
 _CHOSEN = {}  # Problem -> Config: after the first call of a problem, choosing costs one dict look-up
+# What a candidate that cannot run here raises, at compile time or at launch (registers, shared memory): tuning
+# skips it, as Triton's autotuner does.
+_CANDIDATE_FAILURES = (OutOfResources, PTXASError, CompilationError)
 
 
-def _choose_config(problem, make_run):
+def _capturing(device):
+    """Whether a CUDA graph is being captured on the current stream, that of `device` (made current by
+    `_device_guard`) on which the launches go."""
+    return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _choose_config(problem, make_run, device=None):
     """The config to launch: timed once per tuning key on a GPU (`make_run(config)` returns a callable
-    launching it), the default heuristic's choice otherwise."""
+    launching it), the default heuristic's choice otherwise. Timing synchronizes, so a call inside a CUDA
+    graph capture on `device` does not tune: it launches the tuned config if there is one, else the default,
+    and remembers neither (a later call outside the capture tunes)."""
     config = _CHOSEN.get(problem)
     if config is not None:
         return config
@@ -261,12 +299,35 @@ def _choose_config(problem, make_run):
         config = _default_config(problem)
     else:
         key = problem.tuning_key()
-        if key not in _TUNED:
-            times = [triton.testing.do_bench(make_run(c), warmup=5, rep=20) for c in options]
-            _TUNED[key] = options[min(range(len(options)), key=times.__getitem__)]
-        config = _TUNED[key]
+        config = _TUNED.get(key)
+        if config is None:
+            if _capturing(device):
+                return _default_config(problem)
+            config = _TUNED[key] = _fastest(options, make_run)
     _CHOSEN[problem] = config
     return config
+
+
+def _fastest(options, make_run):
+    """The config of the shortest time among those that compile and launch (the others are skipped; if none
+    does, the first one's error is raised)."""
+    times, failures = [], []
+    for config in options:
+        try:
+            times.append(triton.testing.do_bench(make_run(config), warmup=5, rep=20))
+        except _CANDIDATE_FAILURES as error:
+            times.append(math.inf)
+            failures.append(error)
+    if len(failures) == len(options):
+        raise failures[0]
+    return options[min(range(len(options)), key=times.__getitem__)]
+
+
+@triton.jit
+def _multiple(n, ALIGN: tl.constexpr):
+    """n, which the launcher knows to be a multiple of ALIGN, as the compiler's divisibility analysis then sees
+    it (tl.multiple_of does not reach a kernel argument)."""
+    return n // ALIGN * ALIGN
 
 
 @triton.jit
@@ -344,6 +405,7 @@ def _conv2d_kernel(
     DIRECT: tl.constexpr,  # CUDA-core multiply-add over channel tiles spanning groups instead of tl.dot
     DENSE: tl.constexpr,  # direct path with groups == 1: every output channel reads the same inputs
     GROUP_TILE: tl.constexpr,  # tl.dot path: groups per program (block-diagonal weight tile if > 1)
+    CHANNEL_ALIGN: tl.constexpr,  # divides C_in, C_out, C_in_g, C_out_g and the tl.dot path's weight strides
     INT64: tl.constexpr,  # offsets in int64 (x or out has 2**31 elements or more)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # pixels, out channels, in channels
@@ -351,6 +413,13 @@ def _conv2d_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_g = tl.program_id(2)
+    # what the launcher knows of the channel counts, told to the compiler: channel vectors then load 16 bytes at a
+    # time, and asynchronously, also at widths the JIT does not mark as multiples of 16 (a 128x128 tile of a
+    # 72-channel conv spilled 184 bytes without it)
+    C_in = _multiple(C_in, CHANNEL_ALIGN)
+    C_out = _multiple(C_out, CHANNEL_ALIGN)
+    C_in_g = _multiple(C_in_g, CHANNEL_ALIGN)
+    C_out_g = _multiple(C_out_g, CHANNEL_ALIGN)
     if INT64:
         pid_m = pid_m.to(tl.int64)  # every pixel offset derived below is then int64
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -394,10 +463,17 @@ def _conv2d_kernel(
         k_span = GROUP_TILE * C_in_g  # input channels of the tile's groups, contiguous in NHWC
         k_blocks = tl.cdiv(k_span, BLOCK_K)
         kk = tl.arange(0, BLOCK_K)
+        # the weight is dense with in channels innermost (_weight_for): its other strides are multiples of C_in_g
+        w_stride_o = _multiple(w_stride_o, CHANNEL_ALIGN)
+        w_stride_h = _multiple(w_stride_h, CHANNEL_ALIGN)
+        w_stride_w = _multiple(w_stride_w, CHANNEL_ALIGN)
         w_co = w_ptr + co[None, :] * w_stride_o
-        if GROUP_TILE > 1:  # one channel block per tap (BLOCK_K == k_span): the block-diagonal mask is fixed
+        if GROUP_TILE > 1:  # one channel block per tap (BLOCK_K >= k_span): the block-diagonal mask is fixed
             ci_tile = kk % C_in_g
             w_mask = ((kk // C_in_g)[:, None] == (n_local // C_out_g)[None, :]) & n_mask[None, :]
+            # past k_span (BLOCK_K rounded up to a power of two) are the next tile's channels: masked, since
+            # a NaN there would survive the zero weights it meets
+            k_tile_mask = kk < k_span
         for it in range(KH * KW * k_blocks):  # (tap, channel block) pairs: one pipelined loop
             r = it // k_blocks
             kh = r // KW
@@ -409,7 +485,7 @@ def _conv2d_kernel(
             w_tap = w_co + kh * w_stride_h + kw * w_stride_w
             if GROUP_TILE > 1:
                 c = c_first + kk
-                k_mask = c < C_in
+                k_mask = k_tile_mask & (c < C_in)
                 b = tl.load(w_tap + ci_tile[:, None] * w_stride_i, mask=w_mask, other=0.0)
             else:
                 ci = (it - r * k_blocks) * BLOCK_K + kk
@@ -591,7 +667,8 @@ def _conv_static_args(problem, config):
                 KH=p.kh, KW=p.kw, HAS_SCALE=p.has_scale, HAS_SHIFT=p.has_shift, IN_RELU=p.in_relu,
                 HAS_BIAS=p.has_bias, RELU=p.relu, HAS_RES=p.has_residual, HAS_RES_SCALE=p.has_res_scale,
                 HAS_RES_SHIFT=p.has_res_shift, STATS=p.stats, DIRECT=p.direct, DENSE=p.direct and p.groups == 1,
-                GROUP_TILE=config.group_tile, INT64=p.int64, DOT_PRECISION="tf32" if p.tf32 else "ieee",
+                GROUP_TILE=config.group_tile, CHANNEL_ALIGN=p.channel_align, INT64=p.int64,
+                DOT_PRECISION="tf32" if p.tf32 else "ieee",
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     plan = _stats_plan(p, config)
     args.update(STATS_TWO_LEVEL=p.stats and plan.two_level, stats_rows=plan.group_rows if p.stats else 0)
@@ -648,15 +725,32 @@ def _inverse(order):
 _WEIGHTS = {}  # (id(weight), direct) -> (weakref to weight, its state, the copy in the path's layout)
 
 
+def _dense_in(weight, order):
+    """Whether the weight is dense with its dims in `order` from outermost to innermost (dims of size 1 aside)."""
+    expected = 1
+    for d in reversed(order):
+        if weight.stride(d) != expected and weight.shape[d] != 1:
+            return False
+        expected *= weight.shape[d]
+    return True
+
+
 def _weight_for(weight, direct):
-    """The weight as the path reads it: itself when its innermost dim is already the one the path wants,
-    else a copy in that layout, cached per weight tensor until the weight changes (version counter,
-    storage, dtype, shape or strides), so that repeated calls with one weight copy it once."""
+    """The weight as the path reads it: itself when it is already dense in the layout the path wants (the
+    kernel relies on its strides being multiples of the channel counts), else a copy in that layout, cached
+    per weight tensor until the weight changes (version counter, storage, dtype, shape or strides), so that
+    repeated calls with one weight copy it once."""
     order = _weight_order(direct)
-    if weight.stride(order[-1]) == 1 or weight.shape[order[-1]] == 1:
+    if _dense_in(weight, order):
         return weight
     copy = lambda: weight.detach().permute(*order).contiguous().permute(*_inverse(order))  # noqa: E731
     if weight.is_inference():  # no version counter to tell when it changes
+        return copy()
+    if _capturing(weight.device):
+        # A replayed graph reads what the capture launched, without asking whether the weight changed (an
+        # optimizer's in-place step) or whether the cache still holds that copy. Copied inside the capture,
+        # the copy is remade by every replay from the weight as it is then, and lives in the graph's memory
+        # pool as long as the graph: no graph reads a cached copy, so replacing one frees nothing a graph uses.
         return copy()
     key = (id(weight), direct)
     state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
@@ -749,7 +843,6 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
         residual = _checked_residual(residual, (N, C_out, problem.oh, problem.ow), x)
 
     x = x.contiguous(memory_format=torch.channels_last)
-    w = _weight_for(weight, problem.direct)
     out = torch.empty((N, C_out, problem.oh, problem.ow), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
     if problem.m == 0 or C_out == 0:
@@ -760,14 +853,30 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
     mean = torch.empty(C_out, device=x.device, dtype=torch.float32) if compute_stats else None
     var = torch.empty_like(mean) if compute_stats else None
 
-    def launch(config):
-        stats = _stats_tensors(problem, config, mean, var,
-                               lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32),
-                               lambda count: arrival_counters(x.device, count))
+    def launch(config, trial=False):
+        """The launch of `config`. A tuning trial writes scratch outputs and zeroed arrival counters of its own:
+        a failed or repeated trial leaves nothing behind in the call's results or the shared counters."""
+        outputs = (out, mean, var)
+        if trial:
+            outputs = [None if t is None else torch.empty_like(t) for t in outputs]
+        counters = (lambda count: torch.zeros(count, dtype=torch.int32, device=x.device)) if trial else \
+            (lambda count: arrival_counters(x.device, count))
+        stats = _stats_tensors(problem, config, outputs[1], outputs[2],
+                               lambda shape: torch.empty(shape, device=x.device, dtype=torch.float32), counters)
         return _conv_launch(problem, config, dict(x_ptr=x, w_ptr=w, bias_ptr=bias, scale_ptr=in_scale,
-                                                  shift_ptr=in_shift, out_ptr=out, res_ptr=residual,
+                                                  shift_ptr=in_shift, out_ptr=outputs[0], res_ptr=residual,
                                                   res_scale_ptr=res_scale, res_shift_ptr=res_shift, **stats,
                                                   **_weight_strides(w)))
 
-    launch(_choose_config(problem, lambda c: launch(c).run)).run()
+    with _device_guard(x.device):  # and its stream is the one a graph capture is asked about
+        w = _weight_for(weight, problem.direct)
+        launch(_choose_config(problem, lambda c: launch(c, trial=True).run, x.device)).run()
     return (out, mean, var) if compute_stats else out
+
+
+def _device_guard(device):
+    """x's device made current for the launch: Triton launches on the current device and its current stream,
+    while the tensors, and the arrival counters of that stream, are x's. A no-op when it is current already."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

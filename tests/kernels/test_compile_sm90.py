@@ -19,7 +19,9 @@ The compiles run in subprocesses that import fresh copies of the kernel modules 
 unset (conftest sets it on machines without a GPU, and Triton reads it when a kernel is decorated),
 two at a time, against a fresh Triton cache. Skipped only when Triton's ptxas cannot be found.
 """
+import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,6 +123,70 @@ BN_CASES = {
 }
 
 CASES = {**CONV_CASES, **BN_CASES}
+
+# Grouped convolutions with per-group widths that are not powers of two, beside the models' own
+# (n, c_in, size, c_out, kernel, groups): 24 in / 16 out per group (tiles of several groups, K padded to a power of
+# two), and RegNetX-8GF's and -32GF's widths 120 and 232 in torchvision (720 and 1392 channels, 6 groups).
+NON_POW2_GROUPS = [(128, 48, 28, 32, 3, 2), (128, 96, 14, 64, 3, 4), (128, 72, 28, 48, 3, 3),
+                   (128, 720, 7, 720, 3, 6), (128, 1392, 7, 1392, 3, 6)]
+MODEL_BATCH = 128
+
+
+def _model_problems():
+    """conv.Problem of each Triton convolution of a training step of every RegNetX preset and ResNet at batch 128
+    (channels_last, bf16 and fp32, as `static_launches` records them), and of NON_POW2_GROUPS with the statistics
+    epilogue and with the prologue."""
+    import dataclasses
+
+    import torch
+
+    from pyfast import models
+    from pyfast.benchmarks import kernels
+    from pyfast.kernels import conv
+
+    nets = [net for net in models.list_models() if net.startswith(("regnetx_", "resnet"))]
+    problems = []
+    with pytest.MonkeyPatch.context() as patch:
+        for net in nets:
+            patch.setitem(kernels.STATIC_NETS, net, kernels.STATIC_NETS.get(net, 3))
+            problems += [problem for _, problem in kernels.static_launches(net, MODEL_BATCH)]
+    for n, c_in, size, c_out, k, groups in NON_POW2_GROUPS:
+        shape = (n, c_in, size, size, c_out, k, k, (1, 1), (k // 2, k // 2), (1, 1), groups, torch.bfloat16)
+        problems += [conv.Problem(*shape, stats=True), conv.Problem(*shape, has_scale=True, has_shift=True,
+                                                                   in_relu=True, relu=True)]
+    return problems + [dataclasses.replace(p, dtype=torch.float32) for p in problems]
+
+
+def _channel_alignment(problem):
+    """The largest power of two dividing every channel count."""
+    counts = math.gcd(problem.c_in, problem.c_out, problem.c_in_g, problem.c_out_g)
+    return counts & -counts
+
+
+def _model_cases():
+    """One case per distinct kernel configuration (dtype, constexprs, warps, stages) of the default launches of
+    `_model_problems`, at its least aligned channel counts (the JIT marks only ints divisible by 16: the others
+    load narrower and hold more registers)."""
+    import dataclasses
+
+    from pyfast.kernels import conv
+
+    parameters = inspect.signature(conv._conv2d_kernel.fn).parameters  # the interpreter's kernel has no .params
+    constexpr_names = [name for name, p in parameters.items() if "constexpr" in str(p.annotation)]
+    configurations = {}
+    for problem in _model_problems():
+        (launch,) = conv.launch_plan(problem)
+        constexprs = tuple(launch.args[name] for name in constexpr_names)
+        configurations.setdefault((problem.dtype, constexprs, launch.num_warps, launch.num_stages), []).append(problem)
+    cases = {}
+    for problems in configurations.values():
+        problem = min(problems, key=_channel_alignment)
+        fields = dataclasses.asdict(problem)
+        fields["dtype"] = {v: k for k, v in DTYPES.items()}[str(problem.dtype).removeprefix("torch.")]
+        case_id = (f"{problem.kh}x{problem.kw}-g{problem.groups}-{problem.c_in}to{problem.c_out}-{fields['dtype']}"
+                   f"-{conv._default_config(problem)}".replace(" ", "-"))
+        cases[case_id] = dict(module="conv", problem=fields, config="default", mma=None, uses=len(problems))
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +334,11 @@ def _conv_launch(case):
     fields = dict(case["problem"], dtype=getattr(torch, DTYPES[case["problem"]["dtype"]]))
     fields.update(stride=tuple(fields["stride"]), padding=tuple(fields["padding"]), dilation=tuple(fields["dilation"]))
     problem = conv.Problem(**fields)
-    pick = max if case["config"] == "largest" else min
-    config = pick(conv.candidates(problem), key=lambda c: _conv_config_size(c, case["config"]))
+    if case["config"] == "default":
+        config = conv._default_config(problem)
+    else:
+        pick = max if case["config"] == "largest" else min
+        config = pick(conv.candidates(problem), key=lambda c: _conv_config_size(c, case["config"]))
     (launch,) = conv.launch_plan(problem, config)
     return problem, config, launch
 
@@ -314,22 +383,18 @@ def _worker(cases_path, results_path):
 
 
 def _ptxas_missing():
-    """Why Triton cannot assemble for NVIDIA here, or None."""
+    """Why Triton cannot assemble for sm_90 here, or None."""
     try:
-        import triton  # noqa: F401
-        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas
 
-        tool = knobs.nvidia.ptxas
+        try:
+            tool = get_ptxas(90)  # Triton 3.9 assembles sm_90 with its ptxas-blackwell, older ones with ptxas
+        except TypeError:  # triton < 3.4: one ptxas, no arch argument
+            tool = get_ptxas()
         if tool is None or not Path(tool.path).exists():
             return "Triton's ptxas is missing"
-    except Exception as e:  # noqa: BLE001 - no NVIDIA backend, no ptxas, an older Triton without knobs
-        try:
-            from triton.backends.nvidia.compiler import get_ptxas  # triton < 3.4
-
-            if not Path(get_ptxas().path).exists():
-                return "Triton's ptxas is missing"
-        except Exception:  # noqa: BLE001
-            return f"Triton's ptxas is missing ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 - no NVIDIA backend, no ptxas
+        return f"Triton's ptxas is missing ({type(e).__name__}: {e})"
     return None
 
 
@@ -342,17 +407,26 @@ def _module_paths():
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """{case id: result} of every case, compiled by WORKERS subprocesses with TRITON_INTERPRET unset."""
+    return _compile_in_workers(CASES, tmp_path_factory.mktemp("sm90"))
+
+
+@pytest.fixture(scope="module")
+def models_compiled(tmp_path_factory):
+    """{case id: result} of every distinct kernel configuration of the models' convolutions (~40, a few minutes)."""
+    return _compile_in_workers(_model_cases(), tmp_path_factory.mktemp("sm90-models"), timeout_s=600)
+
+
+def _compile_in_workers(cases, root, timeout_s=WORKER_TIMEOUT_S):
     reason = _ptxas_missing()
     if reason:
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("sm90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(root / "triton-cache")  # really compile, and leave ~/.triton alone
-    ids = list(CASES)
+    ids = list(cases)
     modules = _module_paths()
     procs = []
     for w in range(WORKERS):
-        part = {i: CASES[i] for i in ids[w::WORKERS]}
+        part = {i: cases[i] for i in ids[w::WORKERS]}
         cases_path, results_path = root / f"cases{w}.json", root / f"results{w}.json"
         cases_path.write_text(json.dumps(dict(modules=modules, cases=part)))
         procs.append((subprocess.Popen([sys.executable, __file__, str(cases_path), str(results_path)], env=env,
@@ -361,7 +435,7 @@ def compiled(tmp_path_factory):
     results, logs = {}, []
     for proc, results_path in procs:
         try:
-            out, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
+            out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
@@ -405,6 +479,18 @@ def test_conv_does_not_spill(compiled, case_id):
     result = compiled[case_id]
     assert result["ok"], result
     assert result["spills"] == 0 and 0 < result["registers"] <= 255, (case_id, result["config"])
+
+
+def test_model_convolutions_compile_without_spills(models_compiled):
+    """Every RegNetX preset's and ResNet's convolution at batch 128 (bf16 and fp32, channels_last) and the grouped
+    shapes of NON_POW2_GROUPS: each distinct kernel configuration of their default launches (autotuning off)
+    compiles for sm_90, fits in an H100 block's shared memory and does not spill."""
+    bad = {case_id: result.get("error") or {k: result[k] for k in ("config", "registers", "spills", "shared")}
+           for case_id, result in models_compiled.items()
+           if not result["ok"] or result["spills"] != 0 or not 0 < result["registers"] <= 255
+           or result["shared"] > SMEM_LIMIT}
+    assert not bad, f"{len(bad)} of {len(models_compiled)} configurations:\n" + "\n".join(
+        f"{case_id}: {why}" for case_id, why in bad.items())
 
 
 @pytest.mark.parametrize("case_id", [case_id for case_id in CONV_IDS if CASES[case_id]["mma"]])

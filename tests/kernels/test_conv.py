@@ -93,6 +93,7 @@ SWEEP = {
     "width16-2groups-bf16": (2, 32, 32, (5, 7), 3, 1, 1, 1, 2, bf16, False),
     "width16-5groups-stats": (1, 80, 80, (5, 4), 3, 2, 1, 1, 5, f32, True),
     "in16-out8-4groups": (2, 64, 32, (5, 5), 3, 1, 1, 1, 4, f32, False),
+    "in24-out16-4groups-stats": (1, 96, 64, (5, 5), 3, 1, 1, 1, 4, f32, True),  # tiles of 2 groups: K 48 of 64
     "stem-dense-direct-stats": (2, 3, 16, (9, 9), 7, 2, 3, 1, 1, f32, True),
     "width2-direct": (2, 8, 8, (5, 5), 3, 1, 1, 1, 4, f32, False),
 }
@@ -113,6 +114,22 @@ def test_every_candidate_config(monkeypatch, name, config):
         ref_var, ref_mean = torch.var_mean(out.double().cpu(), dim=(0, 2, 3), unbiased=False)
         assert_close(result[1], ref_mean, dtype=f32, what="mean")
         assert_close(result[2], ref_var, dtype=f32, what="var")
+
+
+def test_group_tile_padded_to_a_power_of_two_reads_only_its_groups(monkeypatch):
+    """Input width 24 per group, 2 groups per tile: BLOCK_K = 64 covers the tile's 48 channels and 16 of the next
+    tile's, which must not be read: an Inf there, times the zero weight, would make NaN in this tile's outputs.
+    (Within a tile the weight is block-diagonal, so an Inf input of one group does make NaN in the other groups of
+    its tile: group 3's outputs are not compared.)"""
+    x, w = _make(1, 96, 64, (5, 5), 3, 4, bf16)
+    x[0, 48:72, 2, 3] = float("inf")  # group 2's input: the second tile's first group
+    config = next(c for c in conv.candidates(_problem(1, 96, 64, (5, 5), 3, 1, 1, 1, 4, bf16)) if c.group_tile == 2)
+    assert config.block_k == 64
+    monkeypatch.setattr(conv, "_default_config", lambda problem: config)
+    out = conv.conv2d(x, w, padding=1, groups=4)[:, :48]
+    ref, eager = (t[:, :48] for t in _expected(x, w, padding=1, groups=4))
+    assert torch.equal(out.isfinite().cpu(), ref.isfinite()) and out[:, :32].isfinite().all()
+    assert_close(out[:, :32], ref[:, :32], dtype=bf16, eager=eager[:, :32])
 
 
 def test_narrow_groups_get_wide_mma_tiles():
