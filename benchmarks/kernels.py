@@ -303,6 +303,14 @@ def _triton_tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
+def _ptxas_sm90() -> Path:
+    """The ptxas Triton assembles sm_90 with: its bundled `ptxas` up to Triton 3.8, `ptxas-blackwell` from 3.9
+    (whose PTX, version 9.x, the older one refuses)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return Path(get_ptxas(90).path)
+
+
 def _signature(fn, args: dict):
     """Triton's (signature, constexprs, attrs) for a launch's arguments as the JIT specializes them: pointers
     16-byte aligned, ints equal to 1 and absent pointers constant, ints divisible by 16 marked so."""
@@ -337,14 +345,16 @@ def compile_sm90(launch) -> dict:
         ptx.write_text(compiled.asm["ptx"])
         cubin.write_bytes(compiled.asm["cubin"])
         arch = re.search(r"\.target\s+(\S+)", compiled.asm["ptx"]).group(1)
-        info = subprocess.run([str(_triton_tool("ptxas")), "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
+        info = subprocess.run([str(_ptxas_sm90()), "-v", f"--gpu-name={arch}", str(ptx), "-o", os.devnull],
                               capture_output=True, text=True).stderr
         sass = subprocess.run([str(_triton_tool("cuobjdump")), "-sass", str(cubin)], capture_output=True,
                               text=True).stdout
-    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, info)) else None  # noqa: E731
+    registers, spills = (re.search(pattern, info) for pattern in (r"Used (\d+) registers", r"(\d+) bytes spill stores"))
+    if not (registers and spills):
+        raise RuntimeError(f"ptxas -v printed no resource report for {fn.__name__}:\n{info[-2000:]}")
     mma = re.search(r"\b(HGMMA\.\S+?|HMMA\.\S+?)[ ,;]", sass)
     ttgir = compiled.asm["ttgir"]
-    return dict(registers=number(r"Used (\d+) registers"), spills=number(r"(\d+) bytes spill stores"),
+    return dict(registers=int(registers.group(1)), spills=int(spills.group(1)),
                 shared=compiled.metadata.shared, mma=mma.group(1) if mma else "-", loops=_dot_loops(ttgir),
                 pipelined="async_copy" in ttgir or "async_wait" in ttgir)
 
