@@ -35,14 +35,15 @@
 #   PYTHON=/tmp/gpu312/bin/python bash benchmarks/gpu_check.sh --prepare
 # and fills .gpu/ (add `/.gpu/` to .git/info/exclude; the device tool's `carry` takes it, 64 MiB at most):
 #   .gpu/pyfast/_C.*.so, .gpu/pyfast/_build_info.py   the extension, CUDA kernels for sm_90 (TORCH_CUDA_ARCH_LIST
-#                                   9.0), built in a copy of the tree so the checkout's own build stays;
+#                                   9.0), built in a copy of the tree so the checkout's own build stays (~6 MB);
 #   .gpu/triton-cache/             every Triton convolution launch of a RegNetX-32 and a ResNet-50 training step
 #                                   compiled for sm_90 (`python -m pyfast.benchmarks.kernels --static`) at
-#                                   /tmp/pyfast-triton-cache, the path the call uses (Triton's cache names its
-#                                   files by absolute path).
-# After a call, put its cache back for the next one (it covers every kernel the call launched):
-#   python -m pyfast.benchmarks.triton_cache unpack FILES_AT/triton-cache.tar.gz /tmp/pyfast-triton-cache &&
-#   rm -rf .gpu/triton-cache && cp -r /tmp/pyfast-triton-cache .gpu/triton-cache
+#                                   /tmp/pyfast-triton-cache, the path the call copies it to (Triton's cache names
+#                                   its files by absolute path), packed (benchmarks/triton_cache.py: binaries and
+#                                   metadata, no IRs: 4 MB for its 20 kernels). 7 minutes on 2 busy cores.
+# After a call, put its cache in .gpu/ for the next one (it holds every kernel the call launched):
+#   rm -rf .gpu/triton-cache && python -m pyfast.benchmarks.triton_cache unpack FILES_AT/triton-cache.tar.gz \
+#       .gpu/triton-cache
 # The summary says how many kernels the call found in the cache and how many it compiled. Without .gpu/ the
 # call still runs: the Triton and reference backends, with cold compiles, and the cuda backend reported absent.
 # Knobs: PYFAST_CHECK_BUDGET (seconds, default 360), PYTHON.
@@ -69,10 +70,13 @@ if [[ $MODE == prepare ]]; then
     (cd "$copy" && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} $PY setup.py -q build_ext --inplace)
     mkdir -p .gpu/pyfast
     cp "$copy"/pyfast/_C.*.so "$copy/pyfast/_build_info.py" .gpu/pyfast/
+    strip --strip-debug .gpu/pyfast/_C.*.so  # Python's CFLAGS say -g: 51 MB with, 6 MB without (carry: 64 MiB)
     rm -rf "$CACHE" && mkdir -p "$CACHE"
     (cd "$copy" && env -u TRITON_INTERPRET TRITON_CACHE_DIR="$CACHE" PYTHONPATH="$copy" \
         $PY -m pyfast.benchmarks.kernels --static --nets regnetx_32 resnet50)
-    rm -rf .gpu/triton-cache && cp -r "$CACHE" .gpu/triton-cache
+    rm -rf .gpu/triton-cache
+    PYTHONPATH="$copy" $PY -m pyfast.benchmarks.triton_cache pack "$CACHE" "$copy/triton-cache.tar.gz"
+    PYTHONPATH="$copy" $PY -m pyfast.benchmarks.triton_cache unpack "$copy/triton-cache.tar.gz" .gpu/triton-cache
     rm -rf "$copy"
     echo "prepared .gpu/ ($(du -sh .gpu | cut -f1)): carry it with the call"
     exit 0
@@ -201,12 +205,13 @@ step bench "$BLIMIT" $PY -m pyfast bench "${BENCH[@]}" --no-compile --cuda-graph
 CACHED_AFTER=$(cached_kernels)
 step pack "$(limit_of pack)" $PY -m pyfast.benchmarks.triton_cache pack "$TRITON_CACHE_DIR" \
     "$OUT/triton-cache.tar.gz"
+PACKED_MB=$(( $(stat -c %s "$OUT/triton-cache.tar.gz" 2>/dev/null || echo 0) / 1048576 ))
 (( DRY )) && rm -rf "$TRITON_CACHE_DIR"
 {
     echo "=== pyfast GPU check: plan (s) ${PLAN[*]} of ${GPU_BUDGET}"
     $PY -m pyfast.benchmarks.gpu_smoke --stamp
     echo "setup: $SETUP_NOTE; Triton cache: $CACHED_BEFORE kernels carried," \
-        "$((CACHED_AFTER - CACHED_BEFORE)) compiled in this call"
+        "$((CACHED_AFTER - CACHED_BEFORE)) compiled in this call, packed in $PACKED_MB MiB (over 16 stays behind)"
     grep -hE "^smoke: " "$LOG" | tail -n 1
     echo "backends that passed the smoke: ${PASSED:-none}; the model report's PYFAST_BACKEND=$PYFAST_BACKEND"
     [ -f "$OUT/kernels.json" ] && timeout 30 $PY -m pyfast.benchmarks.results --short "$OUT/kernels.json"
