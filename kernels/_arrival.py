@@ -24,6 +24,8 @@ same counters.
 `stuck_counters` lists the cached buffers that are not all zero (it synchronizes): the GPU check runs it after
 its launches.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,14 @@ def _capturing(device: torch.device) -> bool:
 
 def _stream_key(device: torch.device):
     return (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+
+
+def launch_device(device: torch.device):
+    """A context making `device` current for a launch on its tensors: Triton launches on the current device and its
+    current stream, while the counters are those of `device`'s stream. A no-op when it is current already."""
+    if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._arrival import _last_to_arrive, arrival_counters
+from ._arrival import _last_to_arrive, arrival_counters, launch_device
 from ._bn_common import (_Args, _DTYPES, _ELEMENTWISE_CONFIGS, _FINALIZE_BLOCK_C,
                           _INTERPRET, _REDUCTION_CONFIGS, _TUNING, _acc_of, _aligned_sizes, _chan_merge, _chunk,
                           _contiguous, _elementwise_grid, _load_affine, _offsets, _per_channel, _pre_activation,
@@ -113,9 +113,10 @@ def bn_stats(x):
     num_splits = view.G * splits_per_g
     partial = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
     sizes, layout = view.args()
-    _bn_stats_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
-        x, partial, mean, var, arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **layout,
-        ACC=_tl_dtype(acc))
+    with launch_device(x.device):
+        _bn_stats_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+            x, partial, mean, var, arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **layout,
+            ACC=_tl_dtype(acc))
     return mean, var
 
 
@@ -188,9 +189,10 @@ def _act_forward_into(out, x, view, scale, shift, residual, res_scale, res_shift
     residual = args.like("residual", residual)
     if x.numel():
         sizes, layout = view.args()
-        _bn_act_forward_kernel[_elementwise_grid(view)](
-            x, residual, out, *args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift),
-            *sizes, **flags, RELU=relu, **layout, ACC=args.acc)
+        with launch_device(x.device):
+            _bn_act_forward_kernel[_elementwise_grid(view)](
+                x, residual, out, *args.channels(scale=scale, shift=shift, res_scale=res_scale, res_shift=res_shift),
+                *sizes, **flags, RELU=relu, **layout, ACC=args.acc)
     return out
 
 
@@ -299,10 +301,11 @@ def bn_act_backward_reduce(grad_out, x, scale, shift, mean, invstd, residual, re
     num_splits = view.G * splits_per_g
     partial = torch.empty((3 if has_rhat else 2, num_splits, view.C), dtype=acc, device=x.device)
     sizes, layout = view.args()
-    _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
-        grad_out, x, residual, *channels, partial, sums[0], sums[1], sums[2] if has_rhat else None,
-        arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat, RELU=relu,
-        **layout, ACC=args.acc)
+    with launch_device(x.device):
+        _bn_act_backward_reduce_kernel[lambda meta: (num_splits, triton.cdiv(view.C, meta["BLOCK_C"]))](
+            grad_out, x, residual, *channels, partial, sums[0], sums[1], sums[2] if has_rhat else None,
+            arrival_counters(x.device, view.C), *sizes, splits_per_g, chunk, **flags, HAS_RHAT=has_rhat,
+            RELU=relu, **layout, ACC=args.acc)
     return tuple(sums)
 
 
@@ -380,9 +383,10 @@ def bn_act_backward_elemt(grad_out, x, scale, shift, mean, invstd, residual, res
     grad_res = torch.empty_like(x) if residual is not None else x.new_empty(0)
     if x.numel():
         sizes, layout = view.args()
-        _bn_act_backward_elemt_kernel[_elementwise_grid(view)](
-            grad_out, x, residual, grad_x, grad_res if residual is not None else None, *channels, *sizes, count,
-            **flags, X_TRAIN=x_train, RES_TRAIN=res_train, RELU=relu, **layout, ACC=args.acc)
+        with launch_device(x.device):
+            _bn_act_backward_elemt_kernel[_elementwise_grid(view)](
+                grad_out, x, residual, grad_x, grad_res if residual is not None else None, *channels, *sizes, count,
+                **flags, X_TRAIN=x_train, RES_TRAIN=res_train, RELU=relu, **layout, ACC=args.acc)
     return grad_x, grad_res
 
 
@@ -485,12 +489,13 @@ def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_
     acc = _acc_of(mean)
     scale, shift, invstd = (torch.empty(c, dtype=acc, device=mean.device) for _ in range(3))
     if c or track:
-        _bn_finalize_kernel[(1,)](
-            mean.contiguous(), var.contiguous(), _contiguous(weight), _contiguous(bias), running_mean, running_var,
-            num_batches_tracked, scale, shift, invstd, c, count, 0.0 if momentum is None else momentum, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running and count > 0,
-            TRACK=track, CUMULATIVE=update_running and momentum is None, ACC=_tl_dtype(acc),
-            BLOCK_C=min(triton.next_power_of_2(max(c, 1)), _FINALIZE_BLOCK_C))
+        with launch_device(mean.device):
+            _bn_finalize_kernel[(1,)](
+                mean.contiguous(), var.contiguous(), _contiguous(weight), _contiguous(bias), running_mean, running_var,
+                num_batches_tracked, scale, shift, invstd, c, count, 0.0 if momentum is None else momentum, eps,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running and count > 0,
+                TRACK=track, CUMULATIVE=update_running and momentum is None, ACC=_tl_dtype(acc),
+                BLOCK_C=min(triton.next_power_of_2(max(c, 1)), _FINALIZE_BLOCK_C))
     # The kernel writes through pointers, which no version counter sees; caches of values derived from the
     # running statistics (pyfast.ops's inference folds) key on versions.
     updated = [t for t, wrote in ((running_mean, update_running and count > 0), (running_var, update_running

@@ -467,3 +467,40 @@ def test_forward_beyond_2_to_the_31_elements():
     _assert_like(out, x)
     last = x[-1:].double() * _col(scale) + _col(shift)
     assert_close(out[-1:], F.relu(last), bf16, eager=F.relu(x[-1:] * _col(scale.to(bf16)) + _col(shift.to(bf16))))
+
+
+def test_every_launch_runs_with_x_device_current(monkeypatch):
+    """Triton launches on the current device and its stream, the arrival counters are those of x's device: each
+    launcher makes x's device current around its launch (kernels/_arrival.py's launch_device)."""
+    current, launched = [], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, list(current)))
+
+    monkeypatch.setattr(bn, "launch_device", Guard)
+    names = ["_bn_stats_kernel", "_bn_act_forward_kernel", "_bn_act_backward_reduce_kernel",
+             "_bn_act_backward_elemt_kernel", "_bn_finalize_kernel"]
+    for name in names:
+        monkeypatch.setattr(bn, name, Kernel(name))
+    p = _problem((2, 3, 4, 4), f32, "nhwc", residual="none")
+    bn.bn_stats(p.x)
+    bn.bn_act_forward(p.x, p.scale, p.shift, None, None, None, True)
+    bwd = (p.grad_out, p.x, p.scale, p.shift, p.mean, p.invstd, None, None, None, None, None, True)
+    bn.bn_act_backward_reduce(*bwd)
+    bn.bn_act_backward_elemt(*bwd, p.sum_dz, p.sum_dz_xhat, None, p.count)
+    bn.bn_finalize(p.mean, p.invstd, None, None, None, None, None, p.count, 0.1, 1e-5, False)
+    assert launched == [(name, [p.x.device]) for name in names]
