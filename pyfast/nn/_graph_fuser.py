@@ -10,6 +10,7 @@ Patterns, in priority order (a node belongs to one fusion at most):
     bn_relu_conv  conv(relu(bn(x)))                                    (the rest)
     conv_bn       bn(conv(x))                                          (branch end without add)
     add_relu      relu(a + b)
+Then a max-pool of a fused conv_bn_relu's output (a stem) takes pyfast.nn.functional.max_pool2d (lean training).
 A BN-act module (timm's BatchNormAct2d, see `_rules.is_bn_act`) counts as a BN followed by its ReLU, or as
 a plain BN when its activation is an nn.Identity. Every intermediate value a fusion removes must have that
 one user, since nothing else can read it later.
@@ -44,6 +45,7 @@ class GraphFuser:
             for node in list(self.graph.nodes):
                 if node not in self.gone:
                     rewrite(node)
+        self._lean_pools()
         left = [entry for entry, nodes in self.near.values() if any(n not in self.gone for n in nodes)]
         return [f for _, f in sorted(self.fusions, key=lambda item: item[0])], left
 
@@ -56,6 +58,22 @@ class GraphFuser:
                 if type(module) is nn.Identity and not (module._forward_hooks or module._forward_pre_hooks):
                     node.replace_all_uses_with(node.args[0])
                     self.graph.erase_node(node)
+
+    def _lean_pools(self) -> None:
+        """A max-pool of a fused conv-BN-ReLU's output (a stem) becomes pyfast.nn.functional.max_pool2d over the
+        same module: in lean training it keeps neither that output nor indices (pyfast.ops.lean). Not a fusion:
+        the same passes run, so the report does not list it."""
+        for node in list(self.graph.nodes):
+            pool = self._module(node, lambda m: type(m) is nn.MaxPool2d and not m.return_indices
+                                and not (m._forward_hooks or m._forward_pre_hooks))
+            source = node.args[0] if pool is not None else None
+            if not (isinstance(source, fx.Node) and source.op == "call_function"
+                    and source.target is functional.conv_bn_relu):
+                continue
+            with self.graph.inserting_before(node):
+                lean_pool = self.graph.call_function(functional.max_pool2d, (source, self.graph.get_attr(node.target)))
+            node.replace_all_uses_with(lean_pool)
+            self.graph.erase_node(node)
 
     # -- node helpers --
     def _module(self, node, accept) -> Optional[nn.Module]:

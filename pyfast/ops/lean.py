@@ -119,22 +119,20 @@ class _SavedRecipe:
             recipe.value_ = None
 
 
-class _Stored:
-    """A tensor saved as usual (detached: a pack hook must not hold its input, which may be the saving node's
-    own output), with its version for the in-place check autograd skips for hooked tensors."""
+def _stored(t: Tensor) -> tuple:
+    """A tensor saved as usual, with its version for the in-place check autograd skips for hooked tensors: detached
+    unless a leaf (a pack hook must not hold the saving node's own output, which would make a reference cycle; a
+    leaf is no node's output, and a detach costs as much again as the rest of the hook)."""
+    return (t if t.is_leaf else t.detach()), t._version
 
-    __slots__ = ("tensor", "version")
 
-    def __init__(self, t: Tensor) -> None:
-        self.tensor, self.version = t.detach(), t._version
-
-    def unpack(self) -> Tensor:
-        if self.tensor._version != self.version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"a {tuple(self.tensor.shape)} {self.tensor.dtype} tensor is at version {self.tensor._version}; "
-                f"expected version {self.version} instead.")
-        return self.tensor
+def _unstored(stored: tuple) -> Tensor:
+    t, version = stored
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"a {tuple(t.shape)} {t.dtype} tensor is at version {t._version}; expected version {version} instead.")
+    return t
 
 
 class _Scope:
@@ -158,13 +156,13 @@ class _Scope:
             return _SavedRecipe(recipe)
         if self.outer is not None:
             return self.outer[0](t)
-        return _Stored(t)
+        return _stored(t)
 
     def unpack(self, packed) -> Tensor:
-        if isinstance(packed, _SavedRecipe):
+        if type(packed) is _SavedRecipe:
             return packed.recipe.value()
-        if isinstance(packed, _Stored):
-            return packed.unpack()
+        if self.outer is None:
+            return _unstored(packed)
         return self.outer[1](packed)
 
 

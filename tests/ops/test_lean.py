@@ -242,3 +242,32 @@ def test_step_peak_is_below_the_full_forwards():
     finally:
         pyfast.set_lean(True)
     assert lean_peak < full_peak
+
+
+def test_fused_torchvision_resnet_keeps_the_same_floor():
+    """pyfast.fuse on torchvision's resnet18: the same one tensor per convolution as the pyfast model (its stem's
+    max-pool becomes the lean one), gradients equal to the fused model's with lean off."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(10)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    conv_out = []
+    hooks = [m.register_forward_hook(lambda m, i, o: conv_out.append(o.nbytes))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    fused, _ = pyfast.fuse(model, backend="cpu")
+    full = copy.deepcopy(fused)
+    with SavedTensors(batch=2) as saved:
+        out = fused(x)
+    assert saved.bytes == x.nbytes + sum(conv_out) + 2 * 512 * 4
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    pyfast.set_lean(False)
+    try:
+        full(x).backward(grad)
+    finally:
+        pyfast.set_lean(True)
+    for a, b in zip(fused.parameters(), full.parameters()):
+        assert torch.equal(a.grad, b.grad)
