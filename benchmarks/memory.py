@@ -115,14 +115,31 @@ def lean_speed(model: nn.Module, x: Tensor, rounds: int = 6, calls: int = 3) -> 
     return statistics.median(times[False]) / statistics.median(times[True])
 
 
-_MODELS = ("resnet18", "resnet50", "regnetx_32", "regnetx_400mf", "vionet_d", "preact_resnet50")
+_MODELS = ("resnet18", "resnet50", "regnetx_32", "regnetx_400mf", "vionet_d", "preact_resnet50",
+           "torchvision.resnet50")
+
+
+def eager_and_fused(name: str):
+    """(the eager model, the fused one with its weights): a pyfast model, or "torchvision.NAME" under pyfast.fuse."""
+    import pyfast
+
+    if name.startswith("torchvision."):
+        import torchvision
+
+        eager = getattr(torchvision.models, name.partition(".")[2])()
+        return eager, pyfast.fuse(eager)[0]
+    eager = pyfast.models.create(name)
+    fused = pyfast.models.create(name, fused=True)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
 
 
 def main(argv=None) -> None:
-    from pyfast import models, ops
+    from pyfast import ops
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(_MODELS))
+    parser.add_argument("--models", nargs="+", default=list(_MODELS),
+                        help="pyfast model names, or torchvision.NAME for a torchvision model under pyfast.fuse")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,10 +157,9 @@ def main(argv=None) -> None:
           f"its start")
     print(header)
     for name in args.models:
-        eager = models.create(name).to(device, memory_format=torch.channels_last).train()
-        fused = models.create(name, fused=True).to(device, memory_format=torch.channels_last).train()
-        fused.load_state_dict(eager.state_dict())
-        x = torch.randn(args.batch_size, eager.in_chans, args.image_size, args.image_size, device=device)
+        eager, fused = (m.to(device, memory_format=torch.channels_last).train() for m in eager_and_fused(name))
+        in_chans = getattr(eager, "in_chans", 3)
+        x = torch.randn(args.batch_size, in_chans, args.image_size, args.image_size, device=device)
         x = x.to(memory_format=torch.channels_last)
         for dtype in (None, torch.bfloat16):
             base = kept_bytes(eager, x, dtype)
