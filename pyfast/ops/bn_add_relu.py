@@ -301,7 +301,8 @@ def _shortcut_bn(config: _Config, weight, bias, running_mean, running_var, num_b
 def _save(ctx, config: _Config, inputs: tuple, y: Tensor, shortcut, affine: Affine, s_affine, bn_weight, bn_bias,
           s_weight, s_bias) -> None:
     """What _add_backward needs, after the Function's own `inputs` (the convolution's operands, or none)."""
-    ctx.save_for_backward(*inputs, y, shortcut, *affine, *s_affine)
+    activations = ((0,) if inputs else ()) + (len(inputs), len(inputs) + 1)  # x (convolving), y, the shortcut
+    lean.save_for_backward(ctx, *inputs, y, shortcut, *affine, *s_affine, activations=activations)
     ctx.config = config
     ctx.param_dtypes = (_dtype(bn_weight), _dtype(bn_bias), _dtype(s_weight), _dtype(s_bias))
 
@@ -373,7 +374,7 @@ class _BNAddReLU(torch.autograd.Function):
     @double_backward_unsupported("bn_add_relu")
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad
-        grads = _add_backward(ctx, grad_out, ctx.saved_tensors, _Wanted(*(needs[i] for i in (1, 2, 6, 7, 8))))
+        grads = _add_backward(ctx, grad_out, lean.saved_tensors(ctx), _Wanted(*(needs[i] for i in (1, 2, 6, 7, 8))))
         return (grads.y, grads.bn_weight, grads.bn_bias, None, None, None, grads.shortcut, grads.s_weight,
                 grads.s_bias, None, None, None, None)
 
@@ -401,7 +402,7 @@ class _ConvBNAddReLU(torch.autograd.Function):
     @staticmethod
     @double_backward_unsupported("conv_bn_add_relu")
     def backward(ctx, grad_out):
-        x, weight, *saved = ctx.saved_tensors
+        x, weight, *saved = lean.saved_tensors(ctx)
         needs = ctx.needs_input_grad
         grads = _add_backward(ctx, grad_out, saved, _Wanted(*(needs[i] for i in (3, 4, 8, 9, 10))))
         grad_x, grad_weight, grad_bias = BACKENDS[ctx.config.backend].conv_backward(grads.y, x, weight, ctx.params,

@@ -100,7 +100,7 @@ class _BNReLUConv(torch.autograd.Function):
         out, activation = chosen.bn_act_conv(x, affine.scale, affine.shift, config.relu, weight, bias, config.params)
         if lean.active():  # rebuilt in the backward, as where the prologue fused it (conv_operand: the same pass)
             activation = None
-        ctx.save_for_backward(x, weight, activation, *affine)
+        lean.save_for_backward(ctx, x, weight, activation, *affine, activations=(0, 2))
         ctx.config = config
         ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))
         return out
@@ -108,7 +108,7 @@ class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     @double_backward_unsupported("bn_relu_conv")
     def backward(ctx, grad_out):
-        x, weight, activation, *affine = ctx.saved_tensors
+        x, weight, activation, *affine = lean.saved_tensors(ctx)
         affine, config = Affine(*affine), ctx.config
         chosen = BACKENDS[config.backend]
         needs = ctx.needs_input_grad

@@ -107,7 +107,7 @@ class _ConvBNReLU(torch.autograd.Function):
         bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, config.momentum,
                            config.eps)
         y, affine = conv_and_affine(chosen, x, weight, bias, config.params, bn, config.training, config.reuse)
-        ctx.save_for_backward(x, weight, y, *affine)
+        lean.save_for_backward(ctx, x, weight, y, *affine, activations=(0, 2))
         ctx.config = config
         ctx.param_dtypes = (dtype_of(bn_weight), dtype_of(bn_bias))
         out = chosen.bn_act_forward(y, affine.scale, affine.shift, None, None, None, config.relu)
@@ -117,7 +117,7 @@ class _ConvBNReLU(torch.autograd.Function):
     @staticmethod
     @double_backward_unsupported("conv_bn_relu")
     def backward(ctx, grad_out):
-        x, weight, y, *affine = ctx.saved_tensors
+        x, weight, y, *affine = lean.saved_tensors(ctx)
         affine, config = Affine(*affine), ctx.config
         chosen = BACKENDS[config.backend]
         needs = ctx.needs_input_grad

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import _flags
 
-__all__ = ["Recipe", "active", "enabled", "register", "scope", "set_lean"]
+__all__ = ["Recipe", "active", "enabled", "register", "save_for_backward", "saved_tensors", "scope", "set_lean"]
 
 _enabled = _flags.LEAN
 _scope: Optional["_Scope"] = None  # the open scope (one per process: autograd's hooks are thread-local, but
@@ -166,18 +166,45 @@ class _Scope:
         return self.outer[1](packed)
 
 
+def save_for_backward(ctx, *tensors: Optional[Tensor], activations: tuple) -> None:
+    """ctx.save_for_backward(*tensors) for a fused op's Function. In a lean forward only the activations (the
+    positions `activations`) pass autograd's saved-tensor hooks, which make recipes of them; the others (weights,
+    per-channel maps) stay on ctx with their versions, checked at unpack as autograd checks them: a hook costs a
+    Python round trip per tensor, and these are never rebuilt."""
+    if _scope is None:
+        ctx.save_for_backward(*tensors)
+        return
+    ctx.save_for_backward(*(tensors[i] for i in activations))
+    ctx.lean_layout = activations
+    ctx.lean_others = tuple(None if t is None or i in activations else _stored(t) for i, t in enumerate(tensors))
+
+
+def saved_tensors(ctx) -> tuple:
+    """What save_for_backward saved, in its order."""
+    layout = getattr(ctx, "lean_layout", None)
+    if layout is None:
+        return ctx.saved_tensors
+    tensors = [None if s is None else _unstored(s) for s in ctx.lean_others]
+    for i, t in zip(layout, ctx.saved_tensors):
+        tensors[i] = t
+    return tuple(tensors)
+
+
 def register(activation: Tensor, compute: Callable[..., Tensor], *sources: Optional[Tensor]) -> None:
     """Inside a scope: `activation` == compute(*sources) bit for bit, now and in the backward. A source that is
     itself a registered activation is referenced by its recipe, so the chain does not keep it."""
     scope_ = _scope
     if scope_ is None:
         return
+    registry = scope_.registry
     resolved = []
-    for source in sources:
-        recipe = None if source is None else scope_.recipe_of(source)
-        resolved.append(source if recipe is None else recipe)
+    for source in sources:  # (recipe_of inlined: this runs for every source of every fused op)
+        entry = registry.get(id(source))
+        if entry is not None and entry[0]() is source and source._version == entry[1]:
+            source = entry[2]
+        resolved.append(source)
     recipe = Recipe(compute, tuple(resolved), scope_.outer)
-    key, registry = id(activation), scope_.registry
+    key = id(activation)
     # The entry lives as long as the activation: an activation nothing saves does not keep its sources.
     alive = weakref.ref(activation, lambda _: registry.pop(key, None))
     registry[key] = (alive, activation._version, recipe)
