@@ -181,6 +181,19 @@ def test_in_place_change_of_a_stored_tensor_after_the_forward_raises():
         out.sum().backward()
 
 
+def test_in_place_change_of_a_weight_after_the_forward_raises():
+    """Weights and per-channel maps stay on the Function's ctx in a lean forward: their versions are checked as
+    autograd checks saved tensors."""
+    conv, bn = nn.Conv2d(3, 8, 3, bias=False), _bn(8)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with lean.scope():
+        out = _conv_bn_relu(x, conv, bn)
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_enclosing_hooks_see_the_kept_tensors_and_gradients_stay_right():
     """save_on_cpu (or any enclosing saved_tensors_hooks) still handles what is kept: the stored tensors and the
     sources of the recipes pass through it."""
