@@ -7,7 +7,8 @@
 //   kernels take on small inputs. These functions call the same dispatcher entries with C++'s typed handles
 //   (csrc/primitives.h), so the device dispatch, the TorchDispatchMode and fake tensor machinery still apply;
 //   only Dynamo cannot trace them, so the op layer uses torch.ops under it;
-// - each fused op with its C++ autograd (csrc/autograd/), the `cpu` and `cuda` backends' eager path.
+// - each fused op with its C++ autograd (csrc/autograd/), the `cpu` and `cuda` backends' eager path, and lean
+//   training's record of the activations they write (csrc/autograd/lean.h).
 #include <ATen/ATen.h>
 #include <pybind11/stl.h>
 #include <torch/extension.h>
@@ -19,6 +20,7 @@
 
 #include "autograd/common.h"
 #include "autograd/fused_ops.h"
+#include "autograd/lean.h"
 #include "primitives.h"
 
 namespace pyfast {
@@ -34,6 +36,18 @@ std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad_out, 
                                                          std::array<bool, 3> output_mask) {
   const autograd::ConvArgs conv{std::move(stride), std::move(padding), std::move(dilation), groups};
   return conv.backward(grad_out, x, weight, output_mask);
+}
+
+// A recorded activation's recipe for pyfast/ops/lean.py: (x, scale, shift, residual, res_scale, res_shift, relu),
+// absent tensors as None; None where `t` was not recorded.
+using RecipeTuple = std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>,
+                               std::optional<Tensor>, bool>;
+
+std::optional<RecipeTuple> lean_recipe(const Tensor& t) {
+  const auto r = autograd::lean::recipe_of(t);
+  if (!r) return std::nullopt;
+  const auto opt = [](const Tensor& u) { return u.defined() ? std::optional<Tensor>(u) : std::nullopt; };
+  return RecipeTuple{r->x, r->scale, r->shift, opt(r->residual), opt(r->res_scale), opt(r->res_shift), r->relu};
 }
 
 }  // namespace
@@ -53,4 +67,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("bn_relu_conv", &pyfast::autograd::bn_relu_conv);
   m.def("bn_add_relu", &pyfast::autograd::bn_add_relu);
   m.def("add_relu", &pyfast::autograd::add_relu);
+  m.def("lean_recording", &pyfast::autograd::lean::set_recording);
+  m.def("lean_recipe", &pyfast::lean_recipe);
 }

@@ -4,6 +4,7 @@
 // output, whose sign is the mask.
 #include "common.h"
 #include "fused_ops.h"
+#include "lean.h"
 
 namespace pyfast::autograd {
 namespace {
@@ -28,21 +29,23 @@ class BNAddReLU : public torch::autograd::Function<BNAddReLU> {
                         or_undefined(s_bias)};
     save_affine(saved, affine);
     save_affine(saved, s_affine);
-    ctx->save_for_backward(saved);
+    save_tensors(ctx, saved, {0, 1});
     WantedGrads::save(ctx, {true, given(bn_weight), given(bn_bias), given(running_mean), given(running_var),
                             given(num_batches_tracked), given(shortcut), given(s_weight), given(s_bias)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["shortcut_bn"] = shortcut_bn;
     ctx->saved_data["relu"] = relu;
-    return primitives::bn_act_forward(y, affine.scale, affine.shift, maybe(residual), maybe(s_affine.scale),
-                                      maybe(s_affine.shift), relu);
+    auto out = primitives::bn_act_forward(y, affine.scale, affine.shift, maybe(residual), maybe(s_affine.scale),
+                                          maybe(s_affine.shift), relu);
+    lean::record(out, {y, affine.scale, affine.shift, residual, s_affine.scale, s_affine.shift, relu});
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(19);
     {
       at::NoGradGuard no_grad;
-      const auto saved = ctx->get_saved_variables();
+      const auto saved = saved_tensors(ctx);
       const auto &y = saved[0], &residual = saved[1];
       const auto affine = load_affine(saved, 6), s_affine = load_affine(saved, 10);
       const bool training = ctx->saved_data["training"].toBool(), relu = ctx->saved_data["relu"].toBool();

@@ -3,6 +3,7 @@
 // dtype, as autocast casts only the convolution's input) and kept for the backward, as eager PyTorch does.
 #include "common.h"
 #include "fused_ops.h"
+#include "lean.h"
 
 namespace pyfast::autograd {
 namespace {
@@ -18,7 +19,9 @@ class BNReLUConv : public torch::autograd::Function<BNReLUConv> {
     const auto activation = primitives::bn_act_forward(x, affine.scale, affine.shift, std::nullopt, std::nullopt,
                                                        std::nullopt, relu)
                                 .to(weight.scalar_type());
-    ConvOpSaved{activation, weight, x, or_undefined(bn_weight), or_undefined(bn_bias), affine, conv, training, relu}
+    // A lean forward keeps no activation: the backward writes it again with the same pass.
+    ConvOpSaved{lean::recording() ? Tensor() : activation, weight, x, or_undefined(bn_weight), or_undefined(bn_bias),
+                affine, conv, training, relu}
         .save(ctx);
     WantedGrads::save(ctx, {true, given(bn_weight), given(bn_bias), given(running_mean), given(running_var),
                             given(num_batches_tracked), true, given(bias)});
@@ -32,10 +35,15 @@ class BNReLUConv : public torch::autograd::Function<BNReLUConv> {
       const auto s = ConvOpSaved::load(ctx);  // conv_input: the activation, bn_input: x
       const WantedGrads wants(ctx);
       const bool wants_weight = wants(1), wants_bias = wants(2);
-      Tensor grad_a;
-      std::tie(grad_a, grads[6], grads[7]) = s.conv.backward(like_layout(grad_outputs[0], s.conv_input), s.conv_input,
-                                                             s.weight, {true, wants(6), wants(7)});
       const auto& x = s.bn_input;
+      const auto activation = s.conv_input.defined()
+                                  ? s.conv_input
+                                  : primitives::bn_act_forward(x, s.affine.scale, s.affine.shift, std::nullopt,
+                                                               std::nullopt, std::nullopt, s.relu)
+                                        .to(s.weight.scalar_type());
+      Tensor grad_a;
+      std::tie(grad_a, grads[6], grads[7]) = s.conv.backward(like_layout(grad_outputs[0], activation), activation,
+                                                             s.weight, {true, wants(6), wants(7)});
       Tensor sum_dz, sum_dz_xhat;
       const auto grad_a_like_x = like_layout(grad_a.to(x.scalar_type()), x);
       std::tie(grads[0], sum_dz, sum_dz_xhat) =

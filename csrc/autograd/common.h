@@ -13,6 +13,7 @@
 
 #include "../batch_norm_args.h"
 #include "../primitives.h"
+#include "lean.h"
 
 namespace pyfast::autograd {
 
@@ -114,6 +115,50 @@ inline Affine load_affine(const variable_list& saved, size_t at) {
   return {saved[at], saved[at + 1], saved[at + 2], saved[at + 3]};
 }
 
+// ctx->save_for_backward(saved), except in a lean forward (lean::recording()): there only the positions
+// `activations` pass autograd's saved-tensor hooks, which may turn them into recipes (pyfast/ops/lean.py); the
+// others (weights, per-channel maps) go to saved_data with their versions, checked at load as autograd checks
+// saved tensors. Each hooked tensor costs a round trip into Python, and these are never rebuilt.
+inline void save_tensors(AutogradContext* ctx, const variable_list& saved, std::initializer_list<size_t> activations) {
+  if (!lean::recording()) {
+    ctx->save_for_backward(saved);
+    return;
+  }
+  variable_list hooked;
+  std::vector<int64_t> layout, versions;
+  std::vector<Tensor> others;
+  for (size_t i : activations) {
+    hooked.push_back(saved[i]);
+    layout.push_back(static_cast<int64_t>(i));
+  }
+  for (const auto& t : saved) {
+    others.push_back(t);
+    versions.push_back(t.defined() ? static_cast<int64_t>(t._version()) : 0);
+  }
+  for (size_t i : activations) others[i] = Tensor();  // kept by the hooks instead
+  ctx->save_for_backward(hooked);
+  ctx->saved_data["lean_layout"] = std::move(layout);
+  ctx->saved_data["lean_others"] = std::move(others);
+  ctx->saved_data["lean_versions"] = std::move(versions);
+}
+
+// What save_tensors saved, in its order.
+inline variable_list saved_tensors(AutogradContext* ctx) {
+  auto hooked = ctx->get_saved_variables();
+  if (ctx->saved_data.count("lean_layout") == 0) return hooked;
+  auto saved = ctx->saved_data["lean_others"].toTensorVector();
+  const auto versions = ctx->saved_data["lean_versions"].toIntVector();
+  for (size_t i = 0; i < saved.size(); ++i) {
+    TORCH_CHECK(!saved[i].defined() || static_cast<int64_t>(saved[i]._version()) == versions[i],
+                "one of the variables needed for gradient computation has been modified by an inplace operation: a ",
+                saved[i].sizes(), " ", saved[i].scalar_type(), " tensor is at version ", saved[i]._version(),
+                "; expected version ", versions[i], " instead.");
+  }
+  const auto layout = ctx->saved_data["lean_layout"].toIntVector();
+  for (size_t j = 0; j < layout.size(); ++j) saved[layout[j]] = hooked[j];
+  return saved;
+}
+
 // What the two convolving ops keep for their backward: the convolution's operand and weight, the tensor the BN
 // normalizes (conv_bn_relu: the convolution's output; bn_relu_conv: its own input), the BN parameters (whose
 // dtypes their gradients take), the BN's affine map, the convolution's arguments and the flags.
@@ -126,13 +171,13 @@ struct ConvOpSaved {
   void save(AutogradContext* ctx) const {
     variable_list saved{conv_input, weight, bn_input, bn_weight, bn_bias};
     save_affine(saved, affine);
-    ctx->save_for_backward(saved);
+    save_tensors(ctx, saved, {0, 2});
     conv.save(ctx);
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
   }
   static ConvOpSaved load(AutogradContext* ctx) {
-    const auto saved = ctx->get_saved_variables();
+    const auto saved = saved_tensors(ctx);
     return {saved[0], saved[1], saved[2], saved[3], saved[4], load_affine(saved, 5), ConvArgs::load(ctx),
             ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool()};
   }

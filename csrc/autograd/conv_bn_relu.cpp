@@ -4,6 +4,7 @@
 // pass, then the convolution backward.
 #include "common.h"
 #include "fused_ops.h"
+#include "lean.h"
 
 namespace pyfast::autograd {
 namespace {
@@ -19,8 +20,10 @@ class ConvBNReLU : public torch::autograd::Function<ConvBNReLU> {
     const auto affine = affine_of(y, bn, training);
     ConvOpSaved{x, weight, y, or_undefined(bn_weight), or_undefined(bn_bias), affine, conv, training, relu}.save(ctx);
     WantedGrads::save(ctx, {true, true, given(bias), given(bn_weight), given(bn_bias)});
-    return primitives::bn_act_forward(y, affine.scale, affine.shift, std::nullopt, std::nullopt, std::nullopt,
-                                      relu);
+    auto out = primitives::bn_act_forward(y, affine.scale, affine.shift, std::nullopt, std::nullopt, std::nullopt,
+                                          relu);
+    lean::record(out, {y, affine.scale, affine.shift, Tensor(), Tensor(), Tensor(), relu});  // all saved above
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

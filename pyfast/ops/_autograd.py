@@ -3,8 +3,6 @@ import functools
 
 import torch
 
-from . import lean
-
 
 def double_backward_unsupported(op: str):
     """Wraps a Function's backward like torch.autograd.function.once_differentiable: the backward runs
@@ -53,10 +51,9 @@ class _Unrecorded:
 
 def eager_autograd(chosen):
     """The chosen backend's own C++ autograd for the fused ops (see Backend.eager_autograd), or None where
-    the Python Functions run: backends without one (Triton), torch.compile, which traces them, and a lean
-    training forward (pyfast.ops.lean), whose Functions register the activations they write."""
+    the Python Functions run: backends without one (Triton) and torch.compile, which traces them."""
     functions = chosen.eager_autograd
-    return None if functions is None or lean.active() or torch.compiler.is_compiling() else functions
+    return None if functions is None or torch.compiler.is_compiling() else functions
 
 
 def apply(function, records: bool, *args):

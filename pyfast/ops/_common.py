@@ -4,7 +4,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import lean
 from ._bn import check_activation, check_like
 from ._cache import cached, storage_stamp
 from ._conv import ConvParams, memory_format_of
@@ -91,9 +90,8 @@ def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tenso
     the entry, None: no call to memoize) is the same tensor
     - in inference (eval BN, no autograd graph), at the same version: the function binds values derived from
       them;
-    - in training, with the same storage and shape, and inside or outside a lean scope as before (pyfast.ops.lean:
-      inside it the Python Functions run): the function binds only the tensors and what the checks and the
-      backend choice found, so the running statistics' updates and optimizer steps keep it valid.
+    - in training, with the same storage and shape: the function binds only the tensors and what the checks and
+      the backend choice found, so the running statistics' updates and optimizer steps keep it valid.
     A repeated call skips every check and lookup. None (the general path) under torch.compile, which resolves
     once per graph, under autocast, which casts per call, for an eval call that records a graph, and while
     backend choices are recorded."""
@@ -105,8 +103,7 @@ def memoized_call(training: bool, activations: Sequence[Optional[Tensor]], tenso
         return None
     layouts = [None if a is None else (a.dtype, a.device, a.shape, a.stride()) for a in activations]
     if training:
-        return cached(tensors[0], "training call", tensors, (layouts, arguments, settings, lean.active()), resolve,
-                      storage_stamp)
+        return cached(tensors[0], "training call", tensors, (layouts, arguments, settings), resolve, storage_stamp)
     return cached(tensors[0], "inference call", tensors, (layouts, arguments, settings), resolve)
 
 

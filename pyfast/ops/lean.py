@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import _flags
+from .. import _extension, _flags
 
 __all__ = ["Recipe", "active", "enabled", "register", "save_for_backward", "saved_tensors", "scope", "set_lean"]
 
@@ -138,15 +138,38 @@ def _unstored(stored: tuple) -> Tensor:
 class _Scope:
     """The registry of one training forward's activations and the hooks that consult it."""
 
-    def __init__(self, outer) -> None:
+    def __init__(self, outer, native) -> None:
         self.outer = outer  # (pack, unpack) of an enclosing saved_tensors_hooks, or None
+        self.native = native  # pyfast._C, whose C++ autograd Functions record their activations, or None
         self.registry = {}  # id(activation) -> (weak reference, version, recipe)
 
     def recipe_of(self, t: Tensor) -> Optional[Recipe]:
+        """The recipe of `t` as a Function registered it (here, or in C++: then made a Recipe on first sight) and
+        unchanged since; None for any other tensor."""
         entry = self.registry.get(id(t))
-        if entry is None or entry[0]() is not t or t._version != entry[1]:
+        if entry is not None:
+            return entry[2] if entry[0]() is t and t._version == entry[1] else None
+        if self.native is None or t is None or t.dim() != 4:
             return None
-        return entry[2]
+        found = self.native.lean_recipe(t)
+        if found is None:
+            return None
+        *sources, relu = found
+        return self.add(t, _native_bn_act(self.native, relu), sources)
+
+    def add(self, activation: Tensor, compute: Callable[..., Tensor], sources) -> Recipe:
+        """Registers `activation` == compute(*sources); a source that is itself a registered activation is
+        referenced by its recipe, so the chain does not keep it."""
+        resolved = []
+        for source in sources:
+            recipe = self.recipe_of(source)
+            resolved.append(source if recipe is None else recipe)
+        recipe = Recipe(compute, tuple(resolved), self.outer)
+        key, registry = id(activation), self.registry
+        # The entry lives as long as the activation: an activation nothing saves does not keep its sources.
+        alive = weakref.ref(activation, lambda _: registry.pop(key, None))
+        registry[key] = (alive, activation._version, recipe)
+        return recipe
 
     def pack(self, t: Tensor):
         recipe = self.recipe_of(t)
@@ -191,23 +214,17 @@ def saved_tensors(ctx) -> tuple:
 
 
 def register(activation: Tensor, compute: Callable[..., Tensor], *sources: Optional[Tensor]) -> None:
-    """Inside a scope: `activation` == compute(*sources) bit for bit, now and in the backward. A source that is
-    itself a registered activation is referenced by its recipe, so the chain does not keep it."""
-    scope_ = _scope
-    if scope_ is None:
-        return
-    registry = scope_.registry
-    resolved = []
-    for source in sources:  # (recipe_of inlined: this runs for every source of every fused op)
-        entry = registry.get(id(source))
-        if entry is not None and entry[0]() is source and source._version == entry[1]:
-            source = entry[2]
-        resolved.append(source)
-    recipe = Recipe(compute, tuple(resolved), scope_.outer)
-    key = id(activation)
-    # The entry lives as long as the activation: an activation nothing saves does not keep its sources.
-    alive = weakref.ref(activation, lambda _: registry.pop(key, None))
-    registry[key] = (alive, activation._version, recipe)
+    """Inside a scope: `activation` == compute(*sources) bit for bit, now and in the backward (the Python
+    Functions; the C++ ones record in csrc/autograd/lean.h)."""
+    if _scope is not None:
+        _scope.add(activation, compute, sources)
+
+
+def _native_bn_act(native, relu: bool) -> Callable[..., Tensor]:
+    """The C++ Functions' forward pass, primitives::bn_act_forward, through pyfast._C's binding of the same entry."""
+    def compute(x, scale, shift, residual, res_scale, res_shift):
+        return native.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
+    return compute
 
 
 def scope():
@@ -225,14 +242,19 @@ class _Open:
 
     def __enter__(self) -> None:
         global _scope
-        self.scope = _Scope(torch._C._autograd._top_saved_tensors_default_hooks(False))
+        native = _extension.extension if _extension.available() else None
+        self.scope = _Scope(torch._C._autograd._top_saved_tensors_default_hooks(False), native)
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.scope.pack, self.scope.unpack)
         self.hooks.__enter__()
+        if native is not None:
+            native.lean_recording(True)
         _scope = self.scope
 
     def __exit__(self, *exc) -> None:
         global _scope
         _scope = None
+        if self.scope.native is not None:
+            self.scope.native.lean_recording(False)
         self.hooks.__exit__(*exc)
 
 def max_pool2d(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor:
