@@ -12,6 +12,8 @@ from pyfast import models, ops
 from pyfast.benchmarks.memory import SavedTensors, kept_bytes, step_peak_bytes, training_step
 from pyfast.ops import lean
 
+from harness import skip_unless_runs
+
 CL = torch.channels_last
 
 
@@ -31,8 +33,8 @@ def _bn(c):
     return bn
 
 
-def _conv_bn_relu(x, conv, bn, relu=True):
-    return pyfast.nn.functional.conv_bn_relu(x, conv, bn, relu=relu, backend="cpu")
+def _conv_bn_relu(x, conv, bn, relu=True, backend="cpu"):
+    return pyfast.nn.functional.conv_bn_relu(x, conv, bn, relu=relu, backend=backend)
 
 
 def test_lean_is_on_by_default_and_switchable(not_lean):
@@ -51,34 +53,55 @@ def test_lean_is_on_by_default_and_switchable(not_lean):
         pyfast.set_lean("off")
 
 
-def test_chain_keeps_one_tensor_per_convolution_exactly():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_chain_keeps_one_tensor_per_convolution_exactly(backend):
     """conv-BN-ReLU, conv-BN-ReLU, conv-BN + identity + ReLU: the convolutions' outputs and the block's input (which
-    the first convolution needs for its weight gradient), nothing else."""
+    the first convolution needs for its weight gradient), nothing else; gradients bit for bit those of the forward
+    that keeps everything. On cpu the C++ Functions record their outputs, on Triton the Python ones register them."""
     torch.manual_seed(0)
     convs = [nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(3)]
     bns = [_bn(8) for _ in range(3)]
-    x = torch.randn(2, 8, 6, 6, requires_grad=True).to(memory_format=CL)
-    ys = []
-    for c in convs:
-        c.register_forward_hook(lambda m, i, o: ys.append(o))
+    x = torch.randn(2, 8, 6, 6).to(memory_format=CL).requires_grad_()
+    skip_unless_runs(backend, "conv_bn_relu", x)
+    grad = torch.randn(2, 8, 6, 6)
 
     def block(x):
-        h = _conv_bn_relu(x, convs[0], bns[0])
-        h = _conv_bn_relu(h, convs[1], bns[1])
-        return pyfast.nn.functional.conv_bn_add_relu(h, convs[2], bns[2], x, backend="cpu")
+        h = _conv_bn_relu(x, convs[0], bns[0], backend=backend)
+        h = _conv_bn_relu(h, convs[1], bns[1], backend=backend)
+        return pyfast.nn.functional.conv_bn_add_relu(h, convs[2], bns[2], x, backend=backend)
 
-    with SavedTensors(batch=2) as lean_saved, lean.scope():
-        out = block(x)
-    pyfast.set_lean(False)
-    try:
-        with SavedTensors(batch=2) as full_saved:
-            block(x)
-    finally:
-        pyfast.set_lean(True)
+    def run(lean_on):
+        pyfast.set_lean(lean_on)
+        try:
+            with SavedTensors(batch=2) as saved, lean.scope():
+                out = block(x)
+        finally:
+            pyfast.set_lean(True)
+        grads = torch.autograd.grad(out, [x, *(c.weight for c in convs), *(b.weight for b in bns)], grad)
+        return saved, out, grads
+
+    lean_saved, lean_out, lean_grads = run(True)
+    full_saved, out, grads = run(False)
     y_bytes = 3 * 2 * 8 * 6 * 6 * 4
     assert lean_saved.bytes == x.nbytes + y_bytes and lean_saved.count == 4
     assert full_saved.bytes == lean_saved.bytes + 2 * x.nbytes  # the two post-ReLU activations
-    out.sum().backward()
+    assert torch.equal(lean_out, out)
+    for a, b in zip(lean_grads, grads):
+        assert torch.equal(a, b)
+
+
+def test_the_cpp_record_ends_with_the_scope():
+    """What the C++ Functions recorded is dropped when the scope closes, and nothing is recorded outside one."""
+    native = pyfast._extension.extension
+    if native is None:
+        pytest.skip("pyfast._C is not built")
+    conv, bn = nn.Conv2d(3, 8, 3, bias=False), _bn(8)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with lean.scope():
+        inside = _conv_bn_relu(x, conv, bn)
+        assert native.lean_recipe(inside) is not None
+    assert native.lean_recipe(inside) is None
+    assert native.lean_recipe(_conv_bn_relu(x, conv, bn)) is None
 
 
 def test_rebuilt_activation_is_bit_identical():
