@@ -5,8 +5,8 @@ backward, and a step's peak above what was allocated at its start.
   storages among the activation-sized ones (the batch leads their shape; not the model's parameters, buffers or
   autocast's copies of them), in bytes. Deterministic: budgets in
   tests hold it exactly. (pyfast's lean training passes the tensors its recipes keep through the same hooks.)
-- peak: on CUDA `torch.cuda.max_memory_allocated`; on a CPU the profiler's memory events (each op's allocations
-  and frees, summed in the order the ops began), which need no allocator statistics.
+- peak: on CUDA `torch.cuda.max_memory_allocated`; on a CPU the profiler's allocation and free records, summed
+  in order (`timing.cpu_peak_bytes`), which need no allocator statistics.
 
 `python -m pyfast.benchmarks.memory` prints both for the model families, fused against eager in one run, with
 lean training on and off, in float32 and under bfloat16 autocast; `--speed` times the fused training step with

@@ -193,16 +193,18 @@ def peak_memory(fn: Callable, args: Args, device) -> Optional[int]:
 
 def cpu_peak_bytes(call: Callable[[], object]) -> int:
     """The most bytes `call()` has allocated at once on a CPU above what was allocated when it began (a call that
-    first frees tensors, as zero_grad(set_to_none=True) does, can peak below them), from the profiler's memory
-    events: each op's own allocations and frees (its children's are theirs), in the order the ops began. `call`
-    runs twice: the profiler knows the size of a block it frees only if it saw it allocated."""
+    first frees tensors, as zero_grad(set_to_none=True) does, can peak below them): the running sum of the
+    profiler's allocation and free records in their order. `call` runs twice: the profiler knows the size of a
+    block it frees only if it saw it allocated."""
     for _ in range(2):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             call()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    records = sorted((e for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.start_ns())
     level = peak = 0
-    for event in events:
-        level += event.self_cpu_memory_usage
+    for record in records:
+        level += record.nbytes()
         peak = max(peak, level)
     return peak
 

@@ -38,13 +38,13 @@ std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad_out, 
   return conv.backward(grad_out, x, weight, output_mask);
 }
 
-// A recorded activation's recipe for pyfast/ops/lean.py: (x, scale, shift, residual, res_scale, res_shift, relu),
-// absent tensors as None; None where `t` was not recorded.
+// A recorded activation's recipe for pyfast/ops/lean.py, taken from the record (lean::take): (x, scale, shift,
+// residual, res_scale, res_shift, relu), absent tensors as None; None where `t` was not recorded.
 using RecipeTuple = std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>,
                                std::optional<Tensor>, bool>;
 
 std::optional<RecipeTuple> lean_recipe(const Tensor& t) {
-  const auto r = autograd::lean::recipe_of(t);
+  const auto r = autograd::lean::take(t);
   if (!r) return std::nullopt;
   const auto opt = [](const Tensor& u) { return u.defined() ? std::optional<Tensor>(u) : std::nullopt; };
   return RecipeTuple{r->x, r->scale, r->shift, opt(r->residual), opt(r->res_scale), opt(r->res_shift), r->relu};

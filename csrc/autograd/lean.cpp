@@ -32,12 +32,14 @@ void record(const at::Tensor& activation, Recipe recipe) {
                            Entry{WeakImpl(activation.getIntrusivePtr()), activation._version(), std::move(recipe)});
 }
 
-std::optional<Recipe> recipe_of(const at::Tensor& t) {
+std::optional<Recipe> take(const at::Tensor& t) {
   const auto found = entries.find(t.unsafeGetTensorImpl());
   if (found == entries.end()) return std::nullopt;
   const auto alive = found->second.activation.lock();
   if (alive.get() != t.unsafeGetTensorImpl() || t._version() != found->second.version) return std::nullopt;
-  return found->second.recipe;
+  auto recipe = std::move(found->second.recipe);
+  entries.erase(found);
+  return recipe;
 }
 
 }  // namespace pyfast::autograd::lean

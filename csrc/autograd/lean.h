@@ -20,7 +20,10 @@ struct Recipe {
 void set_recording(bool on);
 bool recording();
 void record(const at::Tensor& activation, Recipe recipe);
-// `t`'s recipe, if a Function recorded `t` itself (not another tensor at its address) and `t` is unchanged since.
-std::optional<Recipe> recipe_of(const at::Tensor& t);
+// `t`'s recipe, if a Function recorded `t` itself (not another tensor at its address) and `t` is unchanged since;
+// the record is dropped, Python keeping the recipe from then on. (A record holds its tensors, a block output's
+// shortcut among them, so it is taken at the activation's first save, while that shortcut is still alive and
+// Python can reference it by its own recipe instead.)
+std::optional<Recipe> take(const at::Tensor& t);
 
 }  // namespace pyfast::autograd::lean
