@@ -5,7 +5,8 @@ conv_bn_relu's output is relu(y*scale + shift) of its convolution's output y, bn
 relu(y*scale + shift + shortcut') with the shortcut itself such an activation or a convolution's output. Eager
 PyTorch keeps both y and the activation (the next convolution saves its input for its weight gradient; the
 ReLU its output for its mask). Inside a `scope()` each fused op registers its output with the recipe that
-rebuilds it (`register`), and autograd's saved-tensor hooks replace a registered activation, wherever any op
+rebuilds it (the Python Functions through `register`, the C++ ones in csrc/autograd/lean.h, taken over here at
+the activation's first save), and autograd's saved-tensor hooks replace a registered activation, wherever any op
 saves it, by that recipe: the backward rebuilds it when it first needs it, with the same kernel, inputs and
 scale/shift as the forward, so it is bit-identical (no ReLU mask can differ).
 
@@ -22,7 +23,10 @@ tensor an op did not register (drop_path's product, a feature tap's copy). Tenso
 for in-place changes at unpack, as autograd itself does.
 
 The hooks of an enclosing `torch.autograd.graph.saved_tensors_hooks` (e.g. `save_on_cpu`, or a test counting
-saved bytes) still see everything: stored tensors go through them, and so do a recipe's source tensors.
+saved bytes) still see every activation kept: stored tensors go through them, and so do a recipe's sources. A
+fused op's weights and per-channel maps are kept on its autograd node instead (`save_for_backward` here,
+csrc/autograd/common.h's save_tensors), with autograd's in-place check: a hook costs a Python round trip per
+tensor, and these are never rebuilt.
 A `saved_tensors_hooks` pushed inside the scope (`torch.utils.checkpoint`) takes precedence, as PyTorch's
 hooks nest, and the tensors saved under it are its business.
 
