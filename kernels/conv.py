@@ -47,9 +47,8 @@ nothing zero-filled. The same launch merges them with Chan's formula into the me
 (kernels/_arrival.py: integer arrival counters, no floating-point atomics); with many tiles in two
 levels, groups of tiles first, then the groups' rows. The output is never read back for statistics.
 Nothing in a launch reads back to the host, and nothing in a call synchronizes under a CUDA graph capture.
-Launches run with x's device current (`_device_guard`).
+Launches run with x's device current (`_arrival.launch_device`).
 """
-import contextlib
 import functools
 import math
 import weakref
@@ -65,7 +64,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from .. import _flags
 from .._shapes import conv_output_size, pair
-from ._arrival import _last_to_arrive, arrival_counters
+from ._arrival import _last_to_arrive, arrival_counters, launch_device
 
 _INTERPRET = _flags.TRITON_INTERPRET
 # PYFAST_TRITON_AUTOTUNE=0 launches _default_config's choice without timing: for GPU test runs, where
@@ -282,7 +281,7 @@ _CANDIDATE_FAILURES = (OutOfResources, PTXASError, CompilationError)
 
 def _capturing(device):
     """Whether a CUDA graph is being captured on the current stream, that of `device` (made current by
-    `_device_guard`) on which the launches go."""
+    `launch_device`) on which the launches go."""
     return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -868,15 +867,7 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                                                   res_scale_ptr=res_scale, res_shift_ptr=res_shift, **stats,
                                                   **_weight_strides(w)))
 
-    with _device_guard(x.device):  # and its stream is the one a graph capture is asked about
+    with launch_device(x.device):  # and its stream is the one a graph capture is asked about
         w = _weight_for(weight, problem.direct)
         launch(_choose_config(problem, lambda c: launch(c, trial=True).run, x.device)).run()
     return (out, mean, var) if compute_stats else out
-
-
-def _device_guard(device):
-    """x's device made current for the launch: Triton launches on the current device and its current stream,
-    while the tensors, and the arrival counters of that stream, are x's. A no-op when it is current already."""
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)

@@ -189,9 +189,9 @@ def test_device_guard_makes_x_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Device)
-    with conv._device_guard(torch.device("cuda:1")):
+    with conv.launch_device(torch.device("cuda:1")):
         pass
-    with conv._device_guard(torch.device("cuda:0")), conv._device_guard(torch.device("cpu")):
+    with conv.launch_device(torch.device("cuda:0")), conv.launch_device(torch.device("cpu")):
         pass
     assert entered == [torch.device("cuda:1")]  # the current device needs no switch
 
@@ -225,7 +225,7 @@ def test_launch_and_tuning_run_inside_the_device_guard(tuning, monkeypatch):
         return weight_for(weight, direct)
 
     monkeypatch.setattr(conv, "_weight_for", guarded_weight_for)
-    monkeypatch.setattr(conv, "_device_guard", guard)
+    monkeypatch.setattr(conv, "launch_device", guard)
     monkeypatch.setattr(conv.Launch, "run", checked)
     x = torch.randn(1, 16, 5, 5)
     out = conv.conv2d(x, torch.randn(16, 16, 3, 3), padding=1)
