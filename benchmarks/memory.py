@@ -21,6 +21,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from pyfast.ops.lean import use_lean
+
 from .timing import cpu_peak_bytes
 
 
@@ -99,19 +101,16 @@ def training_step(model: nn.Module, x: Tensor, autocast_dtype: Optional[torch.dt
 def lean_speed(model: nn.Module, x: Tensor, rounds: int = 6, calls: int = 3) -> float:
     """The fused step's time with lean training off over with it on (above 1: lean is faster), from `rounds`
     interleaved rounds of `calls` steps each, medians of the per-call times."""
-    from pyfast import ops
-
     step = training_step(model, x)
     times = {True: [], False: []}
     for _ in range(rounds):
         for on in (True, False):
-            ops.lean.set_lean(on)
-            step()  # the first call after a switch resolves its memo
-            for _ in range(calls):
-                start = time.perf_counter()
-                step()
-                times[on].append(time.perf_counter() - start)
-    ops.lean.set_lean(True)
+            with use_lean(on):
+                step()  # warm after the switch
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    step()
+                    times[on].append(time.perf_counter() - start)
     return statistics.median(times[False]) / statistics.median(times[True])
 
 
@@ -135,8 +134,6 @@ def eager_and_fused(name: str):
 
 
 def main(argv=None) -> None:
-    from pyfast import ops
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(_MODELS),
                         help="pyfast model names, or torchvision.NAME for a torchvision model under pyfast.fuse")
@@ -163,12 +160,10 @@ def main(argv=None) -> None:
         x = x.to(memory_format=torch.channels_last)
         for dtype in (None, torch.bfloat16):
             base = kept_bytes(eager, x, dtype)
-            lean = kept_bytes(fused, x, dtype)
-            ops.lean.set_lean(False)
-            try:
+            with use_lean(True):
+                lean = kept_bytes(fused, x, dtype)
+            with use_lean(False):
                 not_lean = kept_bytes(fused, x, dtype)
-            finally:
-                ops.lean.set_lean(True)
             line = (f"{name:<16} {'bf16' if dtype else 'fp32':<6} {base / 2**20:>10.1f} {lean / 2**20:>10.1f} "
                     f"{lean / base:>6.2f} {not_lean / base:>9.2f}")
             if not args.no_peak:

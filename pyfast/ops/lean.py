@@ -42,8 +42,9 @@ import torch
 from torch import Tensor
 
 from .. import _extension, _flags
+from ._bn import bn_act
 
-__all__ = ["Recipe", "active", "enabled", "register", "save_for_backward", "saved_tensors", "scope", "set_lean"]
+__all__ = ["Recipe", "active", "enabled", "register", "save_for_backward", "saved_tensors", "scope", "set_lean", "use_lean"]
 
 _enabled = _flags.LEAN
 _scope: Optional["_Scope"] = None  # the open scope (one per process: autograd's hooks are thread-local, but
@@ -60,6 +61,17 @@ def set_lean(on: bool = True) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def use_lean(on: bool):
+    """set_lean(on) inside the context, the setting as it was after it (as pyfast.use_backend for backends)."""
+    before = _enabled
+    set_lean(on)
+    try:
+        yield
+    finally:
+        set_lean(before)
 
 
 def active() -> bool:
@@ -159,7 +171,8 @@ class _Scope:
         if found is None:
             return None
         *sources, relu = found
-        return self.add(t, _native_bn_act(self.native, relu), sources)
+        # rebuilt by the C++ Functions' own pass, primitives::bn_act_forward, through pyfast._C's binding of it
+        return self.add(t, bn_act(self.native, relu), sources)
 
     def add(self, activation: Tensor, compute: Callable[..., Tensor], sources) -> Recipe:
         """Registers `activation` == compute(*sources); a source that is itself a registered activation is
@@ -224,13 +237,6 @@ def register(activation: Tensor, compute: Callable[..., Tensor], *sources: Optio
         _scope.add(activation, compute, sources)
 
 
-def _native_bn_act(native, relu: bool) -> Callable[..., Tensor]:
-    """The C++ Functions' forward pass, primitives::bn_act_forward, through pyfast._C's binding of the same entry."""
-    def compute(x, scale, shift, residual, res_scale, res_shift):
-        return native.bn_act_forward(x, scale, shift, residual, res_scale, res_shift, relu)
-    return compute
-
-
 def scope():
     """Lean training for the forward run inside `with scope():`: fused ops register their outputs, and whatever
     autograd saves passes through the hooks above. A no-op (a nullcontext, which torch.compile traces) where lean
@@ -260,6 +266,7 @@ class _Open:
         if self.scope.native is not None:
             self.scope.native.lean_recording(False)
         self.hooks.__exit__(*exc)
+
 
 def max_pool2d(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor:
     """F.max_pool2d(x, ...) that keeps only x for its backward (eager keeps x and the indices, which are int64):

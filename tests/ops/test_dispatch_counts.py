@@ -224,11 +224,8 @@ def test_model_step_kernels_against_eager(backend, model, training, lean):
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the model runs on CPU tensors: Triton's interpreter only")
-    pyfast.set_lean(lean)
-    try:
+    with ops.lean.use_lean(lean):
         counts = kernel_counts(model, backend, training)
-    finally:
-        pyfast.set_lean(True)
     if lean:
         assert counts["fast"] == MODEL_BUDGETS[backend, model, training] + LEAN_REBUILDS[model], counts
         return

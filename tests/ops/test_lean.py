@@ -20,9 +20,8 @@ CL = torch.channels_last
 @pytest.fixture
 def not_lean():
     """Runs the test's body with lean off; restores it after."""
-    pyfast.set_lean(False)
-    yield
-    pyfast.set_lean(True)
+    with lean.use_lean(False):
+        yield
 
 
 def _bn(c):
@@ -71,12 +70,8 @@ def test_chain_keeps_one_tensor_per_convolution_exactly(backend):
         return pyfast.nn.functional.conv_bn_add_relu(h, convs[2], bns[2], x, backend=backend)
 
     def run(lean_on):
-        pyfast.set_lean(lean_on)
-        try:
-            with SavedTensors(batch=2) as saved, lean.scope():
-                out = block(x)
-        finally:
-            pyfast.set_lean(True)
+        with lean.use_lean(lean_on), SavedTensors(batch=2) as saved, lean.scope():
+            out = block(x)
         grads = torch.autograd.grad(out, [x, *(c.weight for c in convs), *(b.weight for b in bns)], grad)
         return saved, out, grads
 
@@ -141,12 +136,9 @@ def test_model_gradients_and_statistics_equal_the_full_forward(name, kwargs):
     grad = torch.randn(2, 10)
     lean_model = copy.deepcopy(model)
     lean_out, lean_grads, lean_buffers = _train(lean_model, x, grad)
-    pyfast.set_lean(False)
-    try:
+    with lean.use_lean(False):
         out, grads, buffers = _train(model, x, grad)
         full = kept_bytes(model, x)
-    finally:
-        pyfast.set_lean(True)
     assert torch.equal(lean_out, out)
     for a, b in zip(lean_grads + lean_buffers, grads + buffers):
         assert torch.equal(a, b)
@@ -182,12 +174,9 @@ def test_outputs_changed_between_blocks_are_stored_and_gradients_stay_right():
     grad = torch.randn(2, 10)
     torch.manual_seed(5)
     lean_out, lean_grads, _ = _train(copy.deepcopy(model), x, grad)
-    pyfast.set_lean(False)
-    try:
+    with lean.use_lean(False):
         torch.manual_seed(5)
         out, grads, _ = _train(model, x, grad)
-    finally:
-        pyfast.set_lean(True)
     assert torch.equal(lean_out, out)
     for a, b in zip(lean_grads, grads):
         assert torch.equal(a, b)
@@ -272,11 +261,8 @@ def test_step_peak_is_below_the_full_forwards():
     model = models.create("resnet18", fused=True, backend="cpu", num_classes=10).train().to(memory_format=CL)
     x = torch.randn(4, 3, 64, 64).to(memory_format=CL)
     lean_peak = step_peak_bytes(training_step(model, x), x.device)
-    pyfast.set_lean(False)
-    try:
+    with lean.use_lean(False):
         full_peak = step_peak_bytes(training_step(model, x), x.device)
-    finally:
-        pyfast.set_lean(True)
     assert lean_peak < full_peak
 
 
@@ -300,10 +286,7 @@ def test_fused_torchvision_resnet_keeps_the_same_floor():
     assert saved.bytes == x.nbytes + sum(conv_out) + 2 * 512 * 4
     grad = torch.randn_like(out)
     out.backward(grad)
-    pyfast.set_lean(False)
-    try:
+    with lean.use_lean(False):
         full(x).backward(grad)
-    finally:
-        pyfast.set_lean(True)
     for a, b in zip(fused.parameters(), full.parameters()):
         assert torch.equal(a.grad, b.grad)
