@@ -290,3 +290,25 @@ def test_fused_torchvision_resnet_keeps_the_same_floor():
         full(x).backward(grad)
     for a, b in zip(fused.parameters(), full.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_lean_max_pool_gradcheck_and_the_modules_other_forms():
+    """The stem's lean max-pool: a float64 gradcheck through conv-BN-ReLU -> pool (its input rebuilt, its indices
+    found again), and pools it does not take (indices returned, a 3-D input) left to nn.MaxPool2d itself."""
+    torch.manual_seed(11)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False).double(), _bn(4).double()
+    pool = nn.MaxPool2d(3, stride=2, padding=1)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        with lean.scope():
+            return pyfast.nn.functional.max_pool2d(_conv_bn_relu(x, conv, bn), pool)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+    with_indices = nn.MaxPool2d(2, return_indices=True)
+    z = torch.randn(2, 4, 6, 6, requires_grad=True)
+    with lean.scope():
+        out, indices = pyfast.nn.functional.max_pool2d(z, with_indices)
+        three_d = pyfast.nn.functional.max_pool2d(z[0], pool)
+    assert torch.equal(out, with_indices(z)[0]) and torch.equal(indices, with_indices(z)[1])
+    assert torch.equal(three_d, pool(z[0]))
